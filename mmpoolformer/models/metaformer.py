@@ -1,0 +1,395 @@
+"""MetaFormer backbones for dense prediction, and PoolFormer, the MetaFormer with a pooling mixer.
+
+The data path, as in Yu et al. (CVPR 2022)::
+
+    image -> stem (7x7 conv, stride 4) -> stage 0 -> down (3x3 conv, stride 2) -> stage 1 -> ... -> stage 3
+                                             |                                      |
+                                           norm0                                  norm2   ...  (emitted)
+
+A stage is a stack of MetaFormer blocks, ``x = x + ls1 * mixer(norm1(x)); x = x + ls2 * mlp(norm2(x))``,
+and only the token mixer changes between family members (chosen per stage, see ``token_mixers.py``).
+
+Module names follow the official release (``patch_embed``, ``network.{0..6}``, ``norm{0,2,4,6}``; stages
+at even and downsampling at odd ``network`` positions), so the released ImageNet, COCO and ADE20K weights
+load without renaming; ``weights.py`` maps timm's and mmpretrain's layouts onto it.
+"""
+import copy
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.model import BaseModule
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..registry import MODELS
+from .token_mixers import build_token_mixer
+from .weights import load_pretrained
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an ``(N, C, H, W)`` tensor (the hybrids' "channel LayerNorm")."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+# ``type`` -> constructor(dim, **rest of the cfg). 'GN' with one group is the paper's "modified
+# LayerNorm": it normalises over channels *and* space, per sample.
+NORM_LAYERS = {
+    'GN': lambda dim, num_groups=1, **kw: nn.GroupNorm(num_groups, dim, **kw),
+    'LN2d': LayerNorm2d,
+    'BN': nn.BatchNorm2d,
+    'SyncBN': nn.SyncBatchNorm,
+}
+ACT_LAYERS = {'GELU': nn.GELU, 'ReLU': nn.ReLU, 'SiLU': nn.SiLU}
+
+
+def _build_from_table(table: dict, cfg: dict, what: str, *args) -> nn.Module:
+    if not isinstance(cfg, dict) or 'type' not in cfg:
+        raise TypeError(f'{what} must be a dict with a "type" key, got {cfg!r}')
+    cfg = dict(cfg)
+    layer_type = cfg.pop('type')
+    if layer_type not in table:
+        raise ValueError(f'unknown {what} type {layer_type!r}; allowed: {sorted(table)}')
+    try:
+        return table[layer_type](*args, **cfg)
+    except TypeError as e:
+        raise TypeError(f'bad {what} {dict(type=layer_type, **cfg)!r}: {e}') from e
+
+
+def build_norm(cfg: dict, dim: int) -> nn.Module:
+    return _build_from_table(NORM_LAYERS, cfg, 'norm_cfg', dim)
+
+
+def build_act(cfg: dict) -> nn.Module:
+    return _build_from_table(ACT_LAYERS, cfg, 'act_cfg')
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a residual branch for a whole sample, rescaling the kept ones."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if not self.training or self.drop_prob == 0.:
+            return x
+        keep = 1. - self.drop_prob
+        mask = x.new_empty((x.shape[0], ) + (1, ) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob}'
+
+
+class PatchEmbed(nn.Module):
+    """A strided convolution: the stem (7x7, stride 4) and the downsampling between stages (3x3, 2)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    """The channel MLP of a block, as 1x1 convolutions so the tensor stays ``(N, C, H, W)``."""
+
+    def __init__(self, dim, hidden_dim, act_cfg, drop=0.):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.act = build_act(act_cfg)
+        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class MetaFormerBlock(nn.Module):
+    """``x + ls1 * mixer(norm1(x))``, then ``x + ls2 * mlp(norm2(x))``.
+
+    Args:
+        dim (int): Channels.
+        token_mixer (nn.Module): The spatial mixer, already built for ``dim``.
+        mlp_ratio (float): Hidden width of the MLP relative to ``dim``.
+        norm_cfg (dict): Normalisation before the mixer and before the MLP.
+        act_cfg (dict): Activation inside the MLP.
+        drop (float): Dropout inside the MLP.
+        drop_path (float): Stochastic-depth rate of both residual branches.
+        layer_scale_init_value (float, optional): Initial per-channel scale of both branches; None
+            disables LayerScale (no parameter is created).
+    """
+
+    def __init__(self,
+                 dim: int,
+                 token_mixer: nn.Module,
+                 mlp_ratio: float = 4.,
+                 norm_cfg: dict = dict(type='GN', num_groups=1),
+                 act_cfg: dict = dict(type='GELU'),
+                 drop: float = 0.,
+                 drop_path: float = 0.,
+                 layer_scale_init_value: Optional[float] = 1e-5):
+        super().__init__()
+        self.norm1 = build_norm(norm_cfg, dim)
+        self.token_mixer = token_mixer
+        self.norm2 = build_norm(norm_cfg, dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_cfg, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.use_layer_scale = layer_scale_init_value is not None
+        if self.use_layer_scale:
+            self.layer_scale_1 = nn.Parameter(torch.full((dim, ), float(layer_scale_init_value)))
+            self.layer_scale_2 = nn.Parameter(torch.full((dim, ), float(layer_scale_init_value)))
+
+    def _scale(self, scale: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return x if scale is None else x * scale.view(-1, 1, 1)
+
+    def forward(self, x):
+        ls1 = self.layer_scale_1 if self.use_layer_scale else None
+        ls2 = self.layer_scale_2 if self.use_layer_scale else None
+        x = x + self.drop_path(self._scale(ls1, self.token_mixer(self.norm1(x))))
+        x = x + self.drop_path(self._scale(ls2, self.mlp(self.norm2(x))))
+        return x
+
+
+_ARCH_KEYS = {'depths', 'embed_dims', 'mlp_ratios', 'layer_scale_init_value'}
+
+
+@MODELS.register_module()
+class MetaFormer(BaseModule):
+    """A four-stage MetaFormer backbone whose token mixer is a plug-in, chosen per stage.
+
+    Args:
+        arch (str | dict): A name from ``arch_zoo`` or a dict with ``depths`` and ``embed_dims`` (one
+            entry per stage) and optionally ``mlp_ratios`` (a number or one per stage, default 4) and
+            ``layer_scale_init_value`` (default 1e-5; None disables LayerScale).
+        token_mixers (dict | list[dict], optional): Registered mixer configs (see
+            ``token_mixers.py``), one for all stages or one per stage. Each is built with ``dim`` set
+            to its stage's channels. Defaults to ``default_token_mixer`` (pooling, size 3).
+        in_channels (int): Input image channels. Defaults to 3.
+        norm_cfg (dict): Normalisation in the blocks and of the emitted maps: ``GN`` (the paper's
+            modified LayerNorm, ``GroupNorm(1, C)``, default), ``LN2d`` (channel LayerNorm), ``BN``,
+            ``SyncBN``.
+        act_cfg (dict): MLP activation: ``GELU`` (default), ``ReLU``, ``SiLU``.
+        drop_rate (float): Dropout in the MLPs. Defaults to 0.
+        drop_path_rate (float): Stochastic depth, rising linearly from 0 at the first block to this
+            value at the last. Defaults to 0.
+        out_indices (Sequence[int]): Stages (0-3) whose outputs are emitted, each through its own norm
+            ``norm{2 * i}``. Stages after the last one listed are not built, so every parameter takes
+            part in the forward pass. Defaults to all four.
+        frozen_stages (int): -1 freezes nothing; 0 freezes the stem; k >= 1 freezes the stem and stages
+            0 .. k-1 with their downsampling layers and output norms (mmdet's ResNet / Swin convention).
+        norm_eval (bool): Keep BatchNorm layers in eval mode while training (no effect on GroupNorm /
+            LayerNorm, which have no running statistics). Defaults to False.
+        with_cp (bool): Recompute each block in the backward pass instead of storing its activations.
+        init_cfg (dict | list[dict], optional): ``dict(type='Pretrained', checkpoint=PATH_OR_URL)``
+            loads released weights in the official, timm or mmpretrain layout (recognised
+            automatically; classifier keys dropped; missing and unexpected keys logged).
+    """
+
+    # The paper's sizes (Table 1); they describe the MetaFormer, whatever its mixer.
+    arch_zoo = {
+        's12': dict(depths=[2, 2, 6, 2], embed_dims=[64, 128, 320, 512], layer_scale_init_value=1e-5),
+        's24': dict(depths=[4, 4, 12, 4], embed_dims=[64, 128, 320, 512], layer_scale_init_value=1e-5),
+        's36': dict(depths=[6, 6, 18, 6], embed_dims=[64, 128, 320, 512], layer_scale_init_value=1e-6),
+        'm36': dict(depths=[6, 6, 18, 6], embed_dims=[96, 192, 384, 768], layer_scale_init_value=1e-6),
+        'm48': dict(depths=[8, 8, 24, 8], embed_dims=[96, 192, 384, 768], layer_scale_init_value=1e-6),
+    }
+    default_token_mixer = dict(type='Pooling', pool_size=3)
+
+    def __init__(self,
+                 arch: Union[str, dict] = 's12',
+                 token_mixers: Optional[Union[dict, List[dict]]] = None,
+                 in_channels: int = 3,
+                 norm_cfg: dict = dict(type='GN', num_groups=1),
+                 act_cfg: dict = dict(type='GELU'),
+                 drop_rate: float = 0.,
+                 drop_path_rate: float = 0.,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[Union[dict, List[dict]]] = None):
+        super().__init__(init_cfg=init_cfg)
+        arch = self._parse_arch(arch)
+        depths, dims = arch['depths'], arch['embed_dims']
+        num_stages = len(depths)
+        mlp_ratios = arch['mlp_ratios']
+        self.out_indices = self._parse_out_indices(out_indices, num_stages)
+        mixer_cfgs = self._parse_token_mixers(token_mixers, num_stages)
+        if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= num_stages:
+            raise ValueError(
+                f'frozen_stages must be an int in [-1, {num_stages}], got {frozen_stages!r}')
+        if not 0. <= drop_path_rate < 1.:
+            raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate!r}')
+
+        self.arch = arch
+        self.embed_dims = list(dims)
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+
+        self.patch_embed = PatchEmbed(in_channels, dims[0], kernel_size=7, stride=4, padding=2)
+        # Stochastic depth is linear over every block of the full arch, built or not, so truncating
+        # the network (out_indices) does not change the rates of the blocks that remain.
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.num_built_stages = max(self.out_indices) + 1
+        network = []
+        for i in range(self.num_built_stages):
+            if i > 0:
+                network.append(
+                    PatchEmbed(dims[i - 1], dims[i], kernel_size=3, stride=2, padding=1))
+            first = sum(depths[:i])
+            network.append(
+                nn.Sequential(*[
+                    MetaFormerBlock(
+                        dims[i],
+                        token_mixer=build_token_mixer(mixer_cfgs[i], dims[i]),
+                        mlp_ratio=mlp_ratios[i],
+                        norm_cfg=norm_cfg,
+                        act_cfg=act_cfg,
+                        drop=drop_rate,
+                        drop_path=dpr[first + j],
+                        layer_scale_init_value=arch['layer_scale_init_value'])
+                    for j in range(depths[i])
+                ]))
+        self.network = nn.ModuleList(network)
+        for i in self.out_indices:
+            self.add_module(f'norm{2 * i}', build_norm(norm_cfg, dims[i]))
+
+        self._freeze_stages()
+
+    # ------------------------------------------------------------------ argument parsing
+    def _parse_arch(self, arch) -> dict:
+        if isinstance(arch, str):
+            if arch.lower() not in self.arch_zoo:
+                raise ValueError(f'unknown arch {arch!r} for {type(self).__name__}; valid: '
+                                 f'{sorted(self.arch_zoo)} or a dict with keys '
+                                 f'depths, embed_dims[, mlp_ratios, layer_scale_init_value]')
+            arch = self.arch_zoo[arch.lower()]
+        if not isinstance(arch, dict):
+            raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
+        missing = {'depths', 'embed_dims'} - set(arch)
+        unknown = set(arch) - _ARCH_KEYS
+        if missing or unknown:
+            raise ValueError(f'arch dict: missing keys {sorted(missing)}, unknown keys '
+                             f'{sorted(unknown)}; allowed keys: {sorted(_ARCH_KEYS)}')
+        arch = copy.deepcopy(dict(arch))
+        depths, dims = list(arch['depths']), list(arch['embed_dims'])
+        if not depths or len(depths) != len(dims):
+            raise ValueError(f'arch: depths {depths} and embed_dims {dims} must be non-empty and '
+                             f'have one entry per stage')
+        if not all(isinstance(v, int) and v > 0 for v in depths + dims):
+            raise ValueError(f'arch: depths {depths} and embed_dims {dims} must be positive ints')
+        ratios = arch.get('mlp_ratios', 4)
+        ratios = [ratios] * len(depths) if isinstance(ratios, (int, float)) else list(ratios)
+        if len(ratios) != len(depths) or not all(r > 0 for r in ratios):
+            raise ValueError(f'arch: mlp_ratios must be a positive number or one per stage, '
+                             f'got {arch["mlp_ratios"]!r}')
+        ls = arch.get('layer_scale_init_value', 1e-5)
+        if ls is not None and not isinstance(ls, (int, float)):
+            raise TypeError(f'arch: layer_scale_init_value must be a number or None, got {ls!r}')
+        return dict(depths=depths, embed_dims=dims, mlp_ratios=ratios, layer_scale_init_value=ls)
+
+    @staticmethod
+    def _parse_out_indices(out_indices, num_stages) -> tuple:
+        if isinstance(out_indices, int):
+            out_indices = (out_indices, )
+        valid = list(range(num_stages))
+        if (not isinstance(out_indices, Sequence) or not out_indices
+                or any(not isinstance(i, int) or i not in valid for i in out_indices)
+                or len(set(out_indices)) != len(out_indices)):
+            raise ValueError(f'out_indices must be a non-empty sequence of distinct stage indices '
+                             f'from {valid}, got {out_indices!r}')
+        return tuple(sorted(out_indices))
+
+    def _parse_token_mixers(self, token_mixers, num_stages) -> List[dict]:
+        if token_mixers is None:
+            token_mixers = self.default_token_mixer
+        if isinstance(token_mixers, dict):
+            token_mixers = [token_mixers] * num_stages
+        if (not isinstance(token_mixers, (list, tuple)) or len(token_mixers) != num_stages
+                or not all(isinstance(c, dict) and 'type' in c for c in token_mixers)):
+            raise ValueError(f'token_mixers must be a dict with a "type" key or a list of '
+                             f'{num_stages} such dicts (one per stage), got {token_mixers!r}')
+        return [dict(c) for c in token_mixers]
+
+    # ------------------------------------------------------------------ weights
+    def init_weights(self):
+        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
+        pretrained = [c for c in cfgs if c and c.get('type') == 'Pretrained']
+        if not pretrained:
+            self.apply(self._init_default)
+            super().init_weights()
+            return
+        cfg = pretrained[-1]
+        if 'checkpoint' not in cfg:
+            raise ValueError(f'init_cfg {cfg!r} needs a "checkpoint" (a path or URL)')
+        load_pretrained(self, cfg['checkpoint'], prefix=cfg.get('prefix'))
+        self._is_init = True
+
+    @staticmethod
+    def _init_default(m):
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ training state
+    def _freeze_stages(self):
+        if self.frozen_stages < 0:
+            return
+        frozen = [self.patch_embed]
+        for i in range(min(self.frozen_stages, self.num_built_stages)):
+            frozen += self.network[max(2 * i - 1, 0):2 * i + 1]
+            if i in self.out_indices:
+                frozen.append(getattr(self, f'norm{2 * i}'))
+        for m in frozen:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def _run_stage(self, stage: nn.Sequential, x):
+        if not (self.with_cp and self.training and torch.is_grad_enabled()):
+            return stage(x)
+        for block in stage:
+            x = cp.checkpoint(block, x, use_reentrant=False) if x.requires_grad else block(x)
+        return x
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        outs = []
+        for i in range(self.num_built_stages):
+            if i > 0:
+                x = self.network[2 * i - 1](x)
+            x = self._run_stage(self.network[2 * i], x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f'norm{2 * i}')(x))
+        return tuple(outs)
+
+
+@MODELS.register_module()
+class PoolFormer(MetaFormer):
+    """PoolFormer: the MetaFormer whose token mixer is average pooling (paper, Table 1).
+
+    Takes every argument of :class:`MetaFormer`; ``arch`` is one of ``s12, s24, s36, m36, m48``, and
+    the mixer of every stage is :class:`~mmpoolformer.models.token_mixers.Pooling` unless
+    ``token_mixers`` says otherwise.
+    """
+

@@ -1,0 +1,210 @@
+"""Reading released weights safely, and mapping every released layout onto ours.
+
+Our module names are the official release's (see ``metaformer.py``). Other layouts in circulation:
+
+* official ImageNet (``poolformer_s12.pth.tar``): a raw state dict, ``patch_embed.proj``,
+  ``network.{0..6}``, a classifier ``norm`` and ``head``;
+* official COCO / ADE20K (mmdet 2.x, mmseg 0.x): ``{'state_dict': ..., 'meta': ...}``, the backbone under
+  ``backbone.`` with output norms ``norm{0,2,4,6}``;
+* mmpretrain (and mmseg 1.x, which uses it): the official names under ``backbone.``, the classifier's
+  norm as ``backbone.norm6`` and its linear layer as ``head.fc``;
+* timm: ``stem.conv``, ``stages.{i}.downsample.conv``, ``stages.{i}.blocks.{j}``, ``layer_scale1.scale``,
+  ``head.norm``, ``head.fc``.
+
+A checkpoint from the internet is untrusted: it is only ever unpickled with ``weights_only=True``.
+"""
+import logging
+import pickle
+import re
+import zipfile
+from collections import OrderedDict
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from mmengine.logging import print_log
+
+# timm name -> official name, applied in order.
+_TIMM_TO_OFFICIAL = [
+    (re.compile(r'^stem\.conv\.'), lambda m: 'patch_embed.proj.'),
+    (re.compile(r'^stages\.(\d+)\.downsample\.conv\.'),
+     lambda m: f'network.{2 * int(m[1]) - 1}.proj.'),
+    (re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.layer_scale(\d)\.scale$'),
+     lambda m: f'network.{2 * int(m[1])}.{m[2]}.layer_scale_{m[3]}'),
+    (re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.'), lambda m: f'network.{2 * int(m[1])}.{m[2]}.'),
+    (re.compile(r'^head\.norm\.'), lambda m: 'norm.'),
+    (re.compile(r'^head\.fc\.'), lambda m: 'head.'),
+]
+_WRAPPER_PREFIXES = ('module.', )
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, is unsafe, or does not fit the model."""
+
+
+def _is_url(path: str) -> bool:
+    return isinstance(path, str) and path.startswith(('http://', 'https://'))
+
+
+def _mmengine_checkpoint_types() -> list:
+    """The non-tensor types inside mmengine's own checkpoints (the message hub's history buffers and
+    the numpy arrays and scalars they hold): plain data, safe to allow."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
+    types = [HistoryBuffer, np.ndarray, np.dtype]
+    # numpy 1 pickles these as numpy.core.*, numpy 2 as numpy._core.*: allow both spellings.
+    for fn in (multiarray._reconstruct, multiarray.scalar):
+        types += [(fn, f'numpy.core.multiarray.{fn.__name__}'),
+                  (fn, f'numpy._core.multiarray.{fn.__name__}')]
+    types += [type(np.dtype(t)) for t in ('float64', 'float32', 'int64', 'int32', 'bool')]
+    return types
+
+
+def read_checkpoint(path: str, map_location='cpu', model_dir: Optional[str] = None) -> dict:
+    """Unpickle a local file or URL with ``weights_only=True`` (allowing only the plain-data types of
+    mmengine's checkpoints), failing with a message that names the file."""
+    try:
+        with torch.serialization.safe_globals(_mmengine_checkpoint_types()):
+            if _is_url(path):
+                return torch.hub.load_state_dict_from_url(
+                    path, model_dir=model_dir, map_location=map_location, weights_only=True,
+                    progress=False)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f'checkpoint not found: {path}') from e
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f'refusing to load {path}: it holds Python objects other than tensors and plain '
+            f'containers, which could run code when unpickled; it was read with weights_only=True '
+            f'and rejected ({first})') from e
+    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError) as e:
+        raise CheckpointError(
+            f'cannot read checkpoint {path}: the file is truncated or corrupt ({e})') from e
+
+
+def unwrap_state_dict(ckpt: dict) -> Dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: mmengine / mmdet / mmseg / timm keep it under
+    ``state_dict``, some training scripts under ``model``; ImageNet releases are raw state dicts."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'expected a dict of tensors, got {type(ckpt).__name__}')
+    for key in ('state_dict', 'model'):
+        if isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    state_dict = OrderedDict()
+    for k, v in ckpt.items():
+        if isinstance(v, torch.Tensor):
+            for p in _WRAPPER_PREFIXES:
+                k = k[len(p):] if k.startswith(p) else k
+            state_dict[k] = v
+    return state_dict
+
+
+def convert_backbone_state_dict(
+        state_dict: Dict[str, torch.Tensor],
+        prefix: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], List[str], str]:
+    """Map a checkpoint's backbone weights onto our (the official) names.
+
+    Args:
+        state_dict: A flat state dict in any layout listed in the module docstring.
+        prefix: Take only keys under this prefix (stripped). None: ``backbone.`` if any key has it.
+
+    Returns:
+        The backbone state dict, the keys dropped (classifier, neck, heads), and the layout's name.
+    """
+    if prefix is None and any(k.startswith('backbone.') for k in state_dict):
+        prefix = 'backbone.'
+    dropped = []
+    if prefix:
+        selected = OrderedDict()
+        for k, v in state_dict.items():
+            if k.startswith(prefix):
+                selected[k[len(prefix):]] = v
+            else:
+                dropped.append(k)
+    else:
+        selected = OrderedDict(state_dict)
+    # ImageNet checkpoints carry a classifier under "head." (official, timm and mmpretrain alike);
+    # dense models' heads are "bbox_head.", "decode_head.", ...
+    has_classifier = any(k.startswith('head.') for k in state_dict)
+
+    original = {}  # our name -> the checkpoint's, for reporting
+    if 'stem.conv.weight' in selected:
+        layout = 'timm'
+        renamed = OrderedDict()
+        for k, v in selected.items():
+            new = k
+            for pattern, repl in _TIMM_TO_OFFICIAL:
+                if pattern.search(k):
+                    new = pattern.sub(repl, k, count=1)
+                    break
+            renamed[new] = v
+            original[new] = k
+        selected = renamed
+    elif 'patch_embed.proj.weight' in selected:
+        if prefix == 'backbone.' and has_classifier:
+            layout = 'mmpretrain'
+        elif prefix == 'backbone.':
+            layout = 'official dense (mmdet / mmseg)'
+        else:
+            layout = 'official'
+    else:
+        raise CheckpointError(
+            'unrecognised checkpoint layout: expected the official names (patch_embed.proj.weight, '
+            'network.0.0.norm1.weight, ...), optionally under backbone. (mmdet, mmseg, mmpretrain), '
+            'or timm\'s (stem.conv.weight, stages.0.blocks.0.norm1.weight, ...); first keys found: '
+            f'{list(state_dict)[:5]}')
+
+    out = OrderedDict()
+    for k, v in selected.items():
+        # A classifier's final norm (official "norm", mmpretrain "norm6", timm "head.norm") and its
+        # linear layer belong to the ImageNet head, not to a dense model's output norms.
+        if k.startswith(('head.', 'norm.')) or (has_classifier and re.match(r'^norm\d+\.', k)):
+            dropped.append((prefix or '') + original.get(k, k))
+        else:
+            out[k] = v
+    return out, dropped, layout
+
+
+class LoadReport(NamedTuple):
+    """What :func:`load_pretrained` did: the layout recognised and the keys that did not fit."""
+    layout: str
+    loaded: List[str]
+    dropped: List[str]
+    missing: List[str]
+    unexpected: List[str]
+
+
+def load_pretrained(model: nn.Module, checkpoint: str, prefix: Optional[str] = None) -> LoadReport:
+    """Load released weights into a backbone, logging exactly what did not fit.
+
+    Shapes that differ are an error (the checkpoint is for another arch); keys that only the model or
+    only the checkpoint has are logged as warnings: output norms, for one, are absent from ImageNet
+    checkpoints by design and start as identity.
+    """
+    state_dict, dropped, layout = convert_backbone_state_dict(
+        unwrap_state_dict(read_checkpoint(checkpoint)), prefix)
+    own = model.state_dict()
+    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+                  for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise CheckpointError(
+            f'{checkpoint} does not fit {type(model).__name__} (another arch?); mismatched shapes:\n  '
+            + '\n  '.join(mismatched))
+    result = model.load_state_dict(state_dict, strict=False)
+    name = type(model).__name__
+    loaded = [k for k in state_dict if k in own]
+    print_log(f'{name}: loaded {len(loaded)} tensors from {checkpoint} ({layout} layout)',
+              logger='current')
+    if dropped:
+        print_log(f'{name}: dropped (not part of the backbone): {dropped}', logger='current')
+    if result.missing_keys:
+        print_log(f'{name}: missing in the checkpoint, left as initialised: {result.missing_keys}',
+                  logger='current', level=logging.WARNING)
+    if result.unexpected_keys:
+        print_log(f'{name}: unexpected in the checkpoint, ignored: {result.unexpected_keys}',
+                  logger='current', level=logging.WARNING)
+    return LoadReport(layout, loaded, dropped, list(result.missing_keys),
+                      list(result.unexpected_keys))

@@ -1,0 +1,61 @@
+import os.path as osp
+import shutil
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithConfigs(build_py):
+    """Ship configs/ inside a (non-editable) wheel as mmpoolformer/.mim/configs, where
+    ``mmpoolformer.config_path`` finds them; an editable install reads them from the checkout."""
+
+    def run(self):
+        super().run()
+        if not getattr(self, 'editable_mode', False):
+            target = osp.join(self.build_lib, 'mmpoolformer', '.mim', 'configs')
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree('configs', target)
+
+
+def readme():
+    with open('README.md', encoding='utf-8') as f:
+        return f.read()
+
+
+def version():
+    scope = {}
+    with open('mmpoolformer/version.py', encoding='utf-8') as f:
+        exec(f.read(), scope)
+    return scope['__version__']
+
+
+setup(
+    name='mmpoolformer',
+    version=version(),
+    description='PoolFormer and the MetaFormer family as OpenMMLab 2.0 backbones for detection and '
+    'segmentation',
+    long_description=readme(),
+    long_description_content_type='text/markdown',
+    license='Apache License 2.0',
+    packages=find_packages(include=['mmpoolformer', 'mmpoolformer.*']),
+    python_requires='>=3.8',
+    install_requires=[
+        'torch>=2.0',
+        'torchvision>=0.15',
+        'mmengine>=0.10.0,<1.0.0',
+        # mmdet 3.3 and mmseg 1.2 refuse mmcv >= 2.2 at import time.
+        'mmcv>=2.0.0,<2.2.0',
+        'mmdet>=3.0.0,<3.4.0',
+        'mmsegmentation>=1.0.0,<1.3.0',
+        'pycocotools>=2.0.6',
+        # imported by mmseg without being declared by it
+        'ftfy',
+        'regex',
+    ],
+    extras_require={
+        # timm and mmpretrain serve only as independent oracles in the tests.
+        'tests': ['pytest>=7', 'timm>=0.9,<2', 'mmpretrain>=1.0.0,<1.3.0'],
+    },
+    cmdclass={'build_py': BuildPyWithConfigs},
+    zip_safe=False,
+)
