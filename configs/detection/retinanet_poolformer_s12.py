@@ -1,0 +1,23 @@
+# RetinaNet with a PoolFormer-S12 backbone, 1x COCO schedule: the paper's recipe (Table 3), i.e. the
+# official PoolFormer detection settings on mmdet's own RetinaNet, COCO and schedule configs.
+_base_ = [
+    'mmdet::_base_/models/retinanet_r50_fpn.py',
+    'mmdet::_base_/datasets/coco_detection.py',
+    'mmdet::_base_/schedules/schedule_1x.py',
+    'mmdet::_base_/default_runtime.py',
+]
+custom_imports = dict(imports=['mmpoolformer'], allow_failed_imports=False)
+
+checkpoint = 'https://github.com/sail-sg/poolformer/releases/download/v1.0/poolformer_s12.pth.tar'
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='mmpoolformer.PoolFormer',
+        arch='s12',
+        # RetinaNet's FPN starts at stride 8: stage 0 is neither emitted nor given an output norm.
+        out_indices=(1, 2, 3),
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint)),
+    neck=dict(in_channels=[128, 320, 512], start_level=0, num_outs=5))
+
+# AdamW instead of SGD, no gradient clipping; 8 GPUs x 2 images (the base batch of auto_scale_lr).
+optim_wrapper = dict(optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, weight_decay=1e-4))
