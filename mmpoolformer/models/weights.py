@@ -18,6 +18,7 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -47,12 +48,13 @@ def _is_url(path: str) -> bool:
 
 
 def _mmengine_checkpoint_types() -> list:
-    """The non-tensor types inside mmengine's own checkpoints (the message hub's history buffers and
-    the numpy arrays and scalars they hold): plain data, safe to allow."""
+    """The non-tensor globals inside mmengine's own checkpoints: the message hub's ``HistoryBuffer``,
+    the numpy arrays and scalars it holds, and ``getattr``, with which it pickles its statistics
+    methods (``getattr(HistoryBuffer, 'mean')``; see :func:`_guard_history_buffer`)."""
     import numpy as np
     from mmengine.logging import HistoryBuffer
     multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
-    types = [HistoryBuffer, np.ndarray, np.dtype]
+    types = [HistoryBuffer, np.ndarray, np.dtype, getattr]
     # numpy 1 pickles these as numpy.core.*, numpy 2 as numpy._core.*: allow both spellings.
     for fn in (multiarray._reconstruct, multiarray.scalar):
         types += [(fn, f'numpy.core.multiarray.{fn.__name__}'),
@@ -61,24 +63,47 @@ def _mmengine_checkpoint_types() -> list:
     return types
 
 
+@contextmanager
+def _guard_history_buffer(path: str):
+    """Unpickling a ``HistoryBuffer`` merges the file's statistics methods into a class-wide table that
+    mmengine later calls. A genuine file only holds ``HistoryBuffer``'s own methods there; anything
+    else (reachable through the allowed ``getattr``) is undone and the file refused."""
+    from mmengine.logging import HistoryBuffer
+    table = HistoryBuffer._statistics_methods
+    before = dict(table)
+    yield
+    own = {name: getattr(HistoryBuffer, name) for name in ('min', 'max', 'current', 'mean')}
+    foreign = [k for k, v in table.items() if v is not before.get(k, own.get(k))]
+    if foreign:
+        table.clear()
+        table.update(before)
+        raise CheckpointError(
+            f'refusing to load {path}: its message hub replaces HistoryBuffer statistics methods '
+            f'{foreign} with functions that are not mmengine\'s own')
+
+
 def read_checkpoint(path: str, map_location='cpu', model_dir: Optional[str] = None) -> dict:
     """Unpickle a local file or URL with ``weights_only=True`` (allowing only the plain-data types of
     mmengine's checkpoints), failing with a message that names the file."""
     try:
-        with torch.serialization.safe_globals(_mmengine_checkpoint_types()):
+        with torch.serialization.safe_globals(_mmengine_checkpoint_types()), \
+                _guard_history_buffer(path):
             if _is_url(path):
                 return torch.hub.load_state_dict_from_url(
                     path, model_dir=model_dir, map_location=map_location, weights_only=True,
                     progress=False)
             return torch.load(path, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
     except FileNotFoundError as e:
         raise CheckpointError(f'checkpoint not found: {path}') from e
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [ln for ln in str(e).splitlines() if 'WeightsUnpickler error' in ln]
+        reason = lines[0].split('error:', 1)[1].strip() if lines else str(e).strip()[:200]
         raise CheckpointError(
             f'refusing to load {path}: it holds Python objects other than tensors and plain '
-            f'containers, which could run code when unpickled; it was read with weights_only=True '
-            f'and rejected ({first})') from e
+            f'data, which could run code when unpickled; read with weights_only=True, it was '
+            f'rejected: {reason}') from e
     except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError) as e:
         raise CheckpointError(
             f'cannot read checkpoint {path}: the file is truncated or corrupt ({e})') from e
