@@ -1,0 +1,122 @@
+"""A small, deterministic dataset of textured shapes, for seeing the whole pipeline work on a CPU.
+
+Each image holds a few filled shapes (circle, triangle, square) of random colour, size and position,
+overlapping each other, on a noisy gradient background with thin clutter lines. It is written twice:
+
+* COCO instance annotations (boxes, polygon masks of the *visible* part of each shape), read by mmdet's
+  ``CocoDataset``;
+* ADE20K-style label maps (PNG): 0 is "unlabelled" (a thin band around every shape, ignored through
+  ``reduce_zero_label``), 1 is background and 2.. are the shape classes, read by mmseg.
+
+The same seed gives byte-identical files.
+"""
+import json
+import os
+import os.path as osp
+from typing import Dict, List, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+CLASSES = ('circle', 'triangle', 'square')
+SEG_CLASSES = ('background', ) + CLASSES
+PALETTE = [(220, 20, 60), (0, 130, 230), (250, 170, 30)]
+SEG_PALETTE = [(90, 90, 90)] + PALETTE
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    c0, c1 = rng.uniform(40, 215, size=(2, 3))
+    t = np.linspace(0, 1, w if rng.random() < 0.5 else h)
+    ramp = c0[None] * (1 - t[:, None]) + c1[None] * t[:, None]
+    img = np.broadcast_to(ramp[None] if len(t) == w else ramp[:, None], (h, w, 3)).copy()
+    img += rng.normal(0, 12, size=(h, w, 3))
+    for _ in range(rng.integers(2, 6)):  # clutter: lines that are no object
+        p0, p1 = rng.integers(0, [w, h], size=(2, 2))
+        colour = tuple(int(c) for c in rng.uniform(0, 255, 3))
+        cv2.line(img, tuple(map(int, p0)), tuple(map(int, p1)), colour, int(rng.integers(1, 3)))
+    return img
+
+
+def _shape_mask(rng: np.random.Generator, label: int, h: int, w: int) -> np.ndarray:
+    size = rng.uniform(0.12, 0.4) * min(h, w)
+    cx, cy = rng.uniform(size / 2, w - size / 2), rng.uniform(size / 2, h - size / 2)
+    mask = np.zeros((h, w), np.uint8)
+    if CLASSES[label] == 'circle':
+        cv2.circle(mask, (int(cx), int(cy)), int(size / 2), 1, -1)
+    else:
+        n = 3 if CLASSES[label] == 'triangle' else 4
+        angle = rng.uniform(0, 2 * np.pi)
+        pts = [(cx + size / 2 * np.cos(angle + 2 * np.pi * k / n),
+                cy + size / 2 * np.sin(angle + 2 * np.pi * k / n)) for k in range(n)]
+        cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
+    return mask
+
+
+def _polygons(mask: np.ndarray) -> List[List[float]]:
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
+
+
+def render(rng: np.random.Generator, h: int, w: int,
+           max_objects: int = 4) -> Tuple[np.ndarray, np.ndarray, List[dict]]:
+    """One image, its label map and its instances (visible masks, in front-to-back-resolved order)."""
+    img = _background(rng, h, w)
+    seg = np.ones((h, w), np.uint8)
+    masks, labels = [], []
+    for _ in range(rng.integers(1, max_objects + 1)):
+        label = int(rng.integers(len(CLASSES)))
+        mask = _shape_mask(rng, label, h, w)
+        colour = rng.uniform(0, 255, 3)
+        texture = rng.normal(0, 10, size=(h, w, 1))
+        img = np.where(mask[..., None] > 0, colour + texture, img)
+        for m in masks:  # the new shape occludes the earlier ones
+            m[mask > 0] = 0
+        masks.append(mask)
+        labels.append(label)
+    instances = []
+    for mask, label in zip(masks, labels):
+        polys = _polygons(mask)
+        if mask.sum() < 16 or not polys:  # hidden, or nearly, behind later shapes
+            continue
+        ys, xs = np.nonzero(mask)
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        instances.append(dict(category=label, bbox=[float(x0), float(y0), float(x1 - x0),
+                                                    float(y1 - y0)],
+                              area=float(mask.sum()), segmentation=polys))
+        seg[mask > 0] = label + 2
+        edge = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
+        seg[edge > 0] = 0
+    return np.clip(img, 0, 255).astype(np.uint8), seg, instances
+
+
+def generate(out_dir: str, splits: Dict[str, int] = None, size: Sequence[int] = (160, 224),
+             seed: int = 0) -> Dict[str, str]:
+    """Write ``images/<split>/*.jpg``, ``seg/<split>/*.png`` and ``annotations/instances_<split>.json``
+    under ``out_dir``; returns the annotation file of each split."""
+    splits = splits or {'train': 128, 'val': 32}
+    h, w = size
+    ann_files = {}
+    for split_idx, (split, count) in enumerate(splits.items()):
+        rng = np.random.default_rng([seed, split_idx])
+        for sub in ('images', 'seg'):
+            os.makedirs(osp.join(out_dir, sub, split), exist_ok=True)
+        images, annotations = [], []
+        for i in range(count):
+            img, seg, instances = render(rng, h, w)
+            name = f'{split}_{i:05d}'
+            cv2.imwrite(osp.join(out_dir, 'images', split, name + '.jpg'), img,
+                        [cv2.IMWRITE_JPEG_QUALITY, 95])
+            cv2.imwrite(osp.join(out_dir, 'seg', split, name + '.png'), seg)
+            images.append(dict(id=i + 1, file_name=name + '.jpg', height=h, width=w))
+            for inst in instances:
+                annotations.append(dict(
+                    id=len(annotations) + 1, image_id=i + 1, category_id=inst['category'] + 1,
+                    bbox=inst['bbox'], area=inst['area'], segmentation=inst['segmentation'],
+                    iscrowd=0))
+        coco = dict(images=images, annotations=annotations,
+                    categories=[dict(id=k + 1, name=c) for k, c in enumerate(CLASSES)])
+        ann_files[split] = osp.join(out_dir, 'annotations', f'instances_{split}.json')
+        os.makedirs(osp.dirname(ann_files[split]), exist_ok=True)
+        with open(ann_files[split], 'w') as f:
+            json.dump(coco, f)
+    return ann_files

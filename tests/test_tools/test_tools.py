@@ -1,0 +1,140 @@
+"""The tools as users run them: train, resume, test, two CPU processes through torchrun, and a config
+inherited from a project outside this repository (with our tools and with mmdet's stock train.py)."""
+import json
+import os
+import os.path as osp
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mmpoolformer.demo import generate
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+RETINANET_DEMO = osp.join(REPO, 'configs/demo/retinanet_poolformer_s12_shapes.py')
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp('shapes')
+    generate(str(root), {'train': 8, 'val': 4}, size=(96, 128))
+    return str(root) + '/'
+
+
+def det_options(data_root, epochs=1):
+    """Point a detection demo config at ``data_root`` and keep the run short."""
+    ann = data_root + 'annotations/instances_val.json'
+    return [
+        '--cfg-options', f'train_dataloader.dataset.data_root={data_root}',
+        f'val_dataloader.dataset.data_root={data_root}',
+        f'test_dataloader.dataset.data_root={data_root}', f'val_evaluator.ann_file={ann}',
+        f'test_evaluator.ann_file={ann}', f'train_cfg.max_epochs={epochs}', 'train_cfg.val_interval=1',
+        'default_hooks.checkpoint.interval=1',
+        # keep every detection, so that the untrained model still produces a COCO evaluation
+        'model.test_cfg.score_thr=0.0'
+    ]
+
+
+def run(cmd, cwd=None, env=None, timeout=600):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def last_metrics(work_dir):
+    """The last line of metrics the newest run logged (training: vis_data/scalars.json, testing:
+    <timestamp>.json)."""
+    run = max(d for d in os.listdir(work_dir) if osp.isdir(osp.join(work_dir, d)))
+    path = osp.join(work_dir, run, 'vis_data', 'scalars.json')
+    if not osp.isfile(path):
+        path = osp.join(work_dir, run, f'{run}.json')
+    with open(path) as f:
+        return [json.loads(line) for line in f][-1]
+
+
+def test_train_resume_and_test(shapes, tmp_path):
+    work_dir = str(tmp_path / 'work')
+    train = [sys.executable, osp.join(REPO, 'tools/train.py'), RETINANET_DEMO, '--work-dir', work_dir]
+    code, out = run(train + det_options(shapes, epochs=1))
+    assert code == 0, out[-3000:]
+    assert osp.isfile(osp.join(work_dir, 'epoch_1.pth'))
+
+    # --resume reads mmengine's own checkpoint (HistoryBuffer, numpy) with weights-only loading
+    code, out = run(train + ['--resume'] + det_options(shapes, epochs=2))
+    assert code == 0, out[-3000:]
+    assert 'resumed epoch: 1' in out and osp.isfile(osp.join(work_dir, 'epoch_2.pth'))
+
+    preds = str(tmp_path / 'preds.pkl')
+    code, out = run([sys.executable, osp.join(REPO, 'tools/test.py'), RETINANET_DEMO,
+                     osp.join(work_dir, 'epoch_2.pth'), '--work-dir', work_dir, '--out', preds]
+                    + det_options(shapes))
+    assert code == 0, out[-3000:]
+    assert osp.isfile(preds) and 'coco/bbox_mAP' in last_metrics(work_dir)
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(shutil.which('bash') is None, reason='needs bash for dist_train.sh')
+def test_dist_train_two_cpu_processes(shapes, tmp_path):
+    work_dir = str(tmp_path / 'work')
+    env = dict(os.environ, PORT='29533')
+    code, out = run([osp.join(REPO, 'tools/dist_train.sh'), RETINANET_DEMO, '2', '--work-dir',
+                     work_dir] + det_options(shapes), env=env)
+    assert code == 0, out[-3000:]
+    assert 'distributed on CPU: gloo backend, 2 processes' in out
+    assert osp.isfile(osp.join(work_dir, 'epoch_1.pth'))
+    metrics = last_metrics(work_dir)
+    assert metrics['step'] == 1 and 0.0 <= metrics['coco/bbox_mAP'] <= 1.0
+
+
+USER_CONFIG = """
+_base_ = __import__('mmpoolformer').config_path('{base}')
+model = dict(bbox_head=dict(num_classes={num_classes}))
+"""
+
+
+def test_external_project_inherits_the_real_config(tmp_path):
+    project = tmp_path / 'my_project'
+    project.mkdir()
+    (project / 'my_retinanet.py').write_text(
+        USER_CONFIG.format(base='detection/retinanet_poolformer_s12.py', num_classes=7))
+    code, out = run([sys.executable, '-c', textwrap.dedent("""
+        from mmengine.config import Config
+        from mmengine.registry import init_default_scope
+        from mmdet.registry import MODELS
+        cfg = Config.fromfile('my_retinanet.py')
+        cfg.model.backbone.init_cfg = None
+        init_default_scope(cfg.default_scope)
+        model = MODELS.build(cfg.model)
+        print(type(model.backbone).__name__, model.bbox_head.num_classes,
+              cfg.optim_wrapper.optimizer.lr, cfg.train_cfg.max_epochs)
+    """)], cwd=str(project))
+    assert code == 0, out[-3000:]
+    assert 'PoolFormer 7 0.0001 12' in out.splitlines()
+
+
+@pytest.mark.parametrize('tool', ['ours', 'mmdet stock'])
+def test_external_project_trains_with(tool, shapes, tmp_path):
+    import mmdet
+    project = tmp_path / 'my_project'
+    project.mkdir()
+    (project / 'my_shapes.py').write_text(
+        USER_CONFIG.format(base='demo/retinanet_poolformer_s12_shapes.py', num_classes=3))
+    train_py = (osp.join(REPO, 'tools/train.py') if tool == 'ours' else osp.join(
+        osp.dirname(mmdet.__file__), '.mim', 'tools', 'train.py'))
+    code, out = run([sys.executable, train_py, 'my_shapes.py', '--work-dir', 'work'] +
+                    det_options(shapes), cwd=str(project))
+    assert code == 0, out[-3000:]
+    assert osp.isfile(project / 'work' / 'epoch_1.pth')
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['tools/dist_train.sh', 'configs/nope.py', '2'], 'config file not found: configs/nope.py'),
+    (['tools/dist_train.sh', RETINANET_DEMO, '0'], "GPUS must be a positive integer, got '0'"),
+    (['tools/dist_test.sh', RETINANET_DEMO], 'missing CHECKPOINT'),
+    ([sys.executable, 'tools/train.py', 'configs/nope.py'], 'config file not found: configs/nope.py'),
+])
+def test_bad_command_lines_fail_with_one_line(argv, message):
+    code, out = run(argv, cwd=REPO)
+    assert code != 0
+    assert message in out and len(out.strip().splitlines()) == 1, out
