@@ -3,19 +3,6 @@
 # Multi-node: NNODES, NODE_RANK, MASTER_ADDR, PORT. Without GPUs it runs GPUS CPU processes (gloo).
 USAGE="dist_train.sh CONFIG GPUS [options]"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-CONFIG=${1:-}
-GPUS=${2:-}
-check_config "$CONFIG"
-check_count GPUS "$GPUS"
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
-
-exec "$PYTHON" -m torch.distributed.run \
-    --nnodes="$NNODES" \
-    --node_rank="$NODE_RANK" \
-    --master_addr="$MASTER_ADDR" \
-    --nproc_per_node="$GPUS" \
-    --master_port="$PORT" \
-    "$REPO/tools/train.py" "$CONFIG" --launcher pytorch "${@:3}"
+check_config "${1:-}"
+check_count GPUS "${2:-}"
+torchrun_ "$2" train.py "$1" "${@:3}"

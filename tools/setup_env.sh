@@ -32,7 +32,10 @@ else
     say "virtual environment $VENV exists"
 fi
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip --disable-pip-version-check)
+# pip, without this machine's notes about local index folders that lack a package
+pip_() {
+    "$PY" -m pip --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
+}
 
 # Report whether an installed distribution has exactly the given version.
 has_version() {
@@ -43,7 +46,7 @@ if has_version torch "$TORCH_VERSION" && has_version torchvision "$TORCHVISION_V
     say "torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION present"
 else
     say "installing torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION (local wheel files)"
-    "${PIP[@]}" install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+    pip_ install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
 
 if has_version mmcv "$MMCV_VERSION" && "$PY" -c "import mmcv.ops" 2>/dev/null; then
@@ -57,27 +60,27 @@ else
         say "  the wheel is cached in $WHEELS for every later set-up"
         # mmcv's setup.py imports pkg_resources, which setuptools dropped in release 82 (and torch's
         # own requirement may have upgraded it), so pin it for the build.
-        "${PIP[@]}" install -q 'setuptools<82' wheel ninja numpy packaging addict yapf opencv-python \
+        pip_ install -q 'setuptools<82' wheel ninja numpy packaging addict yapf opencv-python \
             'mmengine>=0.10,<0.11'
         build=$(mktemp -d)
         trap 'rm -rf "$build"' EXIT
-        "${PIP[@]}" download -q --no-deps --no-binary mmcv --no-build-isolation -d "$build" \
+        pip_ download -q --no-deps --no-binary mmcv --no-build-isolation -d "$build" \
             "mmcv==$MMCV_VERSION"
         tar -xzf "$build/mmcv-$MMCV_VERSION.tar.gz" -C "$build"
         # PyTorch >= 2.10 headers need C++20, but mmcv's setup.py hard-codes -std=c++14 / c++17.
         sed -i 's/-std=c++1[47]/-std=c++20/g' "$build/mmcv-$MMCV_VERSION/setup.py"
         # No build isolation: the build must see the torch it compiles against.
         MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-            "${PIP[@]}" wheel -q --no-deps --no-build-isolation -w "$WHEELS" "$build/mmcv-$MMCV_VERSION"
+            pip_ wheel -q --no-deps --no-build-isolation -w "$WHEELS" "$build/mmcv-$MMCV_VERSION"
         wheel=$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl | head -n 1)
     else
         say "installing cached mmcv wheel $(basename "$wheel")"
     fi
-    "${PIP[@]}" install -q --no-deps "$wheel"
+    pip_ install -q --no-deps "$wheel"
 fi
 
 say "installing mmpoolformer (editable) with its dependencies and test extras"
-"${PIP[@]}" install -q -e "$REPO[tests]"
+pip_ install -q -e "$REPO[tests]"
 
 "$PY" - <<'PY'
 import mmcv, mmcv.ops, mmdet, mmengine, mmseg, torch

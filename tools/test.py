@@ -4,34 +4,23 @@ mmseg's test.py.
     python tools/test.py configs/detection/retinanet_poolformer_s12.py model.pth [--out results.pkl]
     tools/dist_test.sh configs/segmentation/fpn_poolformer_s12.py model.pth 8
 """
-import argparse
 import os
-import sys
 
-from mmengine.config import DictAction
-
-from mmpoolformer.engine import build_runner, load_config
+from mmpoolformer.engine import build_runner, load_config, parse_tool_args, run_tool, tool_parser
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Test (and evaluate) a model')
+    parser = tool_parser('Test (and evaluate) a model')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file (path or URL)')
-    parser.add_argument('--work-dir', help='the dir to save the evaluation metrics')
     parser.add_argument(
         '--out', help='detection: a .pkl file to dump the predictions to; segmentation: a '
         'directory to save the predicted label maps in')
     parser.add_argument('--show', action='store_true', help='show the predictions in a window')
     parser.add_argument('--show-dir', help='save images with the predictions drawn in this dir')
     parser.add_argument('--wait-time', type=float, default=2, help='seconds per shown image')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--tta', action='store_true', help='test-time augmentation')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parse_tool_args(parser, argv)
 
 
 def main(argv=None):
@@ -68,7 +57,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f'{os.path.basename(__file__)}: error: {e}')
+    run_tool(main)

@@ -5,20 +5,14 @@
 
 Also runs distributed on machines without GPUs (gloo, DDP over CPU modules, SyncBN replaced by BN).
 """
-import argparse
-import os
-import sys
-
 import torch
-from mmengine.config import DictAction
 
-from mmpoolformer.engine import build_runner, load_config
+from mmpoolformer.engine import build_runner, load_config, parse_tool_args, run_tool, tool_parser
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Train a detector or a segmentor')
+    parser = tool_parser('Train a detector or a segmentor')
     parser.add_argument('config', help='train config file path')
-    parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument('--amp', action='store_true',
                         help='automatic mixed precision (fp16 on GPU, bf16 on CPU)')
     parser.add_argument('--auto-scale-lr', action='store_true',
@@ -26,15 +20,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
         help='resume from this checkpoint, or without a path from the latest in the work dir')
-    parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
-        help='override settings of the config, e.g. model.backbone.init_cfg=None '
-        'train_dataloader.batch_size=4')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parse_tool_args(parser, argv)
 
 
 def main(argv=None):
@@ -60,7 +46,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f'{os.path.basename(__file__)}: error: {e}')
+    run_tool(main)

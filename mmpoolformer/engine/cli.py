@@ -1,0 +1,37 @@
+"""The command-line conventions that tools/train.py and tools/test.py share with mmdet's and mmseg's."""
+import argparse
+import os
+import sys
+from typing import Callable
+
+from mmengine.config import DictAction
+
+from ..models.weights import CheckpointError
+
+
+def tool_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the options every tool takes; the tool adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--work-dir', help='the dir to save logs, checkpoints and metrics')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override settings of the config, e.g. model.backbone.init_cfg=None '
+        'train_dataloader.batch_size=4')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser
+
+
+def parse_tool_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def run_tool(main: Callable[[], None]) -> None:
+    """Run a tool's main; a user's mistake (no such file, a bad value, an unreadable checkpoint)
+    ends it with one line and a non-zero status instead of a traceback."""
+    try:
+        main()
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        sys.exit(f'{os.path.basename(sys.argv[0])}: error: {e}')
