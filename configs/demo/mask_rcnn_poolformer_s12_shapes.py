@@ -1,64 +1,20 @@
-# The real Mask R-CNN / PoolFormer-S12 config on the bundled shapes data (boxes and masks), sized for a
-# CPU as retinanet_poolformer_s12_shapes.py is. (mmengine refuses two bases that define the same keys,
-# so the data settings cannot come from a shared file.)
-_base_ = '../detection/mask_rcnn_poolformer_s12.py'
-
-data_root = 'data/shapes/'
-metainfo = dict(
-    classes=('circle', 'triangle', 'square'),
-    palette=[(220, 20, 60), (0, 130, 230), (250, 170, 30)])
-image_scale = (224, 160)
+# The paper's Mask R-CNN / PoolFormer-S12 config on the bundled shapes data (boxes and masks), sized
+# for a CPU as retinanet_poolformer_s12_shapes.py is.
+_base_ = ['../detection/mask_rcnn_poolformer_s12.py', './_base_/shapes_detection.py']
 
 model = dict(
     backbone=dict(init_cfg=None),
     roi_head=dict(bbox_head=dict(num_classes=3), mask_head=dict(num_classes=3)))
 
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='Resize', scale=image_scale, keep_ratio=True),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackDetInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=image_scale, keep_ratio=True),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='PackDetInputs',
-         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
-]
-train_dataloader = dict(
-    batch_size=4,
-    num_workers=2,
-    dataset=dict(
-        data_root=data_root,
-        metainfo=metainfo,
-        ann_file='annotations/instances_train.json',
-        data_prefix=dict(img='images/train/'),
-        filter_cfg=dict(filter_empty_gt=True, min_size=4),
-        pipeline=train_pipeline))
-val_dataloader = dict(
-    batch_size=4,
-    num_workers=2,
-    dataset=dict(
-        data_root=data_root,
-        metainfo=metainfo,
-        ann_file='annotations/instances_val.json',
-        data_prefix=dict(img='images/val/'),
-        pipeline=test_pipeline))
+train_dataloader = {{_base_.shapes_train_dataloader}}
+val_dataloader = {{_base_.shapes_val_dataloader}}
 test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json', metric=['bbox', 'segm'])
+val_evaluator = dict(ann_file={{_base_.shapes_ann_val}}, metric=['bbox', 'segm'])
 test_evaluator = val_evaluator
 
-max_epochs = 12
-train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
-    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[9, 11],
-         gamma=0.1),
-]
-optim_wrapper = dict(optimizer=dict(lr=4e-4))
-default_hooks = dict(
-    logger=dict(interval=10),
-    checkpoint=dict(interval=max_epochs, max_keep_ckpts=2))
+train_cfg = {{_base_.shapes_train_cfg}}
+param_scheduler = {{_base_.shapes_param_scheduler}}
+optim_wrapper = dict(optimizer=dict(lr={{_base_.shapes_lr}}))
+default_hooks = {{_base_.shapes_default_hooks}}
 auto_scale_lr = dict(base_batch_size=4)
+randomness = dict(seed=0)

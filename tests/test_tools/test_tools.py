@@ -73,18 +73,36 @@ def test_train_resume_and_test(shapes, tmp_path):
     assert osp.isfile(preds) and 'coco/bbox_mAP' in last_metrics(work_dir)
 
 
+FPN_DEMO = osp.join(REPO, 'configs/demo/fpn_poolformer_s12_shapes.py')
+
+
+def seg_options(data_root, iters=4):
+    return ['--cfg-options'] + [
+        f'{split}_dataloader.dataset.data_root={data_root}' for split in ('train', 'val', 'test')
+    ] + [f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}',
+         f'default_hooks.checkpoint.interval={iters}']
+
+
 @pytest.mark.dist
 @pytest.mark.skipif(shutil.which('bash') is None, reason='needs bash for dist_train.sh')
-def test_dist_train_two_cpu_processes(shapes, tmp_path):
+@pytest.mark.parametrize('task', ['retinanet', 'fpn'])
+def test_dist_train_two_cpu_processes(task, shapes, tmp_path):
     work_dir = str(tmp_path / 'work')
+    config, options = ((RETINANET_DEMO, det_options(shapes)) if task == 'retinanet' else
+                       (FPN_DEMO, seg_options(shapes)))
     env = dict(os.environ, PORT='29533')
-    code, out = run([osp.join(REPO, 'tools/dist_train.sh'), RETINANET_DEMO, '2', '--work-dir',
-                     work_dir] + det_options(shapes), env=env)
+    code, out = run([osp.join(REPO, 'tools/dist_train.sh'), config, '2', '--work-dir', work_dir]
+                    + options, env=env)
     assert code == 0, out[-3000:]
     assert 'distributed on CPU: gloo backend, 2 processes' in out
-    assert osp.isfile(osp.join(work_dir, 'epoch_1.pth'))
     metrics = last_metrics(work_dir)
-    assert metrics['step'] == 1 and 0.0 <= metrics['coco/bbox_mAP'] <= 1.0
+    if task == 'retinanet':
+        assert osp.isfile(osp.join(work_dir, 'epoch_1.pth'))
+        assert metrics['step'] == 1 and 0.0 <= metrics['coco/bbox_mAP'] <= 1.0
+    else:
+        assert '1 SyncBN layer config(s) replaced by BN' in out
+        assert osp.isfile(osp.join(work_dir, 'iter_4.pth'))
+        assert {'mIoU', 'mAcc', 'aAcc'} <= set(metrics)
 
 
 USER_CONFIG = """
