@@ -7,9 +7,13 @@ off would let any downloaded file run code. Instead, every scheme mmengine reads
 :func:`mmpoolformer.models.weights.read_checkpoint`, which allows exactly the types that mmengine's own
 checkpoints contain.
 """
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
 from mmengine.runner import CheckpointLoader
 
-from ..models.weights import read_checkpoint
+from ..models.weights import (CheckpointError, convert_state_dict, read_checkpoint,
+                              unwrap_state_dict)
 
 
 def _load_local(filename, map_location=None):
@@ -25,3 +29,44 @@ def use_safe_checkpoint_loading() -> None:
     CheckpointLoader.register_scheme(prefixes='', loader=_load_local, force=True)
     CheckpointLoader.register_scheme(
         prefixes=('http://', 'https://'), loader=_load_http, force=True)
+
+
+class CheckpointLayoutHook(Hook):
+    """Refuse, with the way out, a checkpoint that is not one of the model being run.
+
+    mmengine loads model checkpoints non-strictly: an ImageNet backbone file or a file of another layout
+    given to ``tools/test.py`` would leave the model as initialised and evaluate it silently. A file in
+    a released layout that maps onto the model is converted on the fly; anything else is an error
+    naming ``tools/convert_checkpoint.py``.
+    """
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        own = model.state_dict()
+        state_dict = unwrap_state_dict(checkpoint)
+        if _overlap(state_dict, own) >= 0.5:
+            return
+        hint = ('convert it once with: python tools/convert_checkpoint.py CHECKPOINT OUT.pth '
+                '--config CONFIG')
+        try:
+            converted, _, layout = convert_state_dict(state_dict)
+        except CheckpointError as e:
+            raise CheckpointError(f'the checkpoint does not fit the model ({e}); {hint}') from e
+        if not any(k.startswith('backbone.') for k in converted):
+            raise CheckpointError(
+                f'the checkpoint is an ImageNet backbone ({layout} layout), not a whole model: use '
+                f'it as model.backbone.init_cfg.checkpoint (e.g. --cfg-options '
+                f'model.backbone.init_cfg.checkpoint=FILE)')
+        if _overlap(converted, own) < 0.5:
+            raise CheckpointError(f'the checkpoint ({layout} layout) does not fit the model; {hint}')
+        print_log(f'checkpoint in the {layout} layout, converted while loading; to {hint[:-1]}',
+                  logger='current')
+        target = checkpoint['state_dict'] if isinstance(checkpoint.get('state_dict'),
+                                                        dict) else checkpoint
+        target.clear()
+        target.update(converted)
+
+
+def _overlap(state_dict: dict, own: dict) -> float:
+    """The share of the model's keys that the state dict has."""
+    return sum(k in state_dict for k in own) / max(len(own), 1)

@@ -6,7 +6,7 @@ from mmengine.config import Config
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from .checkpoint import use_safe_checkpoint_loading
+from .checkpoint import CheckpointLayoutHook, use_safe_checkpoint_loading
 from .launch import setup_cpu_distributed
 
 
@@ -28,9 +28,10 @@ def load_config(path: str, cfg_options: Optional[dict] = None, work_dir: Optiona
 
 
 def build_runner(cfg: Config) -> Runner:
-    """A Runner whose checkpoint reads are weights-only and which also runs distributed on CPUs."""
+    """A Runner whose checkpoint reads are weights-only and checked against the model, and which also
+    runs distributed on CPUs."""
     use_safe_checkpoint_loading()
     setup_cpu_distributed(cfg)
-    if 'runner_type' in cfg:
-        return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
+    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    runner.register_hook(CheckpointLayoutHook(), priority='VERY_HIGH')
+    return runner

@@ -98,8 +98,11 @@ def read_checkpoint(path: str, map_location='cpu', model_dir: Optional[str] = No
     except FileNotFoundError as e:
         raise CheckpointError(f'checkpoint not found: {path}') from e
     except pickle.UnpicklingError as e:
-        lines = [ln for ln in str(e).splitlines() if 'WeightsUnpickler error' in ln]
-        reason = lines[0].split('error:', 1)[1].strip() if lines else str(e).strip()[:200]
+        # torch's message wraps the reason (the global it refused) in advice to turn the check off
+        lines = [ln for ln in str(e).splitlines()
+                 if re.search(r'GLOBAL|Unsupported|Can only|Trying to', ln)]
+        reason = (lines[0].replace('WeightsUnpickler error:', '').strip()
+                  if lines else str(e).strip()[:300])
         raise CheckpointError(
             f'refusing to load {path}: it holds Python objects other than tensors and plain '
             f'data, which could run code when unpickled; read with weights_only=True, it was '
@@ -191,6 +194,29 @@ def convert_backbone_state_dict(
         else:
             out[k] = v
     return out, dropped, layout
+
+
+# Parts of detection and segmentation models besides the backbone. mmdet 3.x and mmseg 1.x kept the
+# names that mmdet 2.x and mmseg 0.x gave them in RetinaNet, Mask R-CNN and Semantic FPN.
+DENSE_PARTS = ('neck.', 'bbox_head.', 'rpn_head.', 'roi_head.', 'decode_head.', 'auxiliary_head.')
+
+
+def convert_state_dict(
+        state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str], str]:
+    """Map a whole released checkpoint onto our names.
+
+    A detection or segmentation model keeps its neck and heads and gets its backbone under
+    ``backbone.``; an ImageNet model becomes a bare backbone state dict (for ``init_cfg``).
+
+    Returns:
+        The state dict, the keys dropped, and the layout's name.
+    """
+    backbone, dropped, layout = convert_backbone_state_dict(state_dict)
+    if not any(k.startswith(DENSE_PARTS) for k in state_dict):
+        return backbone, dropped, layout
+    out = OrderedDict(('backbone.' + k, v) for k, v in backbone.items())
+    out.update((k, state_dict[k]) for k in dropped if k.startswith(DENSE_PARTS))
+    return out, [k for k in dropped if not k.startswith(DENSE_PARTS)], layout
 
 
 class LoadReport(NamedTuple):
