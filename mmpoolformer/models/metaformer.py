@@ -14,7 +14,7 @@ at even and downsampling at odd ``network`` positions), so the released ImageNet
 load without renaming; ``weights.py`` maps timm's and mmpretrain's layouts onto it.
 """
 import copy
-from typing import Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn

@@ -172,7 +172,9 @@ def test_custom_arch_and_token_mixers_per_stage():
     (dict(norm_cfg=dict(type='LN')), "allowed: ['BN', 'GN', 'LN2d', 'SyncBN']"),
     (dict(act_cfg=dict(type='Tanh')), "allowed: ['GELU', 'ReLU', 'SiLU']"),
     (dict(token_mixers=dict(type='Pooling', pool_size=4)), 'pool_size must be a positive odd int'),
-    (dict(token_mixers=dict(type='Poolng')), "unknown token mixer 'Poolng'; registered in mmpoolformer.registry.TOKEN_MIXERS: ['Identity', 'Pooling']"),
+    (dict(token_mixers=dict(type='Poolng')),
+     "unknown token mixer 'Poolng'; registered in mmpoolformer.registry.TOKEN_MIXERS: "
+     "['Identity', 'Pooling']"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     with pytest.raises((ValueError, TypeError, KeyError)) as info:
