@@ -51,11 +51,18 @@ def tool(name, *args):
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
-def test_metrics(work_dir):
-    """Metrics of the newest tools/test.py run in ``work_dir`` (its <timestamp>/<timestamp>.json)."""
+def test_metrics(work_dir, keys):
+    """Metrics of the newest tools/test.py run in ``work_dir`` (its <timestamp>/<timestamp>.json).
+
+    mmdet's COCO metric logs nothing when no prediction passes the score threshold (as for an
+    untrained detector): that is an AP of 0.
+    """
     run = max(d for d in os.listdir(work_dir) if osp.isdir(osp.join(work_dir, d)))
     with open(osp.join(work_dir, run, f'{run}.json')) as f:
-        return json.loads(f.read().strip().splitlines()[-1])
+        logged = json.loads(f.read().strip().splitlines()[-1])
+    if not any(k in logged for k in keys):
+        print(f'[demo] no prediction passed the score threshold in {work_dir}: AP is 0')
+    return {k: logged.get(k, 0.0) for k in keys}
 
 
 def save_untrained(config, options, path):
@@ -119,7 +126,7 @@ def main():
     save_untrained(config, options, untrained)
     tool('test.py', config, untrained, '--work-dir', osp.join(work_dir, 'untrained'),
          '--cfg-options', *options)
-    before = test_metrics(osp.join(work_dir, 'untrained'))
+    before = test_metrics(osp.join(work_dir, 'untrained'), keys)
 
     print('[demo] training', flush=True)
     tool('train.py', config, '--work-dir', work_dir, '--cfg-options', *options)
@@ -129,12 +136,11 @@ def main():
     print('[demo] evaluating the trained model', flush=True)
     tool('test.py', config, checkpoint, '--work-dir', osp.join(work_dir, 'trained'), '--show-dir',
          osp.join(work_dir, 'vis'), '--cfg-options', *options)
-    after = test_metrics(osp.join(work_dir, 'trained'))
+    after = test_metrics(osp.join(work_dir, 'trained'), keys)
 
     plot_losses(work_dir, osp.join(work_dir, 'loss.png'))
     results = {'task': args.task, 'config': osp.relpath(config, REPO), 'checkpoint': checkpoint,
-               'untrained': {k: before.get(k) for k in keys},
-               'trained': {k: after.get(k) for k in keys}}
+               'untrained': before, 'trained': after}
     with open(osp.join(work_dir, 'metrics.json'), 'w') as f:
         json.dump(results, f, indent=2)
 
@@ -142,7 +148,7 @@ def main():
     print(f'\n[demo] {args.task} on the shapes validation split ({osp.relpath(config, REPO)})')
     print(f'  {"metric":<{width}}  untrained  trained')
     for k in keys:
-        print(f'  {k:<{width}}  {before.get(k, float("nan")):>9.3f}  {after.get(k, float("nan")):>7.3f}')
+        print(f'  {k:<{width}}  {before[k]:>9.3f}  {after[k]:>7.3f}')
     print(f'[demo] metrics: {osp.join(work_dir, "metrics.json")}; loss curve: '
           f'{osp.join(work_dir, "loss.png")}; predictions drawn: {osp.join(work_dir, "vis")}')
 

@@ -17,6 +17,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
+from pycocotools import mask as mask_utils
 
 CLASSES = ('circle', 'triangle', 'square')
 SEG_CLASSES = ('background', ) + CLASSES
@@ -30,7 +31,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     ramp = c0[None] * (1 - t[:, None]) + c1[None] * t[:, None]
     img = np.broadcast_to(ramp[None] if len(t) == w else ramp[:, None], (h, w, 3)).copy()
     img += rng.normal(0, 12, size=(h, w, 3))
-    for _ in range(rng.integers(2, 6)):  # clutter: lines that are no object
+    for _ in range(rng.integers(1, 4)):  # clutter: lines that are no object
         p0, p1 = rng.integers(0, [w, h], size=(2, 2))
         colour = tuple(int(c) for c in rng.uniform(0, 255, 3))
         cv2.line(img, tuple(map(int, p0)), tuple(map(int, p1)), colour, int(rng.integers(1, 3)))
@@ -38,7 +39,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def _shape_mask(rng: np.random.Generator, label: int, h: int, w: int) -> np.ndarray:
-    size = rng.uniform(0.12, 0.4) * min(h, w)
+    size = rng.uniform(0.2, 0.5) * min(h, w)
     cx, cy = rng.uniform(size / 2, w - size / 2), rng.uniform(size / 2, h - size / 2)
     mask = np.zeros((h, w), np.uint8)
     if CLASSES[label] == 'circle':
@@ -58,7 +59,7 @@ def _polygons(mask: np.ndarray) -> List[List[float]]:
 
 
 def render(rng: np.random.Generator, h: int, w: int,
-           max_objects: int = 4) -> Tuple[np.ndarray, np.ndarray, List[dict]]:
+           max_objects: int = 3) -> Tuple[np.ndarray, np.ndarray, List[dict]]:
     """One image, its label map and its instances (visible masks, in front-to-back-resolved order)."""
     img = _background(rng, h, w)
     seg = np.ones((h, w), np.uint8)
@@ -66,7 +67,11 @@ def render(rng: np.random.Generator, h: int, w: int,
     for _ in range(rng.integers(1, max_objects + 1)):
         label = int(rng.integers(len(CLASSES)))
         mask = _shape_mask(rng, label, h, w)
+        # a colour that stands out from the background under the shape
+        under = img[mask > 0].mean(axis=0)
         colour = rng.uniform(0, 255, 3)
+        while np.abs(colour - under).sum() < 150:
+            colour = rng.uniform(0, 255, 3)
         texture = rng.normal(0, 10, size=(h, w, 1))
         img = np.where(mask[..., None] > 0, colour + texture, img)
         for m in masks:  # the new shape occludes the earlier ones
@@ -78,11 +83,10 @@ def render(rng: np.random.Generator, h: int, w: int,
         polys = _polygons(mask)
         if mask.sum() < 16 or not polys:  # hidden, or nearly, behind later shapes
             continue
-        ys, xs = np.nonzero(mask)
-        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-        instances.append(dict(category=label, bbox=[float(x0), float(y0), float(x1 - x0),
-                                                    float(y1 - y0)],
-                              area=float(mask.sum()), segmentation=polys))
+        # COCO's box and area are those of the segmentation, the polygons as pycocotools draws them
+        rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+        instances.append(dict(category=label, bbox=[float(v) for v in mask_utils.toBbox(rle)],
+                              area=float(mask_utils.area(rle)), segmentation=polys))
         seg[mask > 0] = label + 2
         edge = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
         seg[edge > 0] = 0

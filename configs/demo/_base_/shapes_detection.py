@@ -51,4 +51,4 @@ shapes_param_scheduler = [
 shapes_default_hooks = dict(
     logger=dict(interval=10),
     checkpoint=dict(interval=shapes_epochs, max_keep_ckpts=2))
-shapes_lr = 4e-4
+shapes_lr = 2e-4
