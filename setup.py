@@ -51,6 +51,9 @@ setup(
         # imported by mmseg without being declared by it
         'ftfy',
         'regex',
+        # mmengine 0.10 imports pkg_resources at run time (to resolve mmdet:: / mmseg:: bases), which
+        # setuptools dropped in release 82
+        'setuptools<82',
     ],
     extras_require={
         # timm and mmpretrain serve only as independent oracles in the tests.
