@@ -54,7 +54,8 @@ def _mmengine_checkpoint_types() -> list:
     import numpy as np
     from mmengine.logging import HistoryBuffer
     multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
-    types = [HistoryBuffer, np.ndarray, np.dtype, getattr]
+    # (bytes: an empty buffer's array pickles its empty data as bytes())
+    types = [HistoryBuffer, np.ndarray, np.dtype, getattr, bytes]
     # numpy 1 pickles these as numpy.core.*, numpy 2 as numpy._core.*: allow both spellings.
     for fn in (multiarray._reconstruct, multiarray.scalar):
         types += [(fn, f'numpy.core.multiarray.{fn.__name__}'),

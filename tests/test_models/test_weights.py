@@ -185,3 +185,26 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     with pytest.raises(CheckpointError, match='refusing to load .*evil.pth'):
         load_pretrained(PoolFormer('s12'), str(path))
     assert not marker.exists()
+
+
+def test_mmengine_checkpoint_types_load_but_foreign_history_methods_are_refused(tmp_path):
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    from mmpoolformer.models.weights import read_checkpoint
+
+    buffer = HistoryBuffer()
+    buffer.update(np.float64(1.5))
+    path = tmp_path / 'mmengine.pth'
+    torch.save({'message_hub': {'log_scalars': {'loss': buffer}}, 'state_dict': {}}, path)
+    loaded = read_checkpoint(str(path))
+    assert loaded['message_hub']['log_scalars']['loss'].mean() == 1.5
+
+    # getattr is allowed (HistoryBuffer pickles its methods with it), so a file could smuggle another
+    # callable into the statistics table that mmengine calls: the reader undoes it and refuses
+    table = dict(HistoryBuffer._statistics_methods)
+    evil = HistoryBuffer()
+    evil.__dict__['_statistics_methods'] = {'mean': np.ndarray.tofile}
+    torch.save({'message_hub': {'log_scalars': {'loss': evil}}}, path)
+    with pytest.raises(CheckpointError, match=r"replaces HistoryBuffer statistics methods \['mean'\]"):
+        read_checkpoint(str(path))
+    assert HistoryBuffer._statistics_methods == table
