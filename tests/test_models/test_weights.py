@@ -4,7 +4,6 @@ The oracles are independent implementations: timm's ``poolformer_s12`` (timm lay
 ``PoolFormer`` (the official layout, which mmpretrain keeps). Checkpoint files are written from their
 real state dicts, in each release's wrapping.
 """
-import os
 
 import pytest
 import timm
@@ -170,18 +169,8 @@ def test_missing_file_names_the_file(tmp_path):
         load_pretrained(PoolFormer('s12'), str(tmp_path / 'nope.pth'))
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f'touch {self.marker}', ))
-
-
-def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
-    marker = tmp_path / 'pwned'
-    path = tmp_path / 'evil.pth'
-    torch.save({'patch_embed.proj.weight': torch.zeros(1), 'x': _Payload(marker)}, path)
+def test_malicious_pickle_is_refused_and_never_runs(malicious_checkpoint):
+    path, marker = malicious_checkpoint
     with pytest.raises(CheckpointError, match='refusing to load .*evil.pth'):
         load_pretrained(PoolFormer('s12'), str(path))
     assert not marker.exists()

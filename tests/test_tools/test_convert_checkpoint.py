@@ -4,7 +4,6 @@ Synthetic checkpoints carry random tensors under the released key names and shap
 wrapping: mmdet 2.x detectors and mmseg 0.x segmentors (``state_dict`` + ``meta``, the backbone in the
 official layout under ``backbone.``, RetinaNet with the stage-0 output norm that ours does not build),
 and the ImageNet backbones (official, timm, mmpretrain)."""
-import os
 import os.path as osp
 import subprocess
 import sys
@@ -143,18 +142,9 @@ def test_unknown_layout_is_refused(tmp_path):
     assert not (tmp_path / 'out.pth').exists()
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f'touch {self.marker}', ))
-
-
-def test_malicious_and_truncated_files_are_refused(tmp_path):
-    marker = tmp_path / 'pwned'
-    torch.save({'state_dict': {}, 'meta': _Payload(marker)}, tmp_path / 'evil.pth')
-    code, out = convert(tmp_path / 'evil.pth', tmp_path / 'out.pth')
+def test_malicious_and_truncated_files_are_refused(malicious_checkpoint, tmp_path):
+    evil, marker = malicious_checkpoint
+    code, out = convert(evil, tmp_path / 'out.pth')
     assert code != 0 and 'refusing to load' in out and 'GLOBAL posix.system' in out
     assert len(out.strip().splitlines()) == 1
     assert not marker.exists()
