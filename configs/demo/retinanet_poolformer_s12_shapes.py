@@ -15,5 +15,5 @@ train_cfg = {{_base_.shapes_train_cfg}}
 param_scheduler = {{_base_.shapes_param_scheduler}}
 optim_wrapper = dict(optimizer=dict(lr={{_base_.shapes_lr}}))
 default_hooks = {{_base_.shapes_default_hooks}}
-auto_scale_lr = dict(base_batch_size=4)
+auto_scale_lr = dict(base_batch_size=2)
 randomness = dict(seed=0)

@@ -9,8 +9,9 @@ shapes_scale = (224, 160)
 shapes_epochs = 12
 
 # Masks are loaded for Mask R-CNN; RetinaNet ignores them.
+# Batch 2: on a CPU, twice the updates in the same time learn more than bigger batches do.
 shapes_train_dataloader = dict(
-    batch_size=4,
+    batch_size=2,
     num_workers=2,
     dataset=dict(
         data_root=shapes_root,
@@ -51,4 +52,4 @@ shapes_param_scheduler = [
 shapes_default_hooks = dict(
     logger=dict(interval=10),
     checkpoint=dict(interval=shapes_epochs, max_keep_ckpts=2))
-shapes_lr = 2e-4
+shapes_lr = 1e-4
