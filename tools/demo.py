@@ -68,14 +68,13 @@ def test_metrics(work_dir, keys):
 def save_untrained(config, options, path):
     """The model as training starts it (same seed), saved so tools/test.py can evaluate it."""
     import torch
-    from mmengine.registry import init_default_scope
+    from mmengine.registry import MODELS, init_default_scope
     from mmengine.runner import set_random_seed
 
     from mmpoolformer.engine import load_config
     cfg = load_config(config, dict(o.split('=', 1) for o in options))
     init_default_scope(cfg.default_scope)
     set_random_seed(cfg.get('randomness', {}).get('seed', 0))
-    from mmengine.registry import MODELS
     model = MODELS.build(cfg.model)
     model.init_weights()
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)

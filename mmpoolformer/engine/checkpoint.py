@@ -59,7 +59,7 @@ class CheckpointLayoutHook(Hook):
                 f'model.backbone.init_cfg.checkpoint=FILE)')
         if _overlap(converted, own) < 0.5:
             raise CheckpointError(f'the checkpoint ({layout} layout) does not fit the model; {hint}')
-        print_log(f'checkpoint in the {layout} layout, converted while loading; to {hint[:-1]}',
+        print_log(f'checkpoint in the {layout} layout, converted while loading; {hint}',
                   logger='current')
         target = checkpoint['state_dict'] if isinstance(checkpoint.get('state_dict'),
                                                         dict) else checkpoint
