@@ -24,7 +24,7 @@ from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..registry import MODELS
-from .token_mixers import build_token_mixer
+from .token_mixers import Pooling, build_token_mixer, pooling_residual
 from .weights import load_pretrained
 
 
@@ -98,8 +98,89 @@ class PatchEmbed(nn.Module):
         return self.proj(x)
 
 
+class _GroupNormLinear(torch.autograd.Function):
+    """``linear(group_norm(x))`` over channels-last tokens, keeping ``x`` but not the normalised map.
+
+    ``x`` is kept anyway (the norm's backward needs it); the normalised map is one multiply-add of it,
+    so backward recomputes it instead of storing a second map per block.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gn_weight, gn_bias, weight, bias, groups, eps):
+        n, c = x.shape[:2]
+        normed, mean, rstd = torch.ops.aten.native_group_norm(x, gn_weight, gn_bias, n, c,
+                                                              x[0, 0].numel(), groups, eps)
+        h = F.linear(normed.permute(0, 2, 3, 1), weight, bias)
+        ctx.groups, ctx.param_dtype = groups, weight.dtype
+        ctx.save_for_backward(x, mean, rstd, gn_weight, gn_bias, weight.to(h.dtype))
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd, gn_weight, gn_bias, weight = ctx.saved_tensors
+        n, c = x.shape[:2]
+        grad = grad.to(weight.dtype)
+        grad_x = grad_gn_weight = grad_gn_bias = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[3]:
+            # normed = x * a + (beta - mean * a), a = rstd * gamma: one pass over x
+            a = rstd.repeat_interleave(c // ctx.groups, dim=1).view(n, c, 1, 1)
+            if gn_weight is not None:
+                a = a * gn_weight.view(1, c, 1, 1)
+            shift = -mean.repeat_interleave(c // ctx.groups, dim=1).view(n, c, 1, 1) * a
+            if gn_bias is not None:
+                shift = shift + gn_bias.view(1, c, 1, 1)
+            normed = torch.addcmul(shift, x, a).permute(0, 2, 3, 1).to(grad.dtype)
+            grad_weight = (grad.flatten(0, -2).t() @ normed.flatten(0, -2)).to(ctx.param_dtype)
+        if ctx.needs_input_grad[4]:
+            grad_bias = grad.flatten(0, -2).sum(0).to(ctx.param_dtype)
+        if any(ctx.needs_input_grad[:3]):
+            grad_normed = (grad @ weight).permute(0, 3, 1, 2).to(x.dtype)
+            grad_x, grad_gn_weight, grad_gn_bias = torch.ops.aten.native_group_norm_backward(
+                grad_normed, x, mean, rstd, gn_weight, n, c, x[0, 0].numel(), ctx.groups,
+                list(ctx.needs_input_grad[:3]))
+        return grad_x, grad_gn_weight, grad_gn_bias, grad_weight, grad_bias, None, None
+
+
+class _ActLinear(torch.autograd.Function):
+    """``linear(act(h), weight, bias)`` keeping only ``h`` for backward.
+
+    The activated map is four times as wide as the block and would be the largest tensor a block keeps
+    for backward; the activation is recomputed from ``h`` instead. Computes in ``h``'s dtype (the one
+    autocast gave the first linear), returning gradients in the parameters' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, act):
+        ctx.act, ctx.param_dtype = act, weight.dtype
+        weight = weight.to(h.dtype)
+        ctx.save_for_backward(h, weight)
+        return F.linear(act(h), weight, bias.to(h.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        grad = grad.to(h.dtype)
+        with torch.enable_grad():
+            h = h.detach().requires_grad_()
+            a = ctx.act(h)
+        grad_h = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad.flatten(0, -2).t() @ a.detach().flatten(0, -2)).to(ctx.param_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.flatten(0, -2).sum(0).to(ctx.param_dtype)
+        if ctx.needs_input_grad[0]:
+            grad_h, = torch.autograd.grad(a, h, grad @ weight)
+        return grad_h, grad_weight, grad_bias, None
+
+
 class Mlp(nn.Module):
-    """The channel MLP of a block, as 1x1 convolutions so the tensor stays ``(N, C, H, W)``."""
+    """The channel MLP of a block: 1x1 convolutions, run as matrix products over channels-last tokens.
+
+    The parameters are 1x1 convolutions so the released checkpoints load unchanged; the forward pass
+    multiplies the ``(N, H, W, C)`` view, which is free in channels-last memory. Backward recomputes the
+    activation and a GroupNorm before the MLP instead of storing them (:class:`_ActLinear`,
+    :class:`_GroupNormLinear`).
+    """
 
     def __init__(self, dim, hidden_dim, act_cfg, drop=0.):
         super().__init__()
@@ -108,8 +189,26 @@ class Mlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+    def forward(self, x, norm: Optional[nn.Module] = None, out_scale: Optional[torch.Tensor] = None):
+        """``mlp(norm(x)) * out_scale``. ``out_scale`` (per channel, e.g. LayerScale) is folded into fc2
+        except in fp16, which cannot represent LayerScale x weight (1e-6 x 1e-2 is below its range)."""
+        if isinstance(norm, nn.GroupNorm):
+            h = _GroupNormLinear.apply(x, norm.weight, norm.bias, self.fc1.weight.flatten(1),
+                                       self.fc1.bias, norm.num_groups, norm.eps)
+        else:
+            x = x if norm is None else norm(x)
+            h = F.linear(x.permute(0, 2, 3, 1), self.fc1.weight.flatten(1), self.fc1.bias)
+        weight, bias = self.fc2.weight.flatten(1), self.fc2.bias
+        fold = out_scale is not None and h.dtype != torch.float16
+        if fold:
+            weight, bias = weight * out_scale[:, None], bias * out_scale
+        if isinstance(self.drop, nn.Dropout):
+            y = F.linear(self.drop(self.act(h)), weight, bias)
+        else:
+            y = _ActLinear.apply(h, weight, bias, self.act)
+        if out_scale is not None and not fold:
+            y = y * out_scale
+        return self.drop(y).permute(0, 3, 1, 2)
 
 
 class MetaFormerBlock(nn.Module):
@@ -146,16 +245,34 @@ class MetaFormerBlock(nn.Module):
         if self.use_layer_scale:
             self.layer_scale_1 = nn.Parameter(torch.full((dim, ), float(layer_scale_init_value)))
             self.layer_scale_2 = nn.Parameter(torch.full((dim, ), float(layer_scale_init_value)))
-
-    def _scale(self, scale: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return x if scale is None else x * scale.view(-1, 1, 1)
+        # Pooling commutes with a norm that is affine per sample and channel (GroupNorm) and cancels
+        # its shift: pool(GN(x)) - GN(x) = gamma * rstd * (pool(x) - x). The branch then needs GN's
+        # statistics but never the normalised map.
+        self.fuse_pooling = isinstance(token_mixer, Pooling) and isinstance(self.norm1, nn.GroupNorm)
 
     def forward(self, x):
         ls1 = self.layer_scale_1 if self.use_layer_scale else None
         ls2 = self.layer_scale_2 if self.use_layer_scale else None
-        x = x + self.drop_path(self._scale(ls1, self.token_mixer(self.norm1(x))))
-        x = x + self.drop_path(self._scale(ls2, self.mlp(self.norm2(x))))
-        return x
+        if self.fuse_pooling:
+            x = self._pooling_branch(x, ls1)
+        else:
+            mixed = self.token_mixer(self.norm1(x))
+            x = x + self.drop_path(mixed if ls1 is None else mixed * ls1.view(-1, 1, 1))
+        return x + self.drop_path(self.mlp(x, norm=self.norm2, out_scale=ls2))
+
+    def _pooling_branch(self, x, layer_scale):
+        norm = self.norm1
+        n, c = x.shape[:2]
+        # Statistics in fp32 whatever autocast gave the input: fp16 sums of squares overflow.
+        var, _ = torch.var_mean(x.float().unflatten(1, (norm.num_groups, -1)), dim=(2, 3, 4),
+                                correction=0)
+        scale = (var + norm.eps).rsqrt().repeat_interleave(c // norm.num_groups, dim=1)
+        for factor in (norm.weight, layer_scale):
+            if factor is not None:
+                scale = scale * factor
+        scale = self.drop_path(scale.view(n, c, 1, 1))
+        x = x.to(torch.promote_types(x.dtype, norm.weight.dtype if norm.affine else x.dtype))
+        return pooling_residual(x, scale.to(x.dtype), norm.bias, self.token_mixer.pool_size)
 
 
 _ARCH_KEYS = {'depths', 'embed_dims', 'mlp_ratios', 'layer_scale_init_value'}
@@ -373,14 +490,16 @@ class MetaFormer(BaseModule):
         return x
 
     def forward(self, x):
-        x = self.patch_embed(x)
+        """Runs channels-last inside (the MLPs are then plain matrix products over tokens) and
+        emits contiguous ``(N, C, H, W)`` maps, as every mmdet / mmseg neck expects."""
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         outs = []
         for i in range(self.num_built_stages):
             if i > 0:
                 x = self.network[2 * i - 1](x)
             x = self._run_stage(self.network[2 * i], x)
             if i in self.out_indices:
-                outs.append(getattr(self, f'norm{2 * i}')(x))
+                outs.append(getattr(self, f'norm{2 * i}')(x).contiguous())
         return tuple(outs)
 
 

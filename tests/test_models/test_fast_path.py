@@ -1,0 +1,139 @@
+"""The backbone's fast formulation (channels-last matrix products, the fused pooling branch, the MLP
+that recomputes its activation) equals the official one, for outputs and every gradient.
+
+The reference is mmpretrain's PoolFormer, which runs the official formulation block by block under the
+official module names, so parameters and their gradients are compared name by name. It runs in float64:
+two fp32 formulations differ by their rounding (about 5e-6 each from the exact values here), so the
+bound is on ours against the exact result.
+"""
+import pytest
+import torch
+from mmpretrain.models.backbones import PoolFormer as ReferencePoolFormer
+
+from mmpoolformer.models import MetaFormerBlock, Pooling, PoolFormer
+
+
+def max_rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def randomized_pair(seed=0):
+    """Ours and the reference with the same weights, far from their init (LayerScale 0.5-1, so that a
+    wrong block cannot hide behind a 1e-5 scale)."""
+    ref = ReferencePoolFormer(arch='s12', out_indices=(0, 2, 4, 6), frozen_stages=-1)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if 'layer_scale' in name:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
+            elif p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + ('weight' in name))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel()**0.5)
+    ours = PoolFormer('s12')
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.double().train()
+    ours.train()
+    return ours, ref
+
+
+def forward_backward(model, x):
+    x = x.clone().requires_grad_()
+    outs = model(x)
+    # a loss that weighs every position differently, so no gradient cancels by symmetry
+    weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outs)]
+    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return outs, x.grad, grads
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['contiguous', 'channels_last'])
+def test_outputs_and_gradients_equal_the_official_formulation(channels_last):
+    ours, ref = randomized_pair()
+    x = torch.randn(2, 3, 61, 45, generator=torch.Generator().manual_seed(1))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    outs, grad_x, grads = forward_backward(ours, x)
+    ref_outs, ref_grad_x, ref_grads = forward_backward(ref, x.double())
+
+    for a, b in zip(outs, ref_outs):
+        assert a.shape == b.shape and a.is_contiguous()
+        assert max_rel_err(a, b) <= 1e-5
+    assert max_rel_err(grad_x, ref_grad_x) <= 1e-5
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        if name.endswith('norm1.bias'):
+            # pooling cancels this shift: exactly zero here, rounding noise in the reference
+            assert not g.any() and ref_grads[name].abs().max() < 1e-9 * grads[name.replace(
+                'bias', 'weight')].abs().max()
+            continue
+        assert max_rel_err(g, ref_grads[name]) <= 1e-5, name
+
+
+def test_fused_block_equals_its_plain_formulation_with_drop_path():
+    """The block with drop path active: the same samples are dropped in both formulations."""
+    torch.manual_seed(0)
+    block = MetaFormerBlock(16, Pooling(16, pool_size=5), drop_path=0.5, layer_scale_init_value=0.7)
+    assert block.fuse_pooling
+    x = torch.randn(4, 16, 13, 7)
+    torch.manual_seed(3)
+    fused = block(x)
+    block.fuse_pooling = False
+    torch.manual_seed(3)
+    plain = block(x)
+    assert max_rel_err(fused, plain) <= 1e-6
+    assert not torch.equal(fused, x)
+
+
+def test_autocast_keeps_layer_scale_alive_and_statistics_finite():
+    """Under fp16 autocast a LayerScale of 1e-6 must still scale the MLP branch (1e-6 x a weight is
+    below fp16's range), and the pooling branch's statistics of a large fp16 map (a convolution's
+    output under autocast) must not overflow."""
+    torch.manual_seed(0)
+    block = MetaFormerBlock(32, Pooling(32), layer_scale_init_value=1e-6).train()
+    x = torch.randn(2, 32, 9, 11)
+    expected = block.mlp(x, block.norm2, block.layer_scale_2)
+    big = (x * 300).half()  # its sum of squares is beyond fp16's 65504
+    expected_pool = block._pooling_branch(big.float(), None)
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast('cpu', dtype=dtype):
+            mlp = block.mlp(x, block.norm2, block.layer_scale_2)
+            pool = block._pooling_branch(big, None)
+        assert max_rel_err(mlp, expected) <= 2e-2, dtype
+        assert pool.dtype == torch.float32 and max_rel_err(pool, expected_pool) <= 1e-6, dtype
+
+
+def test_bf16_autocast_training_steps_stay_finite_and_learn():
+    torch.manual_seed(0)
+    model = PoolFormer('s12', out_indices=(1, 3)).train()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(2, 3, 96, 64)
+    target = [torch.randn(2, 128, 12, 8), torch.randn(2, 512, 3, 2)]
+    losses = []
+    for _ in range(5):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            outs = model(x)
+            loss = sum(((o.float() - t)**2).mean() for o, t in zip(outs, target))
+        optim.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        optim.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_frozen_stages_leave_the_other_gradients_unchanged():
+    """Frozen parameters skip their part of the fused backward; everything else is unaffected."""
+    ours, _ = randomized_pair()
+    frozen = PoolFormer('s12', frozen_stages=2)
+    frozen.load_state_dict(ours.state_dict())
+    frozen.train()
+    x = torch.randn(1, 3, 45, 37, generator=torch.Generator().manual_seed(2))
+    _, _, grads = forward_backward(ours, x)
+    _, _, frozen_grads = forward_backward(frozen, x)
+    trained = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(('network.3.', 'network.4.', 'network.5.', 'network.6.',
+                                         'norm4.', 'norm6.')) for n in trained)
+    for name in trained:
+        torch.testing.assert_close(frozen_grads[name], grads[name], rtol=0, atol=0)
+    assert all(frozen_grads[n] is None for n in set(grads) - trained)

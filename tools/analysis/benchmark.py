@@ -1,0 +1,354 @@
+"""Time our PoolFormer backbone against timm's and mmpretrain's, and our detectors and segmentors.
+
+    python tools/analysis/benchmark.py                       # S12, batch 2, 512x512, this machine
+    python tools/analysis/benchmark.py --arch m36 --device cuda --json bench.json
+    python tools/analysis/benchmark.py --impls ours ours+cp --configs \\
+        configs/detection/retinanet_poolformer_s12.py configs/segmentation/fpn_poolformer_s12.py
+
+Backbones: every implementation gets the same weights (timm's, mapped by our converter) and the same
+input, and must produce the same four normalised stage maps before any time is reported. Runs
+alternate between implementations; the table gives medians. "train" is forward plus backward of the
+four maps; peak memory is that of one training step above what the model and input already hold
+(CUDA: the allocator's peak; CPU: the peak resident size of a fresh process, reset before the step,
+with glibc returning every large block to the system at once so that it follows the live tensors).
+
+Configs: one training iteration (``train_step``: preprocessing, forward, backward, optimizer step) and
+one inference (``test_step``) of the whole model on synthetic inputs of the config's training size.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from mmpoolformer.models import PoolFormer
+from mmpoolformer.models.weights import convert_backbone_state_dict
+
+IMPLS = ('ours', 'ours+cp', 'timm', 'mmpretrain')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--arch', default='s12', choices=sorted(PoolFormer.arch_zoo))
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--size', type=int, nargs=2, default=(512, 512), metavar=('H', 'W'))
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s choice)')
+    parser.add_argument('--impls', nargs='+', default=list(IMPLS), choices=IMPLS,
+                        help='backbones to compare; peers that are not installed are skipped')
+    parser.add_argument('--repeats', type=int, default=7, help='timed runs per implementation')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory runs')
+    parser.add_argument('--configs', nargs='*', default=[],
+                        help='mmdet / mmseg configs whose whole-model iteration to time')
+    parser.add_argument('--config-batch', type=int, default=2)
+    parser.add_argument('--json', help='also write the results here')
+    parser.add_argument('--memory-worker', help=argparse.SUPPRESS)  # internal: one impl, one step
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.repeats < 1 or min(args.size) < 32:
+        parser.error('--batch and --repeats must be >= 1 and --size at least 32 x 32')
+    return args
+
+
+# ---------------------------------------------------------------------------------- implementations
+class TimmWithNorms(nn.Module):
+    """timm's ``features_only`` PoolFormer plus the output norms the official dense models (ours and
+    mmpretrain's) apply, so that all three compute the same maps."""
+
+    def __init__(self, features: nn.Module, norms: nn.ModuleList):
+        super().__init__()
+        self.features, self.norms = features, norms
+
+    def forward(self, x):
+        return tuple(norm(f) for norm, f in zip(self.norms, self.features(x)))
+
+
+def build(impl: str, arch: str) -> nn.Module:
+    if impl.startswith('ours'):
+        return PoolFormer(arch, with_cp=impl == 'ours+cp')
+    if impl == 'timm':
+        import timm
+        features = timm.create_model(f'poolformer_{arch}', features_only=True)
+        dims = PoolFormer.arch_zoo[arch]['embed_dims']
+        return TimmWithNorms(features, nn.ModuleList(nn.GroupNorm(1, d) for d in dims))
+    from mmpretrain.models.backbones import PoolFormer as MMPretrainPoolFormer
+    return MMPretrainPoolFormer(arch, out_indices=(0, 2, 4, 6), frozen_stages=-1)
+
+
+def available(impl: str) -> bool:
+    module = {'timm': 'timm', 'mmpretrain': 'mmpretrain'}.get(impl)
+    if module is None:
+        return True
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def shared_weights(arch: str, seed: int = 0) -> dict:
+    """Official-layout weights far from their init (LayerScale 0.5-1, so every block matters)."""
+    model = PoolFormer(arch)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'layer_scale' in name:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
+            elif p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + ('weight' in name))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel()**0.5)
+    return model.state_dict()
+
+
+def load_weights(model: nn.Module, impl: str, official: dict) -> None:
+    if impl != 'timm':
+        model.load_state_dict(official, strict=True)
+        return
+    # timm's names, found by converting timm's own state dict with our converter (tested both ways)
+    timm_sd = {k.replace('stages_', 'stages.'): v for k, v in model.features.state_dict().items()}
+    converted, _, _ = convert_backbone_state_dict(timm_sd)
+    by_storage = {v.data_ptr(): k for k, v in timm_sd.items()}
+    to_timm = {ours: by_storage[v.data_ptr()] for ours, v in converted.items()}
+    model.features.load_state_dict(
+        {to_timm[k].replace('stages.', 'stages_', 1): v for k, v in official.items() if k in to_timm},
+        strict=True)
+    for i, norm in enumerate(model.norms):
+        norm.load_state_dict({'weight': official[f'norm{2 * i}.weight'],
+                              'bias': official[f'norm{2 * i}.bias']})
+
+
+# ---------------------------------------------------------------------------------- measurements
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def train_step(model, x):
+    outs = model(x)
+    sum(o.float().mean() for o in outs).backward()
+
+
+def forward(model, x):
+    with torch.no_grad():
+        model(x)
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def check_same_outputs(models: dict, x) -> dict:
+    """Max relative error of each implementation's maps against ours; refuses to go on if any
+    differs by more than fp32 rounding."""
+    with torch.no_grad():
+        ref = models['ours'](x) if 'ours' in models else next(iter(models.values()))(x)
+        errors = {}
+        for name, model in models.items():
+            outs = model(x)
+            errors[name] = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                               for a, b in zip(outs, ref))
+    bad = {k: v for k, v in errors.items() if v > 1e-4}
+    if bad:
+        sys.exit(f'benchmark: implementations disagree (max relative error {bad}); no timing reported')
+    return errors
+
+
+def peak_step_memory(impl, args) -> float:
+    """Peak bytes of one training step above the model and input (see the module docstring)."""
+    if args.device.startswith('cuda'):
+        device = torch.device(args.device)
+        model = build(impl, args.arch).to(device)
+        model.train()
+        x = torch.randn(args.batch, 3, *args.size, device=device)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        train_step(model, x)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - base
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='65536')
+    cmd = [sys.executable, os.path.abspath(__file__), '--memory-worker', impl, '--arch', args.arch,
+           '--batch', str(args.batch), '--size', *map(str, args.size), '--device', args.device]
+    if args.threads:
+        cmd += ['--threads', str(args.threads)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f'benchmark: the memory run of {impl} failed:\n{proc.stderr[-2000:]}')
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _status_bytes(field: str) -> int:
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ':'))
+
+
+def memory_worker(args) -> None:
+    model = build(args.memory_worker, args.arch)
+    model.train()
+    x = torch.randn(args.batch, 3, *args.size)
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # reset the peak resident size (VmHWM) to the current one
+    base = _status_bytes('VmRSS')
+    train_step(model, x)
+    print(_status_bytes('VmHWM') - base)
+
+
+def bench_backbones(args, device) -> list:
+    impls = [i for i in args.impls if available(i)]
+    skipped = sorted(set(args.impls) - set(impls))
+    if skipped:
+        print(f'not installed, skipped: {skipped}')
+    official = shared_weights(args.arch)
+    models = {}
+    for impl in impls:
+        model = build(impl, args.arch)
+        load_weights(model, impl, official)
+        model.to(device).train()  # not chained: mmpretrain's train() returns None
+        models[impl] = model
+    x = torch.randn(args.batch, 3, *args.size, generator=torch.Generator().manual_seed(0)).to(device)
+    errors = check_same_outputs(models, x)
+
+    times = {impl: {'forward': [], 'train': []} for impl in impls}
+    for _ in range(args.warmup):
+        for impl in impls:
+            forward(models[impl], x)
+            train_step(models[impl], x)
+    for r in range(args.repeats):
+        order = impls[r % len(impls):] + impls[:r % len(impls)]  # no one always runs first
+        for impl in order:
+            times[impl]['forward'].append(timed(lambda: forward(models[impl], x), device))
+            models[impl].zero_grad(set_to_none=True)
+            times[impl]['train'].append(timed(lambda: train_step(models[impl], x), device))
+    rows = []
+    for impl in impls:
+        fwd, train = (statistics.median(times[impl][k]) for k in ('forward', 'train'))
+        rows.append(dict(impl=impl, forward_s=fwd, train_s=train,
+                         train_images_per_s=args.batch / train, max_rel_err=errors[impl]))
+    if not args.no_memory:
+        for row in rows:
+            row['train_peak_mib'] = peak_step_memory(row['impl'], args) / 2**20
+    return rows
+
+
+def bench_configs(args, device) -> list:
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import MODELS, init_default_scope
+
+    rows = []
+    for path in args.configs:
+        cfg = Config.fromfile(path)
+        init_default_scope(cfg.get('default_scope', 'mmdet'))
+        cfg.model.backbone.init_cfg = None  # random weights: no download
+        model = MODELS.build(cfg.model).to(device)
+        optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+        data = synthetic_batch(cfg, args.config_batch)
+        train, infer = [], []
+        for i in range(args.warmup + args.repeats):
+            model.train()
+            t_train = timed(lambda: model.train_step(data, optim_wrapper), device)
+            model.eval()
+            t_infer = timed(lambda: model.test_step(data), device)
+            if i >= args.warmup:
+                train.append(t_train)
+                infer.append(t_infer)
+        rows.append(dict(config=os.path.relpath(path), train_iter_s=statistics.median(train),
+                         inference_s=statistics.median(infer), batch=args.config_batch,
+                         image_size=list(data['inputs'][0].shape[1:])))
+    return rows
+
+
+def synthetic_batch(cfg, batch: int) -> dict:
+    """Images of the config's training size, with boxes (and masks) or label maps."""
+    if cfg.get('default_scope') == 'mmseg':
+        from mmengine.structures import PixelData
+        from mmseg.structures import SegDataSample
+        h, w = cfg.crop_size
+        classes = cfg.model.decode_head.num_classes
+        inputs, samples = [], []
+        for _ in range(batch):
+            inputs.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8))
+            sample = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w)))
+            sample.gt_sem_seg = PixelData(data=torch.randint(0, classes, (1, h, w)))
+            samples.append(sample)
+        return dict(inputs=inputs, data_samples=samples)
+    from mmdet.testing import demo_mm_inputs
+    w, h = next(t['scale'] for t in cfg.train_pipeline if t['type'] == 'Resize')
+    head = cfg.model.get('bbox_head') or cfg.model.roi_head.bbox_head
+    return demo_mm_inputs(batch_size=batch, image_shapes=[(3, h, w)] * batch, num_items=[5] * batch,
+                          num_classes=head.num_classes, with_mask='roi_head' in cfg.model)
+
+
+# ---------------------------------------------------------------------------------- report
+def machine(device) -> dict:
+    info = dict(torch=torch.__version__, python=platform.python_version(), device=str(device),
+                threads=torch.get_num_threads())
+    if device.type == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name(device)
+    else:
+        try:
+            with open('/proc/cpuinfo') as f:
+                info['cpu'] = next(line.split(':', 1)[1].strip() for line in f
+                                   if line.startswith('model name'))
+        except (OSError, StopIteration):
+            info['cpu'] = platform.processor()
+    return info
+
+
+def print_backbones(rows, args):
+    print(f'\nPoolFormer-{args.arch.upper()} backbone, batch {args.batch}, '
+          f'{args.size[0]}x{args.size[1]}, fp32; median of {args.repeats}')
+    peers = [r for r in rows if r['impl'] in ('timm', 'mmpretrain')]
+    best = {k: min(r[k] for r in peers) for k in ('forward_s', 'train_s')} if peers else None
+    header = f'{"impl":<11}{"forward s":>10}{"train s":>9}{"img/s":>7}{"peak MiB":>10}{"max rel err":>13}'
+    if best:
+        header += f'{"fwd x":>7}{"train x":>9}'
+    print(header)
+    for r in rows:
+        line = (f'{r["impl"]:<11}{r["forward_s"]:>10.3f}{r["train_s"]:>9.3f}'
+                f'{r["train_images_per_s"]:>7.2f}{r.get("train_peak_mib", float("nan")):>10.0f}'
+                f'{r["max_rel_err"]:>13.1e}')
+        if best:
+            line += (f'{best["forward_s"] / r["forward_s"]:>7.2f}'
+                     f'{best["train_s"] / r["train_s"]:>9.2f}')
+        print(line)
+    if best:
+        print('x: speed-up over the faster peer (timm, mmpretrain)')
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        return memory_worker(args)
+    device = torch.device(args.device)
+    results = dict(machine=machine(device), arch=args.arch, batch=args.batch, size=list(args.size))
+    results['backbones'] = bench_backbones(args, device)
+    print_backbones(results['backbones'], args)
+    if args.configs:
+        results['configs'] = bench_configs(args, device)
+        print(f'\nWhole models, batch {args.config_batch}, median of {args.repeats}')
+        print(f'{"config":<52}{"size":>11}{"train iter s":>14}{"inference s":>13}')
+        for r in results['configs']:
+            size = 'x'.join(map(str, r['image_size']))
+            print(f'{r["config"]:<52}{size:>11}{r["train_iter_s"]:>14.3f}{r["inference_s"]:>13.3f}')
+    print(f'\nmachine: {results["machine"]}')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()
