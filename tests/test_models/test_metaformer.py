@@ -174,7 +174,10 @@ def test_custom_arch_and_token_mixers_per_stage():
     (dict(token_mixers=dict(type='Pooling', pool_size=4)), 'pool_size must be a positive odd int'),
     (dict(token_mixers=dict(type='Poolng')),
      "unknown token mixer 'Poolng'; registered in mmpoolformer.registry.TOKEN_MIXERS: "
-     "['Identity', 'Pooling']"),
+     "['Attention', 'DepthwiseConv', 'Identity', 'Pooling', 'RandomMixing', 'SpatialFc']"),
+    (dict(use_layer_scale='yes'), "use_layer_scale must be a bool, got 'yes'"),
+    (dict(pos_embed_sizes=[None, (14, 14)]), 'pos_embed_sizes must be a list of 4 entries'),
+    (dict(pos_embed_sizes=[None, None, 14, None]), 'each None or a token grid (h, w)'),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     with pytest.raises((ValueError, TypeError, KeyError)) as info:
