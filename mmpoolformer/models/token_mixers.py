@@ -3,7 +3,11 @@
 Every mixer is registered in ``mmpoolformer.registry.TOKEN_MIXERS`` and is built per stage by
 :func:`build_token_mixer` with ``dim`` set to the stage's channels, so a mixer's constructor takes ``dim``
 as its first argument, even when it does not need it. A mixer maps an ``(N, C, H, W)`` tensor to one of
-the same shape.
+the same shape, for any ``H`` and ``W``.
+
+Here: the paper's ``Pooling`` and its ablations (``Identity``, ``DepthwiseConv``, the frozen
+``RandomMixing``), and the mixers of the official hybrids (``Attention``, ``SpatialFc``). The two defined
+on a fixed token grid (``SpatialFc``, ``RandomMixing``) resample their matrix to the grid of the input.
 """
 from typing import Sequence, Tuple
 
