@@ -9,7 +9,8 @@ model = dict(
         type='mmpoolformer.MetaFormer',
         # At 1333x800, stage 2 has about 84x50 tokens: its keys and values come from 2x2-pooled maps
         # (the release was trained without reduction; its weights load unchanged). Stage 3 attends
-        # to all of its tokens.
+        # to all of its tokens. Backbone at 1333x800: 66.8 GFLOPs, against 121.5 without reduction
+        # and 39.0 for PoolFormer-S12 (tools/analysis/get_flops.py).
         token_mixers=[
             dict(type='Pooling', pool_size=3),
             dict(type='Pooling', pool_size=3),
