@@ -453,7 +453,6 @@ class PoolFormer(MetaFormer):
     """
 
 
-
 # The hybrid ImageNet releases of the official repository (``models/metaformer.py`` of
 # sail-sg/poolformer, all S12-sized): the MetaFormer arguments under which our modules, names and shapes
 # are exactly theirs, so that their checkpoints load unchanged. Note what the official code does, which
