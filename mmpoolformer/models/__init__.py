@@ -1,4 +1,8 @@
-from .metaformer import MetaFormer, MetaFormerBlock, PoolFormer
-from .token_mixers import Identity, Pooling, build_token_mixer
+from .metaformer import HYBRID_RELEASES, MetaFormer, MetaFormerBlock, PoolFormer, PositionEmbedding
+from .token_mixers import (Attention, DepthwiseConv, Identity, Pooling, RandomMixing, SpatialFc,
+                           build_token_mixer)
 
-__all__ = ['MetaFormer', 'MetaFormerBlock', 'PoolFormer', 'Pooling', 'Identity', 'build_token_mixer']
+__all__ = [
+    'MetaFormer', 'MetaFormerBlock', 'PoolFormer', 'PositionEmbedding', 'HYBRID_RELEASES', 'Pooling',
+    'Identity', 'DepthwiseConv', 'Attention', 'SpatialFc', 'RandomMixing', 'build_token_mixer'
+]

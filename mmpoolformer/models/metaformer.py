@@ -11,7 +11,9 @@ and only the token mixer changes between family members (chosen per stage, see `
 
 Module names follow the official release (``patch_embed``, ``network.{0..6}``, ``norm{0,2,4,6}``; stages
 at even and downsampling at odd ``network`` positions), so the released ImageNet, COCO and ADE20K weights
-load without renaming; ``weights.py`` maps timm's and mmpretrain's layouts onto it.
+load without renaming; ``weights.py`` maps timm's and mmpretrain's layouts onto it. As in the official
+hybrids, a stage with a position embedding has it as its own ``network`` entry just before the stage,
+which shifts the later entries by one (``metaformer_ppaa_s12_224``: stage 2 is ``network.5``).
 """
 import copy
 from typing import List, Optional, Sequence, Union
@@ -173,6 +175,31 @@ class _ActLinear(torch.autograd.Function):
         return grad_h, grad_weight, grad_bias, None
 
 
+class PositionEmbedding(nn.Module):
+    """A learned position embedding added to a stage's input (the official hybrids' ``AddPositionEmb``;
+    parameter ``pos_embed`` of shape ``(1, C, h, w)``).
+
+    It is learned for one token grid. On another grid (detection and segmentation inputs, odd sizes)
+    it is resized bicubically to the actual grid, as ViT-style detectors do; on its own grid it is
+    added as it is.
+
+    Args:
+        dim (int): Channels of the stage.
+        size (tuple[int, int]): The token grid ``(h, w)`` it is learned for, e.g. (14, 14) for stage 2
+            of a 224x224 input.
+    """
+
+    def __init__(self, dim: int, size: Sequence[int]):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, dim, *size))
+
+    def forward(self, x):
+        pos_embed = self.pos_embed
+        if pos_embed.shape[2:] != x.shape[2:]:
+            pos_embed = F.interpolate(pos_embed, size=x.shape[2:], mode='bicubic', align_corners=False)
+        return x + pos_embed
+
+
 class Mlp(nn.Module):
     """The channel MLP of a block: 1x1 convolutions, run as matrix products over channels-last tokens.
 
@@ -297,6 +324,12 @@ class MetaFormer(BaseModule):
         drop_rate (float): Dropout in the MLPs. Defaults to 0.
         drop_path_rate (float): Stochastic depth, rising linearly from 0 at the first block to this
             value at the last. Defaults to 0.
+        use_layer_scale (bool): LayerScale on both residual branches of every block (the paper's
+            ablation switch); False builds no LayerScale parameter at all. Defaults to True, with the
+            arch's ``layer_scale_init_value``.
+        pos_embed_sizes (list, optional): One entry per stage: None, or the token grid ``(h, w)`` of a
+            learned position embedding added to the stage's input (the official attention hybrids
+            add one to their first attention stage). See :class:`PositionEmbedding` for other grids.
         out_indices (Sequence[int]): Stages (0-3) whose outputs are emitted, each through its own norm
             ``norm{2 * i}``. Stages after the last one listed are not built, so every parameter takes
             part in the forward pass. Defaults to all four.
@@ -328,6 +361,8 @@ class MetaFormer(BaseModule):
                  act_cfg: dict = dict(type='GELU'),
                  drop_rate: float = 0.,
                  drop_path_rate: float = 0.,
+                 use_layer_scale: bool = True,
+                 pos_embed_sizes: Optional[Sequence[Optional[Sequence[int]]]] = None,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
@@ -340,6 +375,10 @@ class MetaFormer(BaseModule):
         mlp_ratios = arch['mlp_ratios']
         self.out_indices = self._parse_out_indices(out_indices, num_stages)
         mixer_cfgs = self._parse_token_mixers(token_mixers, num_stages)
+        pos_embed_sizes = self._parse_pos_embed_sizes(pos_embed_sizes, num_stages)
+        if not isinstance(use_layer_scale, bool):
+            raise TypeError(f'use_layer_scale must be a bool, got {use_layer_scale!r}')
+        layer_scale_init_value = arch['layer_scale_init_value'] if use_layer_scale else None
         if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= num_stages:
             raise ValueError(
                 f'frozen_stages must be an int in [-1, {num_stages}], got {frozen_stages!r}')
@@ -358,10 +397,19 @@ class MetaFormer(BaseModule):
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.num_built_stages = max(self.out_indices) + 1
         network = []
+        # The ``network`` entries each stage runs, in order: its downsampling, its position
+        # embedding, its blocks (the last one).
+        self.stage_entries: List[List[int]] = []
         for i in range(self.num_built_stages):
+            entries = []
             if i > 0:
+                entries.append(len(network))
                 network.append(
                     PatchEmbed(dims[i - 1], dims[i], kernel_size=3, stride=2, padding=1))
+            if pos_embed_sizes[i] is not None:
+                entries.append(len(network))
+                network.append(PositionEmbedding(dims[i], pos_embed_sizes[i]))
+            self.stage_entries.append(entries + [len(network)])
             first = sum(depths[:i])
             network.append(
                 nn.Sequential(*[
@@ -373,7 +421,7 @@ class MetaFormer(BaseModule):
                         act_cfg=act_cfg,
                         drop=drop_rate,
                         drop_path=dpr[first + j],
-                        layer_scale_init_value=arch['layer_scale_init_value'])
+                        layer_scale_init_value=layer_scale_init_value)
                     for j in range(depths[i])
                 ]))
         self.network = nn.ModuleList(network)
@@ -437,6 +485,17 @@ class MetaFormer(BaseModule):
                              f'{num_stages} such dicts (one per stage), got {token_mixers!r}')
         return [dict(c) for c in token_mixers]
 
+    @staticmethod
+    def _parse_pos_embed_sizes(sizes, num_stages) -> list:
+        if sizes is None:
+            return [None] * num_stages
+        if (not isinstance(sizes, (list, tuple)) or len(sizes) != num_stages or not all(
+                s is None or (isinstance(s, (list, tuple)) and len(s) == 2
+                              and all(isinstance(v, int) and v > 0 for v in s)) for s in sizes)):
+            raise ValueError(f'pos_embed_sizes must be a list of {num_stages} entries (one per stage), '
+                             f'each None or a token grid (h, w) of positive ints, got {sizes!r}')
+        return [None if s is None else tuple(s) for s in sizes]
+
     # ------------------------------------------------------------------ weights
     def init_weights(self):
         cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
@@ -464,7 +523,7 @@ class MetaFormer(BaseModule):
             return
         frozen = [self.patch_embed]
         for i in range(min(self.frozen_stages, self.num_built_stages)):
-            frozen += self.network[max(2 * i - 1, 0):2 * i + 1]
+            frozen += [self.network[j] for j in self.stage_entries[i]]
             if i in self.out_indices:
                 frozen.append(getattr(self, f'norm{2 * i}'))
         for m in frozen:
@@ -494,10 +553,10 @@ class MetaFormer(BaseModule):
         emits contiguous ``(N, C, H, W)`` maps, as every mmdet / mmseg neck expects."""
         x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         outs = []
-        for i in range(self.num_built_stages):
-            if i > 0:
-                x = self.network[2 * i - 1](x)
-            x = self._run_stage(self.network[2 * i], x)
+        for i, entries in enumerate(self.stage_entries):
+            for j in entries[:-1]:
+                x = self.network[j](x)
+            x = self._run_stage(self.network[entries[-1]], x)
             if i in self.out_indices:
                 outs.append(getattr(self, f'norm{2 * i}')(x).contiguous())
         return tuple(outs)
@@ -512,3 +571,47 @@ class PoolFormer(MetaFormer):
     ``token_mixers`` says otherwise.
     """
 
+
+# The hybrid ImageNet releases of the official repository (``models/metaformer.py`` of
+# sail-sg/poolformer, all S12-sized): the MetaFormer arguments under which our modules, names and shapes
+# are exactly theirs, so that their checkpoints load unchanged. Note what the official code does, which
+# is not uniform: the attention hybrids use channel LayerNorm and a position embedding at their first
+# attention stage; the spatial-FC hybrids and the identity model use the modified LayerNorm
+# (GroupNorm(1, C)) and no position embedding.
+_POOL = dict(type='Pooling', pool_size=3)
+_ATTENTION = dict(type='Attention', head_dim=32)
+_MODIFIED_LN = dict(type='GN', num_groups=1)
+_CHANNEL_LN = dict(type='LN2d')
+HYBRID_RELEASES = {
+    'metaformer_id_s12':
+    dict(arch='s12', token_mixers=dict(type='Identity'), norm_cfg=_MODIFIED_LN),
+    'metaformer_pppa_s12_224':
+    dict(arch='s12', token_mixers=[_POOL, _POOL, _POOL, _ATTENTION], norm_cfg=_CHANNEL_LN,
+         pos_embed_sizes=[None, None, None, (7, 7)]),
+    'metaformer_ppaa_s12_224':
+    dict(arch='s12', token_mixers=[_POOL, _POOL, _ATTENTION, _ATTENTION], norm_cfg=_CHANNEL_LN,
+         pos_embed_sizes=[None, None, (14, 14), None]),
+    'metaformer_pppf_s12_224':
+    dict(arch='s12', norm_cfg=_MODIFIED_LN,
+         token_mixers=[_POOL, _POOL, _POOL, dict(type='SpatialFc', spatial_shape=(7, 7))]),
+    'metaformer_ppff_s12_224':
+    dict(arch='s12', norm_cfg=_MODIFIED_LN,
+         token_mixers=[_POOL, _POOL, dict(type='SpatialFc', spatial_shape=(14, 14)),
+                       dict(type='SpatialFc', spatial_shape=(7, 7))]),
+}
+
+
+def _release_builder(name: str):
+    def build(**kwargs) -> MetaFormer:
+        return MetaFormer(**{**copy.deepcopy(HYBRID_RELEASES[name]), **kwargs})
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = (f'The MetaFormer of the official ``{name}`` release; keyword arguments '
+                     f'(``out_indices``, ``init_cfg``, ...) are those of :class:`MetaFormer` and '
+                     f'override the release\'s.')
+    return build
+
+
+# Registered by release name, e.g. ``dict(type='mmpoolformer.metaformer_ppaa_s12_224', init_cfg=...)``.
+for _name in HYBRID_RELEASES:
+    MODELS.register_module(name=_name, module=_release_builder(_name))

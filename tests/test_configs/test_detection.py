@@ -8,6 +8,7 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 from mmpoolformer import config_path
+from mmpoolformer.models.metaformer import HYBRID_RELEASES
 
 # Whole-model parameters (millions) in the paper's Table 3.
 PAPER_PARAMS = {
@@ -19,6 +20,21 @@ PAPER_PARAMS = {
     'mask_rcnn_poolformer_s36': 50.5,
 }
 RELEASE = 'https://github.com/sail-sg/poolformer/releases/download/v1.0/poolformer_{}.pth.tar'
+
+# The MetaFormer configs and the PoolFormer config each changes only the backbone of.
+METAFORMER_BASES = {
+    f'{model}_metaformer_{mixers}_s12': f'{model}_poolformer_s12'
+    for model in ('retinanet', 'mask_rcnn') for mixers in ('ppaa', 'id')
+}
+# Attention's parameters where pooling has none, in [pool, pool, attention, attention] S12: qkv (3C^2,
+# no bias) and proj (C^2 + C) in the 6 + 2 blocks of stages 2 and 3, and stage 2's 14x14 position
+# embedding. Identity, like pooling, has none.
+PPAA_EXTRA = 6 * (4 * 320**2 + 320) + 2 * (4 * 512**2 + 512) + 320 * 14 * 14
+MODEL_PARAMS = dict(PAPER_PARAMS, **{
+    name: PAPER_PARAMS[base] + (PPAA_EXTRA / 1e6 if 'ppaa' in name else 0)
+    for name, base in METAFORMER_BASES.items()})
+# Whole-backbone parameters of PoolFormer-S12 with all four output norms (the official count).
+POOLFORMER_S12_BACKBONE = 11_403_200
 
 
 def load(name):
@@ -53,12 +69,44 @@ def test_recipe(name):
     assert resize.scale == (1333, 800) and resize.keep_ratio and flip.prob == 0.5
 
 
-@pytest.mark.parametrize('name', sorted(PAPER_PARAMS))
+@pytest.mark.parametrize('name', sorted(METAFORMER_BASES))
+def test_metaformer_config_changes_only_the_backbone(name):
+    cfg, base = load(name).to_dict(), load(METAFORMER_BASES[name]).to_dict()
+    backbone, base_backbone = cfg['model'].pop('backbone'), base['model'].pop('backbone')
+    del cfg['checkpoint'], base['checkpoint']
+    assert cfg == base
+
+    release = 'metaformer_ppaa_s12_224' if 'ppaa' in name else 'metaformer_id_s12'
+    assert backbone.pop('init_cfg') == dict(
+        type='Pretrained',
+        checkpoint=f'https://github.com/sail-sg/poolformer/releases/download/v1.0/{release}.pth.tar')
+    assert backbone.pop('type') == 'mmpoolformer.MetaFormer'
+    assert backbone.pop('out_indices') == base_backbone['out_indices']
+    # the release's settings, but for the reduced attention in stage 2 (84x50 tokens at 1333x800)
+    expected = HYBRID_RELEASES[release]
+    if 'ppaa' in name:
+        assert backbone['token_mixers'][2].pop('sr_ratio') == 2
+    if 'id' in name:
+        assert 'norm_cfg' not in backbone  # the default, the modified LayerNorm, as the release
+        expected = {k: v for k, v in expected.items() if k != 'norm_cfg'}
+    assert backbone == expected
+
+
+@pytest.mark.parametrize('name', sorted(METAFORMER_BASES))
+def test_metaformer_backbone_parameters(name):
+    backbone = build_detector(load(name)).backbone
+    expected = POOLFORMER_S12_BACKBONE + (PPAA_EXTRA if 'ppaa' in name else 0)
+    if name.startswith('retinanet'):
+        expected -= 2 * 64  # no stage-0 output norm
+    assert sum(p.numel() for p in backbone.parameters()) == expected
+
+
+@pytest.mark.parametrize('name', sorted(MODEL_PARAMS))
 def test_train_step_and_prediction(name):
     cfg = load(name)
     model = build_detector(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    assert abs(n_params / 1e6 - PAPER_PARAMS[name]) <= 0.1, n_params
+    assert abs(n_params / 1e6 - MODEL_PARAMS[name]) <= 0.1, n_params
 
     torch.manual_seed(0)
     with_mask = name.startswith('mask_rcnn')

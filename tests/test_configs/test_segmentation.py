@@ -9,14 +9,28 @@ from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
 from mmpoolformer import config_path
+from mmpoolformer.models.metaformer import HYBRID_RELEASES
 
 # Whole-model parameters (millions) in the paper's Table 4.
 PAPER_PARAMS = {'s12': 15.7, 's24': 25.1, 's36': 34.6, 'm36': 59.8, 'm48': 77.1}
 RELEASE = 'https://github.com/sail-sg/poolformer/releases/download/v1.0/poolformer_{}.pth.tar'
 
 
+# The MetaFormer-S12 configs (named by their mixers), each the PoolFormer-S12 one with another backbone,
+# and the ImageNet release each starts from.
+METAFORMER_RELEASES = {'ppaa': 'metaformer_ppaa_s12_224', 'id': 'metaformer_id_s12'}
+# Attention's parameters where pooling has none, in [pool, pool, attention, attention] S12: qkv (3C^2,
+# no bias) and proj (C^2 + C) in the 6 + 2 blocks of stages 2 and 3, and stage 2's 14x14 position
+# embedding. Identity, like pooling, has none.
+PPAA_EXTRA = 6 * (4 * 320**2 + 320) + 2 * (4 * 512**2 + 512) + 320 * 14 * 14
+MODEL_PARAMS = dict(PAPER_PARAMS, ppaa=PAPER_PARAMS['s12'] + PPAA_EXTRA / 1e6, id=PAPER_PARAMS['s12'])
+
+
 def load(arch):
-    return Config.fromfile(config_path(f'segmentation/fpn_poolformer_{arch}.py'))
+    """``arch``: a PoolFormer arch (``s12``, ...) or the mixers of a MetaFormer-S12 (``ppaa``, ``id``)."""
+    family = 'metaformer' if arch in METAFORMER_RELEASES else 'poolformer'
+    suffix = '_s12' if family == 'metaformer' else ''
+    return Config.fromfile(config_path(f'segmentation/fpn_{family}_{arch}{suffix}.py'))
 
 
 def seg_inputs(shapes, num_classes=150, seed=0):
@@ -62,7 +76,29 @@ def test_recipe(arch):
     assert cfg.val_evaluator.type == 'IoUMetric'
 
 
-@pytest.mark.parametrize('arch', sorted(PAPER_PARAMS))
+@pytest.mark.parametrize('mixers', sorted(METAFORMER_RELEASES))
+def test_metaformer_config_changes_only_the_backbone(mixers):
+    cfg, base = load(mixers).to_dict(), load('s12').to_dict()
+    backbone, base_backbone = cfg['model'].pop('backbone'), base['model'].pop('backbone')
+    del cfg['checkpoint'], base['checkpoint']
+    assert cfg == base
+
+    release = METAFORMER_RELEASES[mixers]
+    assert backbone.pop('init_cfg') == dict(
+        type='Pretrained',
+        checkpoint=f'https://github.com/sail-sg/poolformer/releases/download/v1.0/{release}.pth.tar')
+    assert backbone.pop('type') == 'mmpoolformer.MetaFormer'
+    assert backbone.pop('out_indices') == base_backbone['out_indices'] == (0, 1, 2, 3)
+    assert backbone.pop('frozen_stages') == -1
+    # exactly the release's settings: at 512x512 attention needs no reduction
+    expected = dict(HYBRID_RELEASES[release])
+    if mixers == 'id':
+        assert 'norm_cfg' not in backbone  # the default, the modified LayerNorm, as the release
+        del expected['norm_cfg']
+    assert backbone == expected
+
+
+@pytest.mark.parametrize('arch', sorted(MODEL_PARAMS))
 def test_train_step_and_prediction(arch):
     cfg = load(arch)
     init_default_scope('mmseg')
@@ -70,7 +106,10 @@ def test_train_step_and_prediction(arch):
     cfg.model.data_preprocessor.size = (96, 128)  # the crop, small for a CPU test
     model = MODELS.build(cfg.model)
     n_params = sum(p.numel() for p in model.parameters())
-    assert abs(n_params / 1e6 - PAPER_PARAMS[arch]) <= 0.1, n_params
+    assert abs(n_params / 1e6 - MODEL_PARAMS[arch]) <= 0.1, n_params
+    if arch in METAFORMER_RELEASES:
+        backbone = sum(p.numel() for p in model.backbone.parameters())
+        assert backbone == 11_403_200 + (PPAA_EXTRA if arch == 'ppaa' else 0)
 
     data = seg_inputs([(96, 128), (96, 128)])
     model.train()

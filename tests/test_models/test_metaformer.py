@@ -176,9 +176,59 @@ def test_custom_arch_and_token_mixers_per_stage():
     (dict(token_mixers=dict(type='Pooling', pool_size=4)), 'pool_size must be a positive odd int'),
     (dict(token_mixers=dict(type='Poolng')),
      "unknown token mixer 'Poolng'; registered in mmpoolformer.registry.TOKEN_MIXERS: "
-     "['Identity', 'Pooling']"),
+     "['Attention', 'DepthwiseConv', 'Identity', 'Pooling', 'RandomMixing', 'SpatialFc']"),
+    (dict(use_layer_scale='yes'), "use_layer_scale must be a bool, got 'yes'"),
+    (dict(pos_embed_sizes=[None, (14, 14)]), 'pos_embed_sizes must be a list of 4 entries'),
+    (dict(pos_embed_sizes=[None, None, 14, None]), 'each None or a token grid (h, w)'),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     with pytest.raises((ValueError, TypeError, KeyError)) as info:
         PoolFormer(**kwargs)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize('norm_cfg, norm_type', [
+    (dict(type='GN', num_groups=1), nn.GroupNorm), (dict(type='LN2d'), nn.LayerNorm),
+    (dict(type='BN'), nn.BatchNorm2d)])
+@pytest.mark.parametrize('act', ['GELU', 'ReLU', 'SiLU'])
+def test_ablation_norm_and_activation(norm_cfg, norm_type, act):
+    model = MetaFormer(arch=TINY, norm_cfg=norm_cfg, act_cfg=dict(type=act))
+    block = model.network[4][1]
+    for norm in (block.norm1, block.norm2, model.norm6):
+        assert isinstance(norm, norm_type)
+    if norm_type is nn.GroupNorm:
+        assert block.norm1.num_groups == 1  # the modified LayerNorm: over channels and space
+    assert type(block.mlp.act).__name__ == act
+    x = torch.randn(2, 3, 33, 47)
+    # a channel LayerNorm normalises each position over the channels; GroupNorm(1, C) the whole map
+    h = torch.randn(2, 24, 5, 7) * 3 + 1
+    normed = block.norm1.eval()(h)
+    if norm_type is nn.LayerNorm:
+        torch.testing.assert_close(normed.mean(1), torch.zeros(2, 5, 7), atol=1e-5, rtol=0)
+    elif norm_type is nn.GroupNorm:
+        torch.testing.assert_close(normed.mean((1, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+        assert normed.mean(1).abs().max() > 0.1
+    model.train()
+    sum(o.sum() for o in model(x)).backward()
+
+
+def test_ablation_layer_scale_off_is_layer_scale_one():
+    torch.manual_seed(0)
+    with_ls = MetaFormer(arch=TINY, token_mixers=dict(type='Pooling', pool_size=7)).eval()
+    without = MetaFormer(arch=TINY, token_mixers=dict(type='Pooling', pool_size=7),
+                         use_layer_scale=False).eval()
+    assert not any('layer_scale' in n for n in without.state_dict())
+    assert without.network[2][0].token_mixer.pool_size == 7
+    with torch.no_grad():
+        for name, p in with_ls.named_parameters():
+            if 'layer_scale' in name:
+                p.fill_(1.)
+    without.load_state_dict(with_ls.state_dict(), strict=False)
+    x = torch.randn(1, 3, 40, 36)
+    with torch.no_grad():
+        for a, b in zip(without(x), with_ls(x)):
+            torch.testing.assert_close(a, b)
+    # and LayerScale does change the result when it is not 1
+    with torch.no_grad():
+        with_ls.network[0][0].layer_scale_1.fill_(0.3)
+        assert not torch.allclose(with_ls(x)[0], without(x)[0])

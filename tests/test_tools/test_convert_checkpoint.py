@@ -135,6 +135,34 @@ def test_imagenet_checkpoints_become_backbone_weights(tmp_path):
         assert result.missing_keys == [f'norm{i}.{p}' for i in (0, 2, 4, 6) for p in ('weight', 'bias')]
 
 
+@pytest.mark.parametrize('config, release', [
+    ('detection/retinanet_metaformer_ppaa_s12.py', 'metaformer_ppaa_s12_224'),
+    ('segmentation/fpn_metaformer_id_s12.py', 'metaformer_id_s12'),
+])
+def test_hybrid_imagenet_releases_convert_for_their_configs(config, release, tmp_path):
+    """An official hybrid ImageNet file (its release's names, the position embedding at network.4)
+    becomes the backbone weights of our config, and what the config builds loads it strictly."""
+    sd = randomized(MODELS.build(dict(type=f'mmpoolformer.{release}', out_indices=(3, ))).state_dict())
+    official = {k: v for k, v in sd.items() if not k.startswith('norm6')}
+    official.update({'norm.weight': sd['norm6.weight'], 'norm.bias': sd['norm6.bias'],
+                     'head.weight': torch.randn(1000, 512), 'head.bias': torch.randn(1000)})
+    src, dst = tmp_path / f'{release}.pth.tar', tmp_path / 'backbone.pth'
+    torch.save(official, src)
+    code, out = convert(src, dst, '--config', config_path(config))
+    assert code == 0, out
+    assert 'official layout' in out
+    assert "dropped (not part of the model): ['norm.weight', 'norm.bias', 'head.weight', 'head.bias']" \
+        in out
+    state_dict = read_checkpoint(str(dst))['state_dict']
+    backbone = build(config).backbone
+    result = backbone.load_state_dict(state_dict, strict=False)
+    assert result.unexpected_keys == []
+    norms = [f'norm{2 * i}.{p}' for i in backbone.out_indices for p in ('weight', 'bias')]
+    assert result.missing_keys == norms  # the output norms: not part of an ImageNet model
+    assert ('network.4.pos_embed' in state_dict) == ('ppaa' in release)
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in state_dict.items())
+
+
 def test_unknown_layout_is_refused(tmp_path):
     torch.save({'state_dict': {'conv1.weight': torch.zeros(64, 3, 7, 7)}}, tmp_path / 'r50.pth')
     code, out = convert(tmp_path / 'r50.pth', tmp_path / 'out.pth')
