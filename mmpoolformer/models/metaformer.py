@@ -219,7 +219,8 @@ class Mlp(nn.Module):
     def forward(self, x, norm: Optional[nn.Module] = None, out_scale: Optional[torch.Tensor] = None):
         """``mlp(norm(x)) * out_scale``. ``out_scale`` (per channel, e.g. LayerScale) is folded into fc2
         except in fp16, which cannot represent LayerScale x weight (1e-6 x 1e-2 is below its range)."""
-        if isinstance(norm, nn.GroupNorm):
+        traced = torch.jit.is_tracing()  # tracers (FLOP counters, export) take standard ops only
+        if isinstance(norm, nn.GroupNorm) and not traced:
             h = _GroupNormLinear.apply(x, norm.weight, norm.bias, self.fc1.weight.flatten(1),
                                        self.fc1.bias, norm.num_groups, norm.eps)
         else:
@@ -229,7 +230,7 @@ class Mlp(nn.Module):
         fold = out_scale is not None and h.dtype != torch.float16
         if fold:
             weight, bias = weight * out_scale[:, None], bias * out_scale
-        if isinstance(self.drop, nn.Dropout):
+        if isinstance(self.drop, nn.Dropout) or traced:
             y = F.linear(self.drop(self.act(h)), weight, bias)
         else:
             y = _ActLinear.apply(h, weight, bias, self.act)
@@ -280,7 +281,7 @@ class MetaFormerBlock(nn.Module):
     def forward(self, x):
         ls1 = self.layer_scale_1 if self.use_layer_scale else None
         ls2 = self.layer_scale_2 if self.use_layer_scale else None
-        if self.fuse_pooling:
+        if self.fuse_pooling and not torch.jit.is_tracing():
             x = self._pooling_branch(x, ls1)
         else:
             mixed = self.token_mixer(self.norm1(x))

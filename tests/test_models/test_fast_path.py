@@ -137,3 +137,16 @@ def test_frozen_stages_leave_the_other_gradients_unchanged():
     for name in trained:
         torch.testing.assert_close(frozen_grads[name], grads[name], rtol=0, atol=0)
     assert all(frozen_grads[n] is None for n in set(grads) - trained)
+
+
+def test_tracing_sees_standard_ops_with_the_same_result():
+    """FLOP counters and exporters trace the model; they get the plain formulation, equal to the fast."""
+    ours, _ = randomized_pair()
+    ours.eval()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        traced = torch.jit.trace(ours, x, check_trace=False)
+        graph = str(traced.inlined_graph)
+        for a, b in zip(traced(x), ours(x)):
+            assert max_rel_err(a, b) <= 1e-5
+    assert 'PythonOp' not in graph and 'avg_pool2d' in graph
