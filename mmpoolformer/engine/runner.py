@@ -3,6 +3,8 @@ import os.path as osp
 from typing import Optional
 
 from mmengine.config import Config
+from mmengine.hooks import CheckpointHook
+from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
@@ -27,10 +29,32 @@ def load_config(path: str, cfg_options: Optional[dict] = None, work_dir: Optiona
     return cfg
 
 
+def use_resumable_checkpoints(cfg: Config) -> None:
+    """Save with :class:`ResumableCheckpointHook` where the config has mmengine's ``CheckpointHook`` (or
+    none, for which mmengine would add one), keeping its arguments.
+
+    With ``randomness.deterministic``, also turn off persistent data loader workers: their generators
+    run on across epochs, and a resumed run, whose workers start afresh from the seed, could not draw
+    what the interrupted run would have. Workers started every epoch are seeded alike in both.
+    """
+    hooks = cfg.setdefault('default_hooks', {})
+    checkpoint = hooks.get('checkpoint', dict(type='CheckpointHook', interval=1))
+    if checkpoint is not None and checkpoint.get('type') in ('CheckpointHook', 'mmengine.CheckpointHook',
+                                                             CheckpointHook):
+        hooks['checkpoint'] = dict(checkpoint, type='mmpoolformer.ResumableCheckpointHook')
+    loader = cfg.get('train_dataloader') or {}
+    if (cfg.get('randomness', {}).get('deterministic') and loader.get('num_workers', 0) > 0
+            and loader.get('persistent_workers')):
+        loader['persistent_workers'] = False
+        print_log('randomness.deterministic: persistent_workers turned off, so that a resumed run '
+                  'draws the augmentation an uninterrupted one would', logger='current')
+
+
 def build_runner(cfg: Config) -> Runner:
-    """A Runner whose checkpoint reads are weights-only and checked against the model, and which also
-    runs distributed on CPUs."""
+    """A Runner whose checkpoint reads are weights-only and checked against the model, whose checkpoints
+    survive being killed (see :mod:`.resume`), and which also runs distributed on CPUs."""
     use_safe_checkpoint_loading()
+    use_resumable_checkpoints(cfg)
     setup_cpu_distributed(cfg)
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
     runner.register_hook(CheckpointLayoutHook(), priority='VERY_HIGH')
