@@ -167,6 +167,7 @@ class ResumableCheckpointHook(CheckpointHook):
         self._loaded = None  # (meta, random states) of the checkpoint loaded, until training starts
         self._restore_before_next_batch: Optional[dict] = None
         self._state_before_val: Optional[dict] = None
+        self._saved_iter: Optional[int] = None  # the iterations done when the last checkpoint was saved
 
     # ------------------------------------------------------------------ start and end of training
     def before_train(self, runner) -> None:
@@ -290,7 +291,8 @@ class ResumableCheckpointHook(CheckpointHook):
         runner.message_hub.update_info('preemption_checkpoint', path if preemption else None)
         self.last_ckpt = path
         runner.message_hub.update_info('last_ckpt', path)
-        state = capture_random_state()
+        # in the middle of validation, the state that training continues with is the one before it
+        state = self._state_before_val or capture_random_state()
         self._random_states = all_gather_object(state) if get_world_size() > 1 else [state]
         try:
             runner.save_checkpoint(
@@ -299,6 +301,7 @@ class ResumableCheckpointHook(CheckpointHook):
                 backend_args=self.backend_args, **self.args)
         finally:
             self._random_states = None
+        self._saved_iter = meta['iter']
         if not is_main_process():
             return
         atomic_write(path.encode(), osp.join(runner.work_dir, 'last_checkpoint'))
@@ -319,17 +322,24 @@ class ResumableCheckpointHook(CheckpointHook):
         # only a flag: the iteration under way finishes, and after_train_iter saves
         self._sigterm_received = True
 
+    def save_progress(self, runner, done: Optional[int] = None) -> str:
+        """Save the training done so far (``done`` iterations, by default all the runner counted) as
+        ``iter_<done>.pth``, unless the last checkpoint already holds it, and return its path. The file
+        is removed once a later checkpoint is complete."""
+        done = runner.iter if done is None else done
+        if self._saved_iter != done:
+            self._save(runner, f'iter_{done}.pth', dict(epoch=runner.epoch, iter=done),
+                       by_epoch=False, preemption=True)
+        return self.last_ckpt
+
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        saved = self.last_ckpt
         super().after_train_iter(runner, batch_idx, data_batch, outputs)
         if not self._stop_requested():
             return
-        done = runner.iter + 1
-        if self.last_ckpt == saved:  # no checkpoint of this iteration yet
-            self._save(runner, f'iter_{done}.pth', dict(epoch=runner.epoch, iter=done),
-                       by_epoch=False, preemption=True)
-        runner.logger.info(f'SIGTERM: saved {self.last_ckpt} after iteration {done}; exiting. '
-                           f'Continue with --resume.')
+        done = runner.iter + 1  # the loop counts this iteration once the hooks have run
+        path = self.save_progress(runner, done)
+        runner.logger.info(f'SIGTERM: saved {path} after iteration {done}; exiting. Continue with '
+                           f'--resume.')
         raise SystemExit(0)
 
     def _stop_requested(self) -> bool:
