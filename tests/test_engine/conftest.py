@@ -45,7 +45,7 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file='{data}annotations/instances_val.json')
 test_evaluator = val_evaluator
 train_cfg = dict(max_epochs={epochs}, val_interval=1)
-default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1, max_keep_ckpts=2))
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1, max_keep_ckpts=1))
 randomness = dict(seed=0, deterministic=True)
 """
 

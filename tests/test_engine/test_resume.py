@@ -105,10 +105,21 @@ def test_killed_after_a_checkpoint_resumes_exactly(tiny, uninterrupted, tmp_path
     proc.wait()
     resumed_from = last_checkpoint(work_dir)
     assert osp.basename(resumed_from) in ('epoch_1.pth', 'epoch_2.pth')
+    stripped = read_checkpoint(resumed_from)
 
     out = tiny.run(tiny.train_cmd(work_dir, '--resume'))
     assert f'Load checkpoint from {resumed_from}' in out
     assert_same_training_state(work_dir / f'epoch_{tiny.epochs}.pth', uninterrupted)
+
+    # The control: the same resume without the generator states ends with other weights, so this
+    # test and the next ones do test the restored states.
+    del stripped['random_state']
+    torch.save(stripped, tmp_path / 'stripped.pth')
+    out = tiny.run(tiny.train_cmd(tmp_path / 'control', '--resume', str(tmp_path / 'stripped.pth')))
+    assert 'holds no random generator states' in out
+    final = read_checkpoint(str(tmp_path / 'control' / f'epoch_{tiny.epochs}.pth'))['state_dict']
+    expected = read_checkpoint(str(uninterrupted))['state_dict']
+    assert any(not torch.equal(final[k], expected[k]) for k in expected)
 
 
 def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(
@@ -119,33 +130,19 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(
     wait_for(marker.exists, proc, log)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    # half of epoch_2 is on disk, under a temporary name; nothing points at it
+    # Half of epoch_2 is on disk, under a temporary name that nothing points at; epoch_1, which
+    # max_keep_ckpts=1 replaces by epoch_2, is still there and whole.
     assert not osp.exists(work_dir / 'epoch_2.pth')
     assert [n for n in os.listdir(work_dir) if n.startswith('.epoch_2.pth.')]
     assert last_checkpoint(work_dir) == str(work_dir / 'epoch_1.pth')
+    assert read_checkpoint(str(work_dir / 'epoch_1.pth'))['meta']['iter'] == 4
 
     out = tiny.run(tiny.train_cmd(work_dir, '--resume'))
     assert 'resumed epoch: 1, iter: 4' in out
-    assert not [n for n in os.listdir(work_dir) if n.endswith('.tmp')]
     assert_same_training_state(work_dir / f'epoch_{tiny.epochs}.pth', uninterrupted)
-    # max_keep_ckpts=2: the oldest checkpoint is gone, the last two are whole
-    assert sorted(n for n in os.listdir(work_dir) if n.endswith('.pth')) == [
-        f'epoch_{tiny.epochs - 1}.pth', f'epoch_{tiny.epochs}.pth']
-
-
-def test_resume_without_the_random_state_differs(tiny, uninterrupted, tmp_path):
-    """The control: the same resume from a checkpoint stripped of its generator states ends with other
-    weights, so the two tests above do test the restored states."""
-    work_dir = tmp_path / 'work'
-    work_dir.mkdir()
-    ckpt = read_checkpoint(str(uninterrupted.parent / f'epoch_{tiny.epochs - 1}.pth'))
-    del ckpt['random_state']
-    torch.save(ckpt, work_dir / 'stripped.pth')
-    out = tiny.run(tiny.train_cmd(work_dir, '--resume', str(work_dir / 'stripped.pth')))
-    assert 'holds no random generator states' in out
-    final = read_checkpoint(str(work_dir / f'epoch_{tiny.epochs}.pth'))['state_dict']
-    expected = read_checkpoint(str(uninterrupted))['state_dict']
-    assert any(not torch.equal(final[k], expected[k]) for k in expected)
+    # the stray temporary file removed, and the checkpoints kept as max_keep_ckpts says
+    assert [n for n in os.listdir(work_dir) if n.endswith(('.tmp', '.pth'))] == [
+        f'epoch_{tiny.epochs}.pth']
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resume_continues_exactly(
