@@ -22,7 +22,7 @@ import re
 import signal
 from collections import deque
 from itertools import islice
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -107,21 +107,24 @@ class _ResumeWithinEpoch:
     """The batch sampler of the epoch that a run resumes in the middle of.
 
     Its first pass skips the batches the interrupted run had trained on (indices only: no image is
-    loaded) and calls ``on_resume`` just before the first batch left is drawn, which is where the
-    interrupted run's generators were when it saved. Later passes are the wrapped sampler's own.
+    loaded) and restores ``random_state`` (if any) just before the first batch left is drawn, which is
+    where the interrupted run's generators were when it saved. Later passes are the wrapped sampler's
+    own.
     """
 
-    def __init__(self, batch_sampler, skip: int, on_resume: Callable[[], None]):
+    def __init__(self, batch_sampler, skip: int, random_state: Optional[dict]):
         self.batch_sampler = batch_sampler
         self._skip = skip
-        self._on_resume = on_resume
+        self._random_state = random_state
+        self._first_pass = True
 
     def __iter__(self):
         batches = iter(self.batch_sampler)
-        if self._on_resume is not None:
+        if self._first_pass:
+            self._first_pass = False
             deque(islice(batches, self._skip), maxlen=0)
-            on_resume, self._on_resume = self._on_resume, None
-            on_resume()
+            if self._random_state is not None:
+                restore_random_state(self._random_state)
         yield from batches
 
     def __len__(self) -> int:
@@ -222,8 +225,7 @@ class ResumableCheckpointHook(CheckpointHook):
             # DataLoader refuses a new batch sampler once built; the iterators it makes read this one
             object.__setattr__(
                 dataloader, 'batch_sampler',
-                _ResumeWithinEpoch(dataloader.batch_sampler, done,
-                                   lambda: state is not None and restore_random_state(state)))
+                _ResumeWithinEpoch(dataloader.batch_sampler, done, state))
             runner.logger.info(f'resuming within epoch {runner.epoch + 1}: skipping the {done} '
                                f'batches trained on before the interruption')
         else:
