@@ -6,7 +6,7 @@ mmseg's test.py.
 """
 import os
 
-from mmpoolformer.engine import build_runner, load_config, parse_tool_args, run_tool, tool_parser
+from mmpoolformer.engine import build_runner, load_config, parse_tool_args, run, run_tool, tool_parser
 
 
 def parse_args(argv=None):
@@ -53,7 +53,7 @@ def main(argv=None):
     if args.out and task == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
-    runner.test()
+    run(runner, 'test')
 
 
 if __name__ == '__main__':

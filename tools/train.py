@@ -7,7 +7,7 @@ Also runs distributed on machines without GPUs (gloo, DDP over CPU modules, Sync
 """
 import torch
 
-from mmpoolformer.engine import build_runner, load_config, parse_tool_args, run_tool, tool_parser
+from mmpoolformer.engine import build_runner, load_config, parse_tool_args, run, run_tool, tool_parser
 
 
 def parse_args(argv=None):
@@ -42,7 +42,8 @@ def main(argv=None):
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
 
-    build_runner(cfg).train()
+    # fine-tuning from load_from may replace a head; resuming must fit exactly
+    run(build_runner(cfg, strict_checkpoint=bool(cfg.get('resume'))), 'train')
 
 
 if __name__ == '__main__':

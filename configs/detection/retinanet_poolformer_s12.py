@@ -21,3 +21,7 @@ model = dict(
 
 # AdamW instead of SGD, no gradient clipping; 8 GPUs x 2 images (the base batch of auto_scale_lr).
 optim_wrapper = dict(optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, weight_decay=1e-4))
+
+# Checkpoints that survive pre-emption (atomic writes, random states, SIGTERM), also with the stock
+# train.py of mmdet / mmseg; see mmpoolformer/engine/resume.py.
+default_hooks = dict(checkpoint=dict(type='mmpoolformer.ResumableCheckpointHook'))

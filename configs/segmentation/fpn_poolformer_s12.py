@@ -44,3 +44,7 @@ param_scheduler = [
     dict(type='PolyLR', power=0.9, eta_min=0.0, begin=0, end=40000, by_epoch=False),
 ]
 auto_scale_lr = dict(enable=False, base_batch_size=32)
+
+# Checkpoints that survive pre-emption (atomic writes, random states, SIGTERM), also with the stock
+# train.py of mmdet / mmseg; see mmpoolformer/engine/resume.py.
+default_hooks = dict(checkpoint=dict(type='mmpoolformer.ResumableCheckpointHook'))

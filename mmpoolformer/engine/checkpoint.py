@@ -7,6 +7,8 @@ off would let any downloaded file run code. Instead, every scheme mmengine reads
 :func:`mmpoolformer.models.weights.read_checkpoint`, which allows exactly the types that mmengine's own
 checkpoints contain.
 """
+import logging
+
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
@@ -37,15 +39,44 @@ class CheckpointLayoutHook(Hook):
     mmengine loads model checkpoints non-strictly: an ImageNet backbone file or a file of another layout
     given to ``tools/test.py`` would leave the model as initialised and evaluate it silently. A file in
     a released layout that maps onto the model is converted on the fly; anything else is an error
-    naming ``tools/convert_checkpoint.py``.
+    naming ``tools/convert_checkpoint.py``. A checkpoint of the layout but of another model (another
+    arch, number of classes, ...) is an error listing the tensors that do not fit.
+
+    Args:
+        strict (bool): Whether tensors of other shapes, or missing from the checkpoint, are an error
+            (testing, resuming) or only listed in a warning (fine-tuning from ``load_from``, where a
+            head for other classes is expected not to fit). Defaults to True.
     """
+
+    def __init__(self, strict: bool = True):
+        self.strict = strict
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         own = model.state_dict()
         state_dict = unwrap_state_dict(checkpoint)
-        if _overlap(state_dict, own) >= 0.5:
+        if _overlap(state_dict, own) < 0.5:
+            state_dict = self._convert(checkpoint, state_dict, own)
+        self._check_fit(state_dict, own)
+
+    def _check_fit(self, state_dict: dict, own: dict) -> None:
+        other_shapes = [f'{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}'
+                        for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        found = {'tensors of other shapes': other_shapes,
+                 'model tensors missing in the checkpoint': missing,
+                 'checkpoint tensors the model does not have': unexpected}
+        parts = [f'{len(keys)} {what}: {_first(keys)}' for what, keys in found.items() if keys]
+        if not parts:
             return
+        report = 'the checkpoint does not match the model of this config: ' + '; '.join(parts)
+        if self.strict and (other_shapes or missing):
+            raise CheckpointError(report)
+        print_log(report, logger='current', level=logging.WARNING)
+
+    def _convert(self, checkpoint: dict, state_dict: dict, own: dict) -> dict:
+        """Convert a released layout in place, or refuse the checkpoint."""
         hint = ('convert it once with: python tools/convert_checkpoint.py CHECKPOINT OUT.pth '
                 '--config CONFIG')
         try:
@@ -65,6 +96,12 @@ class CheckpointLayoutHook(Hook):
                                                         dict) else checkpoint
         target.clear()
         target.update(converted)
+        return converted
+
+
+def _first(items: list, count: int = 10) -> str:
+    more = f', ... ({len(items) - count} more)' if len(items) > count else ''
+    return ', '.join(items[:count]) + more
 
 
 def _overlap(state_dict: dict, own: dict) -> float:

@@ -7,6 +7,19 @@ from typing import Callable
 from mmengine.config import DictAction
 
 from ..models.weights import CheckpointError
+from .data_errors import DataError
+
+
+class ConfigOptions(DictAction):
+    """mmengine's ``--cfg-options`` parsing, refusing an item that is not ``KEY=VALUE`` by name (mmengine
+    fails on it with "not enough values to unpack")."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for item in values or []:
+            if '=' not in item or item.startswith('='):
+                raise ValueError(f'{option_string}: expected KEY=VALUE items (e.g. '
+                                 f'train_dataloader.batch_size=4), got {item!r}')
+        super().__call__(parser, namespace, values, option_string)
 
 
 def tool_parser(description: str) -> argparse.ArgumentParser:
@@ -14,7 +27,7 @@ def tool_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('--work-dir', help='the dir to save logs, checkpoints and metrics')
     parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
+        '--cfg-options', nargs='+', action=ConfigOptions,
         help='override settings of the config, e.g. model.backbone.init_cfg=None '
         'train_dataloader.batch_size=4')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
@@ -29,9 +42,9 @@ def parse_tool_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Name
 
 
 def run_tool(main: Callable[[], None]) -> None:
-    """Run a tool's main; a user's mistake (no such file, a bad value, an unreadable checkpoint)
-    ends it with one line and a non-zero status instead of a traceback."""
+    """Run a tool's main; a user's mistake (no such file, a bad value, an unreadable checkpoint, bad
+    data) ends it with one line and a non-zero status instead of a traceback."""
     try:
         main()
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError, DataError) as e:
         sys.exit(f'{os.path.basename(sys.argv[0])}: error: {e}')

@@ -1,8 +1,11 @@
 """The one path from a config file to an mmengine Runner, shared by tools/train.py and tools/test.py."""
+import difflib
 import os.path as osp
 from typing import Optional
 
 from mmengine.config import Config
+from mmengine.hooks import CheckpointHook
+from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
@@ -18,7 +21,11 @@ def load_config(path: str, cfg_options: Optional[dict] = None, work_dir: Optiona
         raise FileNotFoundError(f'config file not found: {path}')
     cfg = Config.fromfile(path)
     if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+        check_option_keys(cfg.to_dict(), cfg_options)
+        try:
+            cfg.merge_from_dict(cfg_options)
+        except (TypeError, KeyError) as e:  # e.g. a dict where the config has a value
+            raise ValueError(f'--cfg-options: {e}') from e
     cfg.launcher = launcher
     if work_dir is not None:
         cfg.work_dir = work_dir
@@ -27,11 +34,64 @@ def load_config(path: str, cfg_options: Optional[dict] = None, work_dir: Optiona
     return cfg
 
 
-def build_runner(cfg: Config) -> Runner:
-    """A Runner whose checkpoint reads are weights-only and checked against the model, and which also
-    runs distributed on CPUs."""
+def check_option_keys(cfg: dict, cfg_options: dict) -> None:
+    """Refuse a ``--cfg-options`` key that goes through a misspelt key of the config:
+    ``trian_cfg.max_epochs=1`` would otherwise add a setting nothing reads, and the run go on without
+    it. Options may add settings, so a missing key is refused only when the config has one spelt
+    almost alike, or when it indexes past the end of a list."""
+    for key in cfg_options:
+        node, path = cfg, []
+        for part in key.split('.')[:-1]:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, dict):
+                close = difflib.get_close_matches(part, [str(k) for k in node], n=1)
+                if close:
+                    raise ValueError(f'--cfg-options {key}: {".".join(path) or "the config"} has no '
+                                     f'{part!r}; did you mean {close[0]!r}?')
+                break
+            elif isinstance(node, (list, tuple)) and part.isdigit():
+                if int(part) >= len(node):
+                    raise ValueError(f'--cfg-options {key}: {".".join(path)} has {len(node)} items')
+                node = node[int(part)]
+            else:
+                break
+            path.append(part)
+
+
+def use_resumable_checkpoints(cfg: Config) -> None:
+    """Save with :class:`ResumableCheckpointHook` where the config has mmengine's ``CheckpointHook`` (or
+    none, for which mmengine would add one), keeping its arguments.
+
+    With ``randomness.deterministic``, also turn off persistent data loader workers: their generators
+    run on across epochs, and a resumed run, whose workers start afresh from the seed, could not draw
+    what the interrupted run would have. Workers started every epoch are seeded alike in both.
+    """
+    hooks = cfg.setdefault('default_hooks', {})
+    checkpoint = hooks.get('checkpoint', dict(type='CheckpointHook', interval=1))
+    if checkpoint is not None and checkpoint.get('type') in ('CheckpointHook', 'mmengine.CheckpointHook',
+                                                             CheckpointHook):
+        hooks['checkpoint'] = dict(checkpoint, type='mmpoolformer.ResumableCheckpointHook')
+    loader = cfg.get('train_dataloader') or {}
+    if (cfg.get('randomness', {}).get('deterministic') and loader.get('num_workers', 0) > 0
+            and loader.get('persistent_workers')):
+        loader['persistent_workers'] = False
+        print_log('randomness.deterministic: persistent_workers turned off, so that a resumed run '
+                  'draws the augmentation an uninterrupted one would', logger='current')
+
+
+def build_runner(cfg: Config, strict_checkpoint: bool = True) -> Runner:
+    """A Runner whose checkpoint reads are weights-only and checked against the model, whose checkpoints
+    survive being killed (see :mod:`.resume`), and which also runs distributed on CPUs.
+
+    Args:
+        cfg: The config, as :func:`load_config` returns it.
+        strict_checkpoint: Whether a checkpoint loaded that does not fit the model is an error (testing,
+            resuming) or a warning (fine-tuning; see :class:`CheckpointLayoutHook`).
+    """
     use_safe_checkpoint_loading()
+    use_resumable_checkpoints(cfg)
     setup_cpu_distributed(cfg)
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
-    runner.register_hook(CheckpointLayoutHook(), priority='VERY_HIGH')
+    runner.register_hook(CheckpointLayoutHook(strict=strict_checkpoint), priority='VERY_HIGH')
     return runner

@@ -26,6 +26,7 @@ from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..registry import MODELS
+from .arguments import check_arguments
 from .token_mixers import Pooling, build_token_mixer, pooling_residual
 from .weights import load_pretrained
 
@@ -307,6 +308,7 @@ _ARCH_KEYS = {'depths', 'embed_dims', 'mlp_ratios', 'layer_scale_init_value'}
 
 
 @MODELS.register_module()
+@check_arguments
 class MetaFormer(BaseModule):
     """A four-stage MetaFormer backbone whose token mixer is a plug-in, chosen per stage.
 

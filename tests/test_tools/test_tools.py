@@ -151,8 +151,26 @@ def test_external_project_trains_with(tool, shapes, tmp_path):
     (['tools/dist_train.sh', RETINANET_DEMO, '0'], "GPUS must be a positive integer, got '0'"),
     (['tools/dist_test.sh', RETINANET_DEMO], 'missing CHECKPOINT'),
     ([sys.executable, 'tools/train.py', 'configs/nope.py'], 'config file not found: configs/nope.py'),
+    ([sys.executable, 'tools/train.py', RETINANET_DEMO, '--cfg-options', 'model.backbone'],
+     "--cfg-options: expected KEY=VALUE items (e.g. train_dataloader.batch_size=4), got 'model.backbone'"),
+    ([sys.executable, 'tools/train.py', RETINANET_DEMO, '--cfg-options', 'trian_cfg.max_epochs=1'],
+     "--cfg-options trian_cfg.max_epochs: the config has no 'trian_cfg'; did you mean 'train_cfg'?"),
+    ([sys.executable, 'tools/test.py', RETINANET_DEMO, 'x.pth', '--cfg-options',
+      'model.backbone.init_cfg.checkpoint=x.pth'], '--cfg-options: init_cfg='),
 ])
 def test_bad_command_lines_fail_with_one_line(argv, message):
-    code, out = run(argv, cwd=REPO)
+    # (the environment's own noise aside: mmengine imports the deprecated pkg_resources, see pytest.ini)
+    env = dict(os.environ, PYTHONWARNINGS='ignore:pkg_resources is deprecated:UserWarning')
+    code, out = run(argv, cwd=REPO, env=env)
     assert code != 0
     assert message in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_wrong_backbone_key_is_named_with_the_allowed_ones(tmp_path):
+    code, out = run([sys.executable, 'tools/train.py', RETINANET_DEMO, '--work-dir', str(tmp_path),
+                     '--cfg-options', 'model.backbone.archh=s24'], cwd=REPO)
+    assert code != 0
+    assert out.strip().splitlines()[-1] == (
+        "train.py: error: PoolFormer: unknown argument 'archh' (did you mean 'arch'?); allowed: arch, "
+        'token_mixers, in_channels, norm_cfg, act_cfg, drop_rate, drop_path_rate, out_indices, '
+        'frozen_stages, norm_eval, with_cp, init_cfg')

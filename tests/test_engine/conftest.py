@@ -1,0 +1,87 @@
+"""A tiny training project shared by the engine tests: the bundled shapes data and a RetinaNet whose
+PoolFormer is cut down to one block per stage (the mechanics under test do not depend on its size, the
+tests' run time does), trained with tools/train.py in its own process."""
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+from mmpoolformer.demo import generate
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+EPOCHS = 3  # of 4 iterations each (8 images, batch 2)
+
+# Random flips (NumPy) and drop path (torch) make every run draw random numbers.
+TINY_RETINANET = """
+_base_ = '{repo}/configs/demo/retinanet_poolformer_s12_shapes.py'
+model = dict(
+    backbone=dict(arch=dict(_delete_=True, depths=[1, 1, 1, 1], embed_dims=[8, 16, 32, 64]),
+                  drop_path_rate=0.2),
+    neck=dict(in_channels=[16, 32, 64], out_channels=16),
+    bbox_head=dict(in_channels=16, feat_channels=16, stacked_convs=1),
+    test_cfg=dict(score_thr=0.0))
+scale = (96, 64)
+train_dataloader = dict(
+    num_workers=0, persistent_workers=False,
+    dataset=dict(data_root='{data}', pipeline=[
+        dict(type='LoadImageFromFile'),
+        dict(type='LoadAnnotations', with_bbox=True),
+        dict(type='Resize', scale=scale, keep_ratio=True),
+        dict(type='RandomFlip', prob=0.5),
+        dict(type='PackDetInputs'),
+    ]))
+val_dataloader = dict(
+    num_workers=0, persistent_workers=False,
+    dataset=dict(data_root='{data}', pipeline=[
+        dict(type='LoadImageFromFile'),
+        dict(type='Resize', scale=scale, keep_ratio=True),
+        dict(type='LoadAnnotations', with_bbox=True),
+        dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                                              'scale_factor')),
+    ]))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file='{data}annotations/instances_val.json')
+test_evaluator = val_evaluator
+train_cfg = dict(max_epochs={epochs}, val_interval=1)
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1, max_keep_ckpts=1))
+randomness = dict(seed=0, deterministic=True)
+"""
+
+
+class TinyProject:
+    """``root/shapes/`` (data), ``root/tiny.py`` (config); configs written next to it may inherit it
+    (``_base_ = './tiny.py'``) and import modules from ``root`` (custom_imports)."""
+
+    epochs, iters_per_epoch = EPOCHS, 4
+
+    def __init__(self, root):
+        self.root = root
+        self.data = root / 'shapes'
+        self.config = root / 'tiny.py'
+
+    def train_cmd(self, work_dir, *extra, config=None):
+        return [sys.executable, osp.join(REPO, 'tools/train.py'), str(config or self.config),
+                '--work-dir', str(work_dir), *extra]
+
+    def env(self, **extra):
+        env = dict(os.environ, **extra)
+        env['PYTHONPATH'] = os.pathsep.join([str(self.root), env.get('PYTHONPATH', '')])
+        return env
+
+    def run(self, cmd, env=None, expect=0, timeout=300):
+        """Run ``cmd``, check its exit status, and return its output."""
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env or self.env(),
+                              timeout=timeout)
+        out = proc.stdout + proc.stderr
+        assert (proc.returncode == 0) == (expect == 0), out[-3000:]
+        return out
+
+
+@pytest.fixture(scope='session')
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp('tiny_project')
+    generate(str(root / 'shapes'), {'train': 8, 'val': 4}, size=(96, 128))
+    (root / 'tiny.py').write_text(TINY_RETINANET.format(repo=REPO, data=f'{root}/shapes/', epochs=EPOCHS))
+    return TinyProject(root)
