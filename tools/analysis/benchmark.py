@@ -9,7 +9,7 @@ Backbones: every implementation gets the same weights (timm's, mapped by our con
 input, and must produce the same four normalised stage maps before any time is reported. Runs
 alternate between implementations; the table gives medians. "train" is forward plus backward of the
 four maps; peak memory is that of one training step above what the model and input already hold
-(CUDA: the allocator's peak; CPU: the peak resident size of a fresh process, reset before the step,
+(CUDA: the allocator's peak; CPU: the peak resident size of a fresh process during its second step,
 with glibc returning every large block to the system at once so that it follows the live tensors).
 
 Configs: one training iteration (``train_step``: preprocessing, forward, backward, optimizer step) and
@@ -171,6 +171,8 @@ def peak_step_memory(impl, args) -> float:
         model = build(impl, args.arch).to(device)
         model.train()
         x = torch.randn(args.batch, 3, *args.size, device=device)
+        train_step(model, x)  # as on CPU: measure the second step
+        model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -197,6 +199,8 @@ def memory_worker(args) -> None:
     model = build(args.memory_worker, args.arch)
     model.train()
     x = torch.randn(args.batch, 3, *args.size)
+    train_step(model, x)  # one-time allocations (thread pools, GEMM buffers) happen here
+    model.zero_grad(set_to_none=True)
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')  # reset the peak resident size (VmHWM) to the current one
     base = _status_bytes('VmRSS')
