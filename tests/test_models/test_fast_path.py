@@ -11,6 +11,7 @@ import torch
 from mmpretrain.models.backbones import PoolFormer as ReferencePoolFormer
 
 from mmpoolformer.models import MetaFormerBlock, Pooling, PoolFormer
+from mmpoolformer.testing import randomize_weights
 
 
 def max_rel_err(a, b):
@@ -20,16 +21,8 @@ def max_rel_err(a, b):
 def randomized_pair(seed=0):
     """Ours and the reference with the same weights, far from their init (LayerScale 0.5-1, so that a
     wrong block cannot hide behind a 1e-5 scale)."""
-    ref = ReferencePoolFormer(arch='s12', out_indices=(0, 2, 4, 6), frozen_stages=-1)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if 'layer_scale' in name:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
-            elif p.ndim == 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + ('weight' in name))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel()**0.5)
+    ref = randomize_weights(
+        ReferencePoolFormer(arch='s12', out_indices=(0, 2, 4, 6), frozen_stages=-1), seed)
     ours = PoolFormer('s12')
     ours.load_state_dict(ref.state_dict(), strict=True)
     ref.double().train()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from mmengine.registry import MODELS
 
 from mmpoolformer.models.weights import load_pretrained
+from mmpoolformer.testing import randomize_weights
 
 DEPTHS, DIMS = [2, 2, 6, 2], [64, 128, 320, 512]
 OUTPUT_NORMS = [f'norm{i}.{p}' for i in (0, 2, 4, 6) for p in ('weight', 'bias')]
@@ -160,21 +161,8 @@ OFFICIAL = {
 
 
 def randomize(model, seed=0):
-    """Weights far from their init, so that every block changes the output (LayerScale at 1e-5 would
-    hide a wrong block): LayerScale in [0.5, 1], norms and biases around their init, position
-    embeddings of the order of the features."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if 'layer_scale' in name:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
-            elif 'pos_embed' in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif p.ndim == 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + ('weight' in name))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel()**0.5)
-    return model.eval()
+    randomize_weights(model, seed).eval()  # not chained: mmpretrain's train() returns None
+    return model
 
 
 def official(name, seed=0):

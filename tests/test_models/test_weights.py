@@ -13,6 +13,7 @@ from mmpretrain.models.backbones import PoolFormer as MMPretrainPoolFormer
 
 from mmpoolformer.models import PoolFormer
 from mmpoolformer.models.weights import CheckpointError, load_pretrained
+from mmpoolformer.testing import randomize_weights
 
 OUTPUT_NORMS = [f'norm{i}.{p}' for i in (0, 2, 4, 6) for p in ('weight', 'bias')]
 
@@ -22,19 +23,7 @@ def max_rel_err(a, b):
 
 
 def randomize(model, seed=0):
-    """Weights far from their init, so that every block changes the output (LayerScale 1e-5 would
-    otherwise hide a wrong block)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if 'scale' in name:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
-            elif p.ndim == 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + ('weight' in name))
-            else:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
-    model.eval()
+    randomize_weights(model, seed).eval()  # not chained: mmpretrain's train() returns None
     return model
 
 

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from mmpoolformer.models import PoolFormer
 from mmpoolformer.models.weights import convert_backbone_state_dict
+from mmpoolformer.testing import randomize_weights
 
 IMPLS = ('ours', 'ours+cp', 'timm', 'mmpretrain')
 
@@ -93,18 +94,8 @@ def available(impl: str) -> bool:
 
 
 def shared_weights(arch: str, seed: int = 0) -> dict:
-    """Official-layout weights far from their init (LayerScale 0.5-1, so every block matters)."""
-    model = PoolFormer(arch)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if 'layer_scale' in name:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
-            elif p.ndim == 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + ('weight' in name))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel()**0.5)
-    return model.state_dict()
+    """Official-layout weights far from their init, so that every block matters to the check."""
+    return randomize_weights(PoolFormer(arch), seed).state_dict()
 
 
 def load_weights(model: nn.Module, impl: str, official: dict) -> None:

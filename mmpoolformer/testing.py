@@ -1,0 +1,24 @@
+"""What parity checks share: the tests and ``tools/analysis/benchmark.py`` compare implementations."""
+import torch
+import torch.nn as nn
+
+
+def randomize_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter a value far from its init, in place, and return the model.
+
+    LayerScale (any parameter named ``*scale*``) is drawn from [0.5, 1): at its init of 1e-5 a wrong
+    block would change the output by less than the tolerance of a comparison. Norm weights are near 1
+    and biases near 0, matrices have unit gain, position embeddings are of the order of the features.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'scale' in name:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
+            elif 'pos_embed' in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + ('weight' in name))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel()**0.5)
+    return model
