@@ -379,8 +379,6 @@ class MetaFormer(BaseModule):
         self.out_indices = self._parse_out_indices(out_indices, num_stages)
         mixer_cfgs = self._parse_token_mixers(token_mixers, num_stages)
         pos_embed_sizes = self._parse_pos_embed_sizes(pos_embed_sizes, num_stages)
-        if not isinstance(use_layer_scale, bool):
-            raise TypeError(f'use_layer_scale must be a bool, got {use_layer_scale!r}')
         layer_scale_init_value = arch['layer_scale_init_value'] if use_layer_scale else None
         if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= num_stages:
             raise ValueError(

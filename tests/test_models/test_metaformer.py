@@ -177,7 +177,7 @@ def test_custom_arch_and_token_mixers_per_stage():
     (dict(token_mixers=dict(type='Poolng')),
      "unknown token mixer 'Poolng'; registered in mmpoolformer.registry.TOKEN_MIXERS: "
      "['Attention', 'DepthwiseConv', 'Identity', 'Pooling', 'RandomMixing', 'SpatialFc']"),
-    (dict(use_layer_scale='yes'), "use_layer_scale must be a bool, got 'yes'"),
+    (dict(use_layer_scale='yes'), "use_layer_scale must be bool, got str 'yes'"),
     (dict(pos_embed_sizes=[None, (14, 14)]), 'pos_embed_sizes must be a list of 4 entries'),
     (dict(pos_embed_sizes=[None, None, 14, None]), 'each None or a token grid (h, w)'),
 ])
