@@ -101,6 +101,22 @@ class PatchEmbed(nn.Module):
         return self.proj(x)
 
 
+def _per_channel(stat: torch.Tensor, channels: int) -> torch.Tensor:
+    """A GroupNorm statistic of shape ``(N, groups)`` as ``(N, C, 1, 1)``, to broadcast over a map."""
+    return stat.repeat_interleave(channels // stat.shape[1], dim=1).view(-1, channels, 1, 1)
+
+
+def _linear_param_grads(needs, grad, inputs, param_dtype):
+    """Weight and bias gradients of ``linear(inputs())`` from its output's ``grad`` (channels last).
+
+    ``needs`` says which of the two are wanted; ``inputs`` is only called for the weight's, so a
+    recomputed input costs nothing when the weight is frozen."""
+    grad = grad.flatten(0, -2)
+    grad_weight = (grad.t() @ inputs().flatten(0, -2)).to(param_dtype) if needs[0] else None
+    grad_bias = grad.sum(0).to(param_dtype) if needs[1] else None
+    return grad_weight, grad_bias
+
+
 class _GroupNormLinear(torch.autograd.Function):
     """``linear(group_norm(x))`` over channels-last tokens, keeping ``x`` but not the normalised map.
 
@@ -123,19 +139,20 @@ class _GroupNormLinear(torch.autograd.Function):
         x, mean, rstd, gn_weight, gn_bias, weight = ctx.saved_tensors
         n, c = x.shape[:2]
         grad = grad.to(weight.dtype)
-        grad_x = grad_gn_weight = grad_gn_bias = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[3]:
+        grad_x = grad_gn_weight = grad_gn_bias = None
+
+        def normed():
             # normed = x * a + (beta - mean * a), a = rstd * gamma: one pass over x
-            a = rstd.repeat_interleave(c // ctx.groups, dim=1).view(n, c, 1, 1)
+            a = _per_channel(rstd, c)
             if gn_weight is not None:
                 a = a * gn_weight.view(1, c, 1, 1)
-            shift = -mean.repeat_interleave(c // ctx.groups, dim=1).view(n, c, 1, 1) * a
+            shift = -_per_channel(mean, c) * a
             if gn_bias is not None:
                 shift = shift + gn_bias.view(1, c, 1, 1)
-            normed = torch.addcmul(shift, x, a).permute(0, 2, 3, 1).to(grad.dtype)
-            grad_weight = (grad.flatten(0, -2).t() @ normed.flatten(0, -2)).to(ctx.param_dtype)
-        if ctx.needs_input_grad[4]:
-            grad_bias = grad.flatten(0, -2).sum(0).to(ctx.param_dtype)
+            return torch.addcmul(shift, x, a).permute(0, 2, 3, 1).to(grad.dtype)
+
+        grad_weight, grad_bias = _linear_param_grads(ctx.needs_input_grad[3:5], grad, normed,
+                                                     ctx.param_dtype)
         if any(ctx.needs_input_grad[:3]):
             grad_normed = (grad @ weight).permute(0, 3, 1, 2).to(x.dtype)
             grad_x, grad_gn_weight, grad_gn_bias = torch.ops.aten.native_group_norm_backward(
@@ -166,11 +183,9 @@ class _ActLinear(torch.autograd.Function):
         with torch.enable_grad():
             h = h.detach().requires_grad_()
             a = ctx.act(h)
-        grad_h = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad.flatten(0, -2).t() @ a.detach().flatten(0, -2)).to(ctx.param_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad.flatten(0, -2).sum(0).to(ctx.param_dtype)
+        grad_h = None
+        grad_weight, grad_bias = _linear_param_grads(ctx.needs_input_grad[1:3], grad, a.detach,
+                                                     ctx.param_dtype)
         if ctx.needs_input_grad[0]:
             grad_h, = torch.autograd.grad(a, h, grad @ weight)
         return grad_h, grad_weight, grad_bias, None
@@ -291,15 +306,15 @@ class MetaFormerBlock(nn.Module):
 
     def _pooling_branch(self, x, layer_scale):
         norm = self.norm1
-        n, c = x.shape[:2]
+        c = x.shape[1]
         # Statistics in fp32 whatever autocast gave the input: fp16 sums of squares overflow.
         var, _ = torch.var_mean(x.float().unflatten(1, (norm.num_groups, -1)), dim=(2, 3, 4),
                                 correction=0)
-        scale = (var + norm.eps).rsqrt().repeat_interleave(c // norm.num_groups, dim=1)
+        scale = _per_channel((var + norm.eps).rsqrt(), c)
         for factor in (norm.weight, layer_scale):
             if factor is not None:
-                scale = scale * factor
-        scale = self.drop_path(scale.view(n, c, 1, 1))
+                scale = scale * factor.view(-1, 1, 1)
+        scale = self.drop_path(scale)
         x = x.to(torch.promote_types(x.dtype, norm.weight.dtype if norm.affine else x.dtype))
         return pooling_residual(x, scale.to(x.dtype), norm.bias, self.token_mixer.pool_size)
 
