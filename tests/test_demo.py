@@ -12,6 +12,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from mmpoolformer.demo import CLASSES, generate
+from mmpoolformer.demo.shapes import HUE_BANDS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -40,6 +41,8 @@ def test_annotations_are_valid_coco_and_match_the_label_maps(tmp_path):
     assert [c['name'] for c in coco.loadCats(coco.getCatIds())] == list(CLASSES)
     assert len(coco.getImgIds()) == 12 and len(coco.getAnnIds()) >= 12
     for img in coco.loadImgs(coco.getImgIds()):
+        hue = cv2.cvtColor(cv2.imread(str(tmp_path / 'images' / 'train' / img['file_name'])),
+                           cv2.COLOR_BGR2HSV_FULL)[..., 0].astype(float) * 360 / 256
         seg = cv2.imread(str(tmp_path / 'seg' / 'train' / img['file_name'].replace('.jpg', '.png')),
                          cv2.IMREAD_UNCHANGED)
         assert seg.shape == (img['height'], img['width'])
@@ -58,6 +61,10 @@ def test_annotations_are_valid_coco_and_match_the_label_maps(tmp_path):
             if inner.any():
                 values, counts = np.unique(seg[inner > 0], return_counts=True)
                 assert values[counts.argmax()] == ann['category_id'] + 1
+                # painted in its class's hues (the median is robust to texture and JPEG noise)
+                low, high = HUE_BANDS[ann['category_id'] - 1]
+                from_centre = (hue[inner > 0] - (low + high) / 2 + 180) % 360 - 180
+                assert abs(np.median(from_centre)) <= (high - low) / 2 + 8
 
 
 def test_demo_path_trains_and_reports(tmp_path):

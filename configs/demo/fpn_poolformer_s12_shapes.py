@@ -6,7 +6,7 @@ data_root = 'data/shapes/'
 metainfo = dict(
     classes=('background', 'circle', 'triangle', 'square'),
     palette=[(90, 90, 90), (220, 20, 60), (0, 130, 230), (250, 170, 30)])
-image_scale = (224, 160)
+image_scale = (160, 112)
 crop_size = (128, 128)
 
 model = dict(
