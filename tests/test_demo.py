@@ -11,7 +11,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from mmpoolformer.demo import CLASSES, generate
+from mmpoolformer.demo import CLASSES, generate, is_generated
 from mmpoolformer.demo.shapes import HUE_BANDS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -33,6 +33,20 @@ def test_generator_is_deterministic(tmp_path):
     generate(str(tmp_path / 'b'), splits, seed=7)
     generate(str(tmp_path / 'c'), splits, seed=8)
     assert digest(tmp_path / 'a') == digest(tmp_path / 'b') != digest(tmp_path / 'c')
+
+
+def test_a_stale_or_half_written_dataset_is_told_apart_and_replaced(tmp_path):
+    generate(str(tmp_path), {'train': 3, 'val': 2})
+    assert is_generated(str(tmp_path))
+    (tmp_path / 'shapes.json').write_text('{"version": 1}')  # an older generator's
+    assert not is_generated(str(tmp_path))
+    (tmp_path / 'shapes.json').unlink()  # interrupted before the end
+    assert not is_generated(str(tmp_path))
+    # mmseg lists the image folders: a smaller generation leaves no image of the bigger one behind
+    generate(str(tmp_path), {'train': 2, 'val': 1})
+    assert is_generated(str(tmp_path))
+    assert sorted(os.listdir(tmp_path / 'images' / 'train')) == ['train_00000.jpg', 'train_00001.jpg']
+    assert sorted(os.listdir(tmp_path / 'seg' / 'val')) == ['val_00000.png']
 
 
 def test_annotations_are_valid_coco_and_match_the_label_maps(tmp_path):

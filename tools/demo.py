@@ -30,7 +30,8 @@ def parse_args():
     parser.add_argument('--task', choices=sorted(TASKS), default='retinanet')
     parser.add_argument('--work-dir', help='default: work_dirs/demo_<task>')
     parser.add_argument('--data', default=osp.join(REPO, 'data', 'shapes'),
-                        help='where the shapes data is (generated there if missing)')
+                        help='where the shapes data is (generated there if missing, incomplete or '
+                        'written by an older generator)')
     parser.add_argument('--cfg-options', nargs='+', default=[],
                         help='passed on to train.py and test.py, e.g. train_cfg.max_epochs=1')
     return parser.parse_args()
@@ -114,8 +115,8 @@ def main():
     work_dir = osp.abspath(args.work_dir or osp.join(REPO, 'work_dirs', f'demo_{args.task}'))
     os.makedirs(work_dir, exist_ok=True)
 
-    if not osp.isfile(osp.join(args.data, 'annotations', 'instances_val.json')):
-        from mmpoolformer.demo import generate
+    from mmpoolformer.demo import generate, is_generated
+    if not is_generated(args.data):
         print(f'[demo] generating the shapes dataset in {args.data}', flush=True)
         generate(args.data)
     options = data_options(args.task, args.data) + args.cfg_options

@@ -2,9 +2,12 @@
 # for a CPU as retinanet_poolformer_s12_shapes.py is.
 _base_ = ['../detection/mask_rcnn_poolformer_s12.py', './_base_/shapes_detection.py']
 
+# 128 sampled RoIs per image instead of 512: a few shapes per image need no more, and the box and mask
+# heads' cost on a CPU grows with them (2.3 s an iteration instead of 5.2 on 2 cores).
 model = dict(
     backbone=dict(init_cfg=None),
-    roi_head=dict(bbox_head=dict(num_classes=3), mask_head=dict(num_classes=3)))
+    roi_head=dict(bbox_head=dict(num_classes=3), mask_head=dict(num_classes=3)),
+    train_cfg=dict(rcnn=dict(sampler=dict(num=128))))
 
 train_dataloader = {{_base_.shapes_train_dataloader}}
 val_dataloader = {{_base_.shapes_val_dataloader}}

@@ -1,3 +1,3 @@
-from .shapes import CLASSES, PALETTE, SEG_CLASSES, SEG_PALETTE, generate
+from .shapes import CLASSES, PALETTE, SEG_CLASSES, SEG_PALETTE, generate, is_generated
 
-__all__ = ['CLASSES', 'PALETTE', 'SEG_CLASSES', 'SEG_PALETTE', 'generate']
+__all__ = ['CLASSES', 'PALETTE', 'SEG_CLASSES', 'SEG_PALETTE', 'generate', 'is_generated']

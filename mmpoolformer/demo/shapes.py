@@ -9,7 +9,8 @@ lines. It is written twice:
 * ADE20K-style label maps (PNG): 0 is "unlabelled" (a thin band around every shape, ignored through
   ``reduce_zero_label``), 1 is background and 2.. are the shape classes, read by mmseg.
 
-The same seed gives byte-identical files.
+The same seed gives byte-identical files. ``shapes.json``, written last, records what was generated,
+so a stale or half-written dataset is told apart from a complete one (:func:`is_generated`).
 """
 import json
 import os
@@ -107,17 +108,48 @@ def render(rng: np.random.Generator, h: int, w: int,
     return np.clip(img, 0, 255).astype(np.uint8), seg, instances
 
 
-def generate(out_dir: str, splits: Dict[str, int] = None, size: Sequence[int] = (112, 160),
+# Bump whenever the same arguments would give different files.
+VERSION = 2
+DEFAULT_SPLITS = {'train': 128, 'val': 64}
+DEFAULT_SIZE = (112, 160)
+
+
+def _record(splits: Dict[str, int], size: Sequence[int], seed: int) -> dict:
+    return dict(version=VERSION, splits=dict(splits), size=list(size), seed=seed)
+
+
+def is_generated(out_dir: str) -> bool:
+    """Whether ``out_dir`` holds a complete dataset written by this version of :func:`generate` (with
+    any arguments)."""
+    try:
+        with open(osp.join(out_dir, 'shapes.json')) as f:
+            return json.load(f).get('version') == VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def generate(out_dir: str, splits: Dict[str, int] = None, size: Sequence[int] = DEFAULT_SIZE,
              seed: int = 0) -> Dict[str, str]:
     """Write ``images/<split>/*.jpg``, ``seg/<split>/*.png`` and ``annotations/instances_<split>.json``
-    under ``out_dir``; returns the annotation file of each split."""
-    splits = splits or {'train': 128, 'val': 64}
+    under ``out_dir``; returns the annotation file of each split.
+
+    Files of an earlier generation in the same place are replaced: mmseg lists the image folders, so a
+    leftover image would join the data.
+    """
+    splits = splits or DEFAULT_SPLITS
     h, w = size
+    record = osp.join(out_dir, 'shapes.json')
+    if osp.exists(record):
+        os.remove(record)
     ann_files = {}
     for split_idx, (split, count) in enumerate(splits.items()):
         rng = np.random.default_rng([seed, split_idx])
         for sub in ('images', 'seg'):
-            os.makedirs(osp.join(out_dir, sub, split), exist_ok=True)
+            folder = osp.join(out_dir, sub, split)
+            os.makedirs(folder, exist_ok=True)
+            for name in os.listdir(folder):
+                if name.startswith(f'{split}_'):
+                    os.remove(osp.join(folder, name))
         images, annotations = [], []
         for i in range(count):
             img, seg, instances = render(rng, h, w)
@@ -137,4 +169,6 @@ def generate(out_dir: str, splits: Dict[str, int] = None, size: Sequence[int] = 
         os.makedirs(osp.dirname(ann_files[split]), exist_ok=True)
         with open(ann_files[split], 'w') as f:
             json.dump(coco, f)
+    with open(record, 'w') as f:
+        json.dump(_record(splits, size, seed), f)
     return ann_files
