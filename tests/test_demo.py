@@ -49,6 +49,20 @@ def test_a_stale_or_half_written_dataset_is_told_apart_and_replaced(tmp_path):
     assert sorted(os.listdir(tmp_path / 'seg' / 'val')) == ['val_00000.png']
 
 
+def test_demo_leaves_a_folder_of_other_data_alone(tmp_path):
+    mine = tmp_path / 'images' / 'train' / 'train_0001.jpg'
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b'not the shapes data')
+    proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'demo.py'), '--data', str(tmp_path),
+                           '--work-dir', str(tmp_path / 'work')],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f'[demo] {tmp_path} is not empty and holds no shapes data: pass --data a new or empty folder, '
+        'or the shapes data to regenerate')
+    assert mine.read_bytes() == b'not the shapes data'
+
+
 def test_annotations_are_valid_coco_and_match_the_label_maps(tmp_path):
     ann_files = generate(str(tmp_path), {'train': 12, 'val': 4})
     coco = COCO(ann_files['train'])

@@ -46,6 +46,25 @@ def data_options(task, data_root):
     return opts
 
 
+def ensure_data(root):
+    """Generate the shapes data in ``root`` unless it is there, complete and current. A folder that
+    holds anything else is left alone: generating replaces files."""
+    from mmpoolformer.demo import CLASSES, generate, is_generated
+    if is_generated(root):
+        return
+    if osp.isdir(root) and os.listdir(root):
+        try:  # the shapes data of an older generator, or a generation cut short
+            with open(osp.join(root, 'annotations', 'instances_train.json')) as f:
+                names = tuple(c['name'] for c in json.load(f)['categories'])
+        except (OSError, ValueError, KeyError, TypeError):
+            names = None
+        if names != CLASSES:
+            sys.exit(f'[demo] {root} is not empty and holds no shapes data: pass --data a new or '
+                     'empty folder, or the shapes data to regenerate')
+    print(f'[demo] generating the shapes dataset in {root}', flush=True)
+    generate(root)
+
+
 def tool(name, *args):
     cmd = [sys.executable, osp.join(REPO, 'tools', name), *args]
     print('[demo] $ ' + ' '.join(cmd), flush=True)
@@ -115,10 +134,7 @@ def main():
     work_dir = osp.abspath(args.work_dir or osp.join(REPO, 'work_dirs', f'demo_{args.task}'))
     os.makedirs(work_dir, exist_ok=True)
 
-    from mmpoolformer.demo import generate, is_generated
-    if not is_generated(args.data):
-        print(f'[demo] generating the shapes dataset in {args.data}', flush=True)
-        generate(args.data)
+    ensure_data(args.data)
     options = data_options(args.task, args.data) + args.cfg_options
 
     print('[demo] evaluating the untrained model', flush=True)
