@@ -165,8 +165,10 @@ def main():
     print(f'  {"metric":<{width}}  untrained  trained')
     for k in keys:
         print(f'  {k:<{width}}  {before[k]:>9.3f}  {after[k]:>7.3f}')
+    # mmseg's visualizer keeps its pictures in a backend folder under the save dir
+    drawn = osp.join(work_dir, 'vis', *(('vis_data', 'vis_image') if args.task == 'fpn' else ()))
     print(f'[demo] metrics: {osp.join(work_dir, "metrics.json")}; loss curve: '
-          f'{osp.join(work_dir, "loss.png")}; predictions drawn: {osp.join(work_dir, "vis")}')
+          f'{osp.join(work_dir, "loss.png")}; predictions drawn: {drawn}')
 
 
 if __name__ == '__main__':

@@ -59,7 +59,9 @@ param_scheduler = [
     dict(type='PolyLR', power=0.9, eta_min=0.0, begin=0, end=max_iters, by_epoch=False),
 ]
 optim_wrapper = dict(optimizer=dict(lr=2e-4))
+# Draw every validation image under --show-dir, not mmseg's every 50th.
 default_hooks = dict(
     logger=dict(interval=20),
-    checkpoint=dict(interval=max_iters, max_keep_ckpts=2))
+    checkpoint=dict(interval=max_iters, max_keep_ckpts=2),
+    visualization=dict(interval=1))
 auto_scale_lr = dict(base_batch_size=4)
