@@ -56,8 +56,9 @@ setup(
         'setuptools<82',
     ],
     extras_require={
-        # timm and mmpretrain serve only as independent oracles in the tests.
-        'tests': ['pytest>=7', 'timm>=0.9,<2', 'mmpretrain>=1.0.0,<1.3.0'],
+        # timm and mmpretrain serve only as independent oracles in the tests; pytest-xdist runs them
+        # in parallel (worksteal needs 3.2).
+        'tests': ['pytest>=7', 'pytest-xdist>=3.2', 'timm>=0.9,<2', 'mmpretrain>=1.0.0,<1.3.0'],
     },
     cmdclass={'build_py': BuildPyWithConfigs},
     zip_safe=False,

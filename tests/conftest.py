@@ -4,6 +4,16 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, split the cores between the workers (and the tools they start), so that two
+    workers do not each run as many threads as there are cores."""
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', 1))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ['OMP_NUM_THREADS'] = str(threads)  # inherited by the tools' processes
+        torch.set_num_threads(threads)
+
+
 class _Payload:
     """Unpickling this runs a shell command that leaves a marker file."""
 

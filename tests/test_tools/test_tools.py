@@ -4,6 +4,7 @@ import json
 import os
 import os.path as osp
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -35,6 +36,12 @@ def det_options(data_root, epochs=1):
         # keep every detection, so that the untrained model still produces a COCO evaluation
         'model.test_cfg.score_thr=0.0'
     ]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def run(cmd, cwd=None, env=None, timeout=600):
@@ -90,7 +97,7 @@ def test_dist_train_two_cpu_processes(task, shapes, tmp_path):
     work_dir = str(tmp_path / 'work')
     config, options = ((RETINANET_DEMO, det_options(shapes)) if task == 'retinanet' else
                        (FPN_DEMO, seg_options(shapes)))
-    env = dict(os.environ, PORT='29533')
+    env = dict(os.environ, PORT=str(free_port()))
     code, out = run([osp.join(REPO, 'tools/dist_train.sh'), config, '2', '--work-dir', work_dir]
                     + options, env=env)
     assert code == 0, out[-3000:]
