@@ -65,3 +65,4 @@ default_hooks = dict(
     checkpoint=dict(interval=max_iters, max_keep_ckpts=2),
     visualization=dict(interval=1))
 auto_scale_lr = dict(base_batch_size=4)
+randomness = dict(seed=0)
