@@ -9,7 +9,9 @@ def pytest_configure(config):
     workers do not each run as many threads as there are cores."""
     workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', 1))
     if workers > 1:
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        # the cores this process may use, as nproc counts them in run_tests.sh (Linux only)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+        threads = max(1, (cores or 1) // workers)
         os.environ['OMP_NUM_THREADS'] = str(threads)  # inherited by the tools' processes
         torch.set_num_threads(threads)
 
