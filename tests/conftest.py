@@ -3,6 +3,9 @@ import os
 import pytest
 import torch
 
+# the tiny project's fixtures, for every test module
+from tiny_project import det_checkpoint, seg_checkpoint, tiny  # noqa: F401
+
 
 def pytest_configure(config):
     """Under pytest-xdist, split the cores between the workers (and the tools they start), so that two

@@ -83,17 +83,19 @@ def _guard_history_buffer(path: str):
             f'{foreign} with functions that are not mmengine\'s own')
 
 
-def read_checkpoint(path: str, map_location='cpu', model_dir: Optional[str] = None) -> dict:
-    """Unpickle a local file or URL with ``weights_only=True`` (allowing only the plain-data types of
-    mmengine's checkpoints), failing with a message that names the file."""
+@contextmanager
+def weights_only_reads(path: str):
+    """The conditions of every checkpoint read: ``torch.load`` inside may unpickle the plain-data types
+    of mmengine's own checkpoints and nothing else that is not a tensor, the ``HistoryBuffer`` statistics
+    table is guarded, and a failure becomes a :class:`CheckpointError` that names ``path``.
+
+    ``torch.load`` inside must be weights-only itself: this widens what it accepts, it does not ask
+    for weights-only loading.
+    """
     try:
         with torch.serialization.safe_globals(_mmengine_checkpoint_types()), \
                 _guard_history_buffer(path):
-            if _is_url(path):
-                return torch.hub.load_state_dict_from_url(
-                    path, model_dir=model_dir, map_location=map_location, weights_only=True,
-                    progress=False)
-            return torch.load(path, map_location=map_location, weights_only=True)
+            yield
     except CheckpointError:
         raise
     except FileNotFoundError as e:
@@ -111,6 +113,17 @@ def read_checkpoint(path: str, map_location='cpu', model_dir: Optional[str] = No
     except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError) as e:
         raise CheckpointError(
             f'cannot read checkpoint {path}: the file is truncated or corrupt ({e})') from e
+
+
+def read_checkpoint(path: str, map_location='cpu', model_dir: Optional[str] = None) -> dict:
+    """Unpickle a local file or URL with ``weights_only=True`` (allowing only the plain-data types of
+    mmengine's checkpoints), failing with a message that names the file."""
+    with weights_only_reads(path):
+        if _is_url(path):
+            return torch.hub.load_state_dict_from_url(
+                path, model_dir=model_dir, map_location=map_location, weights_only=True,
+                progress=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def unwrap_state_dict(ckpt: dict) -> Dict[str, torch.Tensor]:

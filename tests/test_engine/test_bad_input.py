@@ -1,6 +1,6 @@
 """Bad input gives an error that names the file, and loses no training: missing and corrupt images,
 missing and corrupt annotation files, boxes outside their image and images without boxes, and a
-checkpoint of another model (see conftest.py for the tiny project)."""
+checkpoint of another model (see tiny_project.py)."""
 import json
 import os.path as osp
 import shutil

@@ -1,11 +1,13 @@
-"""Training that is killed and resumed ends exactly where an uninterrupted run ends (see conftest.py
+"""Training that is killed and resumed ends exactly where an uninterrupted run ends (see tiny_project.py
 for the tiny project every run trains)."""
 import os
 import os.path as osp
 import signal
 import subprocess
+import sys
 import time
 
+import mmdet
 import pytest
 import torch
 
@@ -164,3 +166,15 @@ def test_sigterm_saves_and_exits_cleanly_then_resume_continues_exactly(
     assert f'resumed epoch: {(done - 1) // 4}, iter: {done}' in out
     assert_same_training_state(work_dir / f'epoch_{tiny.epochs}.pth', uninterrupted)
     assert not osp.exists(saved)  # superseded by the later, complete checkpoints
+
+
+def test_mmdet_stock_train_resumes_a_run_of_ours_exactly(tiny, uninterrupted, tmp_path):
+    """mmdet's own tools/train.py --resume continues a run that our tools/train.py started (reading
+    mmengine's checkpoint weights-only), and ends where the uninterrupted run ends."""
+    work_dir = tmp_path / 'work'
+    tiny.run(tiny.train_cmd(work_dir, '--cfg-options', 'train_cfg.max_epochs=1'))
+    stock_train = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools', 'train.py')
+    out = tiny.run([sys.executable, stock_train, str(tiny.config), '--work-dir', str(work_dir),
+                    '--resume'])
+    assert 'resumed epoch: 1, iter: 4' in out
+    assert_same_training_state(work_dir / f'epoch_{tiny.epochs}.pth', uninterrupted)

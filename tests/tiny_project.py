@@ -1,6 +1,7 @@
-"""A tiny training project shared by the engine tests: the bundled shapes data and a RetinaNet whose
-PoolFormer is cut down to one block per stage (the mechanics under test do not depend on its size, the
-tests' run time does), trained with tools/train.py in its own process."""
+"""A tiny project shared by the tests of training, resuming and inference (the ``tiny`` fixture, made
+available by conftest.py): the bundled shapes data, a RetinaNet and a Semantic FPN whose PoolFormer is
+cut down to one block per stage (the mechanics under test do not depend on its size, the tests' run time
+does), trained with tools/train.py in their own processes."""
 import os
 import os.path as osp
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 
 from mmpoolformer.demo import generate
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 EPOCHS = 3  # of 4 iterations each (8 images, batch 2)
 
 # Random flips (NumPy) and drop path (torch) make every run draw random numbers.
@@ -50,9 +51,26 @@ randomness = dict(seed=0, deterministic=True)
 """
 
 
+# The Semantic FPN demo, cut down alike, for 2 iterations.
+TINY_FPN = """
+_base_ = '{repo}/configs/demo/fpn_poolformer_s12_shapes.py'
+model = dict(
+    backbone=dict(arch=dict(_delete_=True, depths=[1, 1, 1, 1], embed_dims=[8, 16, 32, 64])),
+    neck=dict(in_channels=[8, 16, 32, 64], out_channels=16),
+    decode_head=dict(in_channels=[16, 16, 16, 16], channels=16))
+train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                        dataset=dict(data_root='{data}'))
+val_dataloader = dict(num_workers=0, persistent_workers=False, dataset=dict(data_root='{data}'))
+test_dataloader = val_dataloader
+train_cfg = dict(max_iters=2, val_interval=2)
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=2))
+"""
+
+
 class TinyProject:
-    """``root/shapes/`` (data), ``root/tiny.py`` (config); configs written next to it may inherit it
-    (``_base_ = './tiny.py'``) and import modules from ``root`` (custom_imports)."""
+    """``root/shapes/`` (data), ``root/tiny.py`` (config) and ``root/tiny_fpn.py`` (a segmentation
+    config); configs written next to them may inherit them (``_base_ = './tiny.py'``) and import
+    modules from ``root`` (custom_imports)."""
 
     epochs, iters_per_epoch = EPOCHS, 4
 
@@ -60,6 +78,7 @@ class TinyProject:
         self.root = root
         self.data = root / 'shapes'
         self.config = root / 'tiny.py'
+        self.seg_config = root / 'tiny_fpn.py'
 
     def train_cmd(self, work_dir, *extra, config=None):
         return [sys.executable, osp.join(REPO, 'tools/train.py'), str(config or self.config),
@@ -84,4 +103,21 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp('tiny_project')
     generate(str(root / 'shapes'), {'train': 8, 'val': 4}, size=(96, 128))
     (root / 'tiny.py').write_text(TINY_RETINANET.format(repo=REPO, data=f'{root}/shapes/', epochs=EPOCHS))
+    (root / 'tiny_fpn.py').write_text(TINY_FPN.format(repo=REPO, data=f'{root}/shapes/'))
     return TinyProject(root)
+
+
+@pytest.fixture(scope='session')
+def det_checkpoint(tiny):
+    """A RetinaNet checkpoint written by our tools/train.py (1 epoch)."""
+    work_dir = tiny.root / 'det_1_epoch'
+    tiny.run(tiny.train_cmd(work_dir, '--cfg-options', 'train_cfg.max_epochs=1'))
+    return work_dir / 'epoch_1.pth'
+
+
+@pytest.fixture(scope='session')
+def seg_checkpoint(tiny):
+    """A Semantic FPN checkpoint written by our tools/train.py (2 iterations)."""
+    work_dir = tiny.root / 'seg_2_iters'
+    tiny.run(tiny.train_cmd(work_dir, config=tiny.seg_config))
+    return work_dir / 'iter_2.pth'
