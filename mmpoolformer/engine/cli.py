@@ -22,16 +22,20 @@ class ConfigOptions(DictAction):
         super().__call__(parser, namespace, values, option_string)
 
 
-def tool_parser(description: str) -> argparse.ArgumentParser:
-    """A parser with the options every tool takes; the tool adds its own."""
+def tool_parser(description: str, runner: bool = True) -> argparse.ArgumentParser:
+    """A parser with the options every tool takes (``--cfg-options``), and those of the tools that run
+    an mmengine Runner (``--work-dir``, ``--launcher``) unless ``runner=False``; the tool adds its own."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument('--work-dir', help='the dir to save logs, checkpoints and metrics')
+    if runner:
+        parser.add_argument('--work-dir', help='the dir to save logs, checkpoints and metrics')
     parser.add_argument(
         '--cfg-options', nargs='+', action=ConfigOptions,
         help='override settings of the config, e.g. model.backbone.init_cfg=None '
         'train_dataloader.batch_size=4')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    if runner:
+        parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                            default='none')
+        parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     return parser
 
 
