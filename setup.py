@@ -1,3 +1,4 @@
+import os
 import os.path as osp
 import shutil
 
@@ -5,16 +6,28 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 
-class BuildPyWithConfigs(build_py):
-    """Ship configs/ inside a (non-editable) wheel as mmpoolformer/.mim/configs, where
-    ``mmpoolformer.config_path`` finds them; an editable install reads them from the checkout."""
+# What OpenMMLab packages ship in <package>/.mim: mim finds the model index, the configs and the
+# train / test tools there (mim search, mim train, mim test), and so does mmpoolformer.config_path.
+MIM_FILES = ('configs', 'tools', 'model-index.yml')
+
+
+class BuildPyWithMimFiles(build_py):
+    """Copy MIM_FILES into a (non-editable) wheel as mmpoolformer/.mim/; an editable install reads
+    them from the checkout."""
 
     def run(self):
         super().run()
-        if not getattr(self, 'editable_mode', False):
-            target = osp.join(self.build_lib, 'mmpoolformer', '.mim', 'configs')
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree('configs', target)
+        if getattr(self, 'editable_mode', False):
+            return
+        mim = osp.join(self.build_lib, 'mmpoolformer', '.mim')
+        for name in MIM_FILES:
+            target = osp.join(mim, name)
+            if osp.isdir(name):
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(name, target, ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+            else:
+                os.makedirs(mim, exist_ok=True)
+                shutil.copy2(name, target)
 
 
 def readme():
@@ -57,9 +70,11 @@ setup(
     ],
     extras_require={
         # timm and mmpretrain serve only as independent oracles in the tests; pytest-xdist runs them
-        # in parallel (worksteal needs 3.2).
-        'tests': ['pytest>=7', 'pytest-xdist>=3.2', 'timm>=0.9,<2', 'mmpretrain>=1.0.0,<1.3.0'],
+        # in parallel (worksteal needs 3.2); openmim answers mim search / train / test from a wheel of
+        # ours, built without build isolation (hence wheel).
+        'tests': ['pytest>=7', 'pytest-xdist>=3.2', 'timm>=0.9,<2', 'mmpretrain>=1.0.0,<1.3.0',
+                  'openmim>=0.3.9', 'wheel'],
     },
-    cmdclass={'build_py': BuildPyWithConfigs},
+    cmdclass={'build_py': BuildPyWithMimFiles},
     zip_safe=False,
 )

@@ -1,6 +1,6 @@
 """The stock OpenMMLab entry points with our configs and checkpoints, in processes that import nothing of
-ours but what the configs' ``custom_imports`` import: mmdet's own test.py, DetInferencer and
-init_detector, MMSegInferencer and init_model read checkpoints that mmengine wrote (HistoryBuffer,
+ours but what the configs' ``custom_imports`` import: mmdet's and mmseg's own test.py, DetInferencer
+and init_detector, MMSegInferencer and init_model read checkpoints that mmengine wrote (HistoryBuffer,
 numpy) on PyTorch >= 2.6, and refuse a checkpoint whose pickle would run code without running it.
 (mmdet's own train.py --resume is in test_resume.py, against an uninterrupted run.)"""
 import os.path as osp
@@ -8,9 +8,10 @@ import sys
 import textwrap
 
 import mmdet
-import pytest
+import mmseg
 
 MMDET_TOOLS = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools')
+MMSEG_TOOLS = osp.join(osp.dirname(mmseg.__file__), '.mim', 'tools')
 
 
 def test_mmdet_stock_test_evaluates_our_checkpoint(tiny, det_checkpoint, tmp_path):
@@ -18,6 +19,13 @@ def test_mmdet_stock_test_evaluates_our_checkpoint(tiny, det_checkpoint, tmp_pat
                     str(det_checkpoint), '--work-dir', str(tmp_path)])
     assert f'Load checkpoint from {det_checkpoint}' in out
     assert 'coco/bbox_mAP: ' in out
+
+
+def test_mmseg_stock_test_evaluates_our_checkpoint(tiny, seg_checkpoint, tmp_path):
+    out = tiny.run([sys.executable, osp.join(MMSEG_TOOLS, 'test.py'), str(tiny.seg_config),
+                    str(seg_checkpoint), '--work-dir', str(tmp_path)])
+    assert f'Load checkpoint from {seg_checkpoint}' in out
+    assert 'mIoU: ' in out
 
 
 def test_mmdet_stock_test_refuses_a_code_running_pickle(tiny, malicious_checkpoint, tmp_path):
