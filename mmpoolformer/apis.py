@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 import mmcv
 import mmengine
 import numpy as np
+import torch
 
 from .engine.checkpoint import fit_checkpoint
 from .engine.runner import load_config
@@ -57,6 +58,8 @@ def build_inferencer(config: str, checkpoint: str, device: Optional[str] = None,
         device: ``'cpu'``, ``'cuda'``, ``'cuda:1'``, ...; None: a GPU if there is one.
         cfg_options: Overrides of the config, as ``--cfg-options`` gives them.
     """
+    if device is not None and device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f'device {device!r}: PyTorch sees no CUDA device here; use cpu')
     cfg = load_config(config, cfg_options)
     scope = cfg.get('default_scope')
     if scope not in TASKS:

@@ -98,9 +98,9 @@ model = dict(type='ImageClassifier')
 
 
 @pytest.mark.parametrize('case', ['unreadable image', 'config of another task',
-                                  'checkpoint of another model', 'missing input'])
+                                  'checkpoint of another model', 'missing input', 'no GPU'])
 def test_bad_input_fails_with_one_line(case, tiny, det_checkpoint, seg_checkpoint, tmp_path):
-    image, config, checkpoint = val_images(tiny, 1)[0], tiny.config, det_checkpoint
+    image, config, checkpoint, extra = val_images(tiny, 1)[0], tiny.config, det_checkpoint, []
     if case == 'unreadable image':
         image = tmp_path / 'broken.jpg'
         image.write_bytes(b'not a jpeg' * 10)
@@ -113,10 +113,15 @@ def test_bad_input_fails_with_one_line(case, tiny, det_checkpoint, seg_checkpoin
     elif case == 'checkpoint of another model':
         checkpoint = seg_checkpoint  # a Semantic FPN for the RetinaNet config
         message = 'the checkpoint does not match the model of this config: '
-    else:
+    elif case == 'missing input':
         image = tmp_path / 'nope.jpg'
         message = f'input not found: {image}'
-    out = infer(tiny, image, config, checkpoint, '--out-dir', tmp_path, expect=1)
+    else:
+        if torch.cuda.is_available():
+            pytest.skip('this machine has a GPU')
+        extra = ['--device', 'cuda']
+        message = "device 'cuda': PyTorch sees no CUDA device here; use cpu"
+    out = infer(tiny, image, config, checkpoint, '--out-dir', tmp_path, *extra, expect=1)
     assert out.strip().splitlines()[-1].startswith(f'infer.py: error: {message}'), out[-3000:]
     assert 'Traceback' not in out
 
