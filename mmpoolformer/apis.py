@@ -115,7 +115,7 @@ def run_inference(inferencer, inputs: str, out_dir: str, batch_size: int = 1,
     :class:`InferenceError` once the others are written.
     """
     kind, files = find_inputs(inputs)
-    writer = _Writer(_is_detection(inferencer), out_dir, save_vis, save_pred)
+    writer = _Writer(_is_detection(inferencer), out_dir, save_pred)
     if kind == 'video':
         frames = _open_video(files[0])
         names = (osp.join(_stem(files[0]), f'{i:06d}') for i in itertools.count())
@@ -129,8 +129,9 @@ def run_inference(inferencer, inputs: str, out_dir: str, batch_size: int = 1,
             readable = [(name, img) for name, img in batch if img is not None]
             unreadable += [name for name, img in batch if img is None]
             if readable:
+                images = [img for _, img in readable]
                 writer.write([n for n, _ in readable],
-                             _predict(inferencer, [img for _, img in readable], pred_score_thr))
+                             _predict(inferencer, images, pred_score_thr, draw=save_vis))
     finally:
         writer.close()
     if unreadable and len(files) == 1:
@@ -143,24 +144,24 @@ def run_inference(inferencer, inputs: str, out_dir: str, batch_size: int = 1,
     return writer.written
 
 
-def _predict(inferencer, images: List[np.ndarray], pred_score_thr: float) -> dict:
-    """Predictions and drawings for a batch of BGR images, as lists whatever the batch size."""
-    kwargs = dict(return_vis=True, batch_size=len(images))
+def _predict(inferencer, images: List[np.ndarray], pred_score_thr: float, draw: bool) -> dict:
+    """Predictions and drawings (None each without ``draw``) for a batch of BGR images, as lists
+    whatever the batch size."""
+    kwargs = dict(return_vis=draw, batch_size=len(images))
     if _is_detection(inferencer):
         kwargs.update(no_save_vis=True, no_save_pred=True, pred_score_thr=pred_score_thr)
     out = inferencer(images, **kwargs)
     preds, vis = out['predictions'], out['visualization']
     if len(images) == 1 and not isinstance(preds, list):  # MMSegInferencer unwraps one image
         preds, vis = [preds], [vis]
-    return dict(predictions=preds, visualization=vis)
+    return dict(predictions=preds, visualization=vis if draw else [None] * len(images))
 
 
 class _Writer:
     """Writes drawn images (or video frames) and raw predictions as they come."""
 
-    def __init__(self, detection: bool, out_dir: str, save_vis: bool, save_pred: bool):
-        self.detection, self.out_dir = detection, out_dir
-        self.save_vis, self.save_pred = save_vis, save_pred
+    def __init__(self, detection: bool, out_dir: str, save_pred: bool):
+        self.detection, self.out_dir, self.save_pred = detection, out_dir, save_pred
         self.video = self.video_path = self.fps = None
         self.written = []
 
@@ -172,7 +173,7 @@ class _Writer:
         for name, pred, vis in zip(names, result['predictions'], result['visualization']):
             if self.save_pred:
                 self._write_pred(name, pred)
-            if self.save_vis:
+            if vis is not None:
                 self._write_vis(name, vis)
 
     def _write_pred(self, name: str, pred) -> None:
