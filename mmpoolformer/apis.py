@@ -23,7 +23,7 @@ from .engine.runner import load_config
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg', '.mpeg')
-TASKS = {'mmdet': 'detection', 'mmseg': 'segmentation'}
+TASKS = ('mmdet', 'mmseg')  # the default scopes of detection and segmentation configs
 
 
 def _checked(inferencer_cls):

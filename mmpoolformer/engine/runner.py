@@ -9,7 +9,7 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from .checkpoint import CheckpointLayoutHook, use_safe_checkpoint_loading
+from .checkpoint import CheckpointLayoutHook
 from .launch import setup_cpu_distributed
 
 
@@ -81,15 +81,15 @@ def use_resumable_checkpoints(cfg: Config) -> None:
 
 
 def build_runner(cfg: Config, strict_checkpoint: bool = True) -> Runner:
-    """A Runner whose checkpoint reads are weights-only and checked against the model, whose checkpoints
-    survive being killed (see :mod:`.resume`), and which also runs distributed on CPUs.
+    """A Runner whose checkpoint reads are checked against the model (and weights-only, as every mmengine
+    read is once ``mmpoolformer`` is imported), whose checkpoints survive being killed (see
+    :mod:`.resume`), and which also runs distributed on CPUs.
 
     Args:
         cfg: The config, as :func:`load_config` returns it.
         strict_checkpoint: Whether a checkpoint loaded that does not fit the model is an error (testing,
             resuming) or a warning (fine-tuning; see :class:`CheckpointLayoutHook`).
     """
-    use_safe_checkpoint_loading()
     use_resumable_checkpoints(cfg)
     setup_cpu_distributed(cfg)
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
