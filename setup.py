@@ -71,9 +71,10 @@ setup(
     extras_require={
         # timm and mmpretrain serve only as independent oracles in the tests; pytest-xdist runs them
         # in parallel (worksteal needs 3.2); openmim answers mim search / train / test from a wheel of
-        # ours, built without build isolation (hence wheel).
+        # ours, built without build isolation (hence wheel); onnx, onnxscript (the dynamo exporter)
+        # and onnxruntime check the exported backbone.
         'tests': ['pytest>=7', 'pytest-xdist>=3.2', 'timm>=0.9,<2', 'mmpretrain>=1.0.0,<1.3.0',
-                  'openmim>=0.3.9', 'wheel'],
+                  'openmim>=0.3.9', 'wheel', 'onnx>=1.16', 'onnxscript>=0.2', 'onnxruntime>=1.18'],
     },
     cmdclass={'build_py': BuildPyWithMimFiles},
     zip_safe=False,

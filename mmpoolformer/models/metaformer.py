@@ -25,9 +25,10 @@ import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..kernels import conv2d, norm_mlp_residual
 from ..registry import MODELS
 from .arguments import check_arguments
-from .token_mixers import Pooling, build_token_mixer, pooling_residual
+from .token_mixers import build_token_mixer
 from .weights import load_pretrained
 
 
@@ -75,16 +76,20 @@ def build_act(cfg: dict) -> nn.Module:
 class DropPath(nn.Module):
     """Stochastic depth: drops a residual branch for a whole sample, rescaling the kept ones."""
 
-    def __init__(self, drop_prob: float):
+    def __init__(self, drop_prob: float = 0.):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x):
+    def factors(self, x) -> Optional[torch.Tensor]:
+        """This step's per-sample factors, ``(N, 1, ..., 1)``: 0 or ``1 / keep``; None when inactive."""
         if not self.training or self.drop_prob == 0.:
-            return x
+            return None
         keep = 1. - self.drop_prob
-        mask = x.new_empty((x.shape[0], ) + (1, ) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        return x.new_empty((x.shape[0], ) + (1, ) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+
+    def forward(self, x):
+        factors = self.factors(x)
+        return x if factors is None else x * factors
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob}'
@@ -98,97 +103,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
 
     def forward(self, x):
-        return self.proj(x)
-
-
-def _per_channel(stat: torch.Tensor, channels: int) -> torch.Tensor:
-    """A GroupNorm statistic of shape ``(N, groups)`` as ``(N, C, 1, 1)``, to broadcast over a map."""
-    return stat.repeat_interleave(channels // stat.shape[1], dim=1).view(-1, channels, 1, 1)
-
-
-def _linear_param_grads(needs, grad, inputs, param_dtype):
-    """Weight and bias gradients of ``linear(inputs())`` from its output's ``grad`` (channels last).
-
-    ``needs`` says which of the two are wanted; ``inputs`` is only called for the weight's, so a
-    recomputed input costs nothing when the weight is frozen."""
-    grad = grad.flatten(0, -2)
-    grad_weight = (grad.t() @ inputs().flatten(0, -2)).to(param_dtype) if needs[0] else None
-    grad_bias = grad.sum(0).to(param_dtype) if needs[1] else None
-    return grad_weight, grad_bias
-
-
-class _GroupNormLinear(torch.autograd.Function):
-    """``linear(group_norm(x))`` over channels-last tokens, keeping ``x`` but not the normalised map.
-
-    ``x`` is kept anyway (the norm's backward needs it); the normalised map is one multiply-add of it,
-    so backward recomputes it instead of storing a second map per block.
-    """
-
-    @staticmethod
-    def forward(ctx, x, gn_weight, gn_bias, weight, bias, groups, eps):
-        n, c = x.shape[:2]
-        normed, mean, rstd = torch.ops.aten.native_group_norm(x, gn_weight, gn_bias, n, c,
-                                                              x[0, 0].numel(), groups, eps)
-        h = F.linear(normed.permute(0, 2, 3, 1), weight, bias)
-        ctx.groups, ctx.param_dtype = groups, weight.dtype
-        ctx.save_for_backward(x, mean, rstd, gn_weight, gn_bias, weight.to(h.dtype))
-        return h
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, mean, rstd, gn_weight, gn_bias, weight = ctx.saved_tensors
-        n, c = x.shape[:2]
-        grad = grad.to(weight.dtype)
-        grad_x = grad_gn_weight = grad_gn_bias = None
-
-        def normed():
-            # normed = x * a + (beta - mean * a), a = rstd * gamma: one pass over x
-            a = _per_channel(rstd, c)
-            if gn_weight is not None:
-                a = a * gn_weight.view(1, c, 1, 1)
-            shift = -_per_channel(mean, c) * a
-            if gn_bias is not None:
-                shift = shift + gn_bias.view(1, c, 1, 1)
-            return torch.addcmul(shift, x, a).permute(0, 2, 3, 1).to(grad.dtype)
-
-        grad_weight, grad_bias = _linear_param_grads(ctx.needs_input_grad[3:5], grad, normed,
-                                                     ctx.param_dtype)
-        if any(ctx.needs_input_grad[:3]):
-            grad_normed = (grad @ weight).permute(0, 3, 1, 2).to(x.dtype)
-            grad_x, grad_gn_weight, grad_gn_bias = torch.ops.aten.native_group_norm_backward(
-                grad_normed, x, mean, rstd, gn_weight, n, c, x[0, 0].numel(), ctx.groups,
-                list(ctx.needs_input_grad[:3]))
-        return grad_x, grad_gn_weight, grad_gn_bias, grad_weight, grad_bias, None, None
-
-
-class _ActLinear(torch.autograd.Function):
-    """``linear(act(h), weight, bias)`` keeping only ``h`` for backward.
-
-    The activated map is four times as wide as the block and would be the largest tensor a block keeps
-    for backward; the activation is recomputed from ``h`` instead. Computes in ``h``'s dtype (the one
-    autocast gave the first linear), returning gradients in the parameters' dtypes.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, act):
-        ctx.act, ctx.param_dtype = act, weight.dtype
-        weight = weight.to(h.dtype)
-        ctx.save_for_backward(h, weight)
-        return F.linear(act(h), weight, bias.to(h.dtype))
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, weight = ctx.saved_tensors
-        grad = grad.to(h.dtype)
-        with torch.enable_grad():
-            h = h.detach().requires_grad_()
-            a = ctx.act(h)
-        grad_h = None
-        grad_weight, grad_bias = _linear_param_grads(ctx.needs_input_grad[1:3], grad, a.detach,
-                                                     ctx.param_dtype)
-        if ctx.needs_input_grad[0]:
-            grad_h, = torch.autograd.grad(a, h, grad @ weight)
-        return grad_h, grad_weight, grad_bias, None
+        return conv2d(self.proj, x)
 
 
 class PositionEmbedding(nn.Module):
@@ -217,12 +132,11 @@ class PositionEmbedding(nn.Module):
 
 
 class Mlp(nn.Module):
-    """The channel MLP of a block: 1x1 convolutions, run as matrix products over channels-last tokens.
+    """The channel MLP of a block: two 1x1 convolutions around an activation.
 
-    The parameters are 1x1 convolutions so the released checkpoints load unchanged; the forward pass
-    multiplies the ``(N, H, W, C)`` view, which is free in channels-last memory. Backward recomputes the
-    activation and a GroupNorm before the MLP instead of storing them (:class:`_ActLinear`,
-    :class:`_GroupNormLinear`).
+    As a residual branch after a GroupNorm it has a fused kernel (``kernels.mlp``: norm, products,
+    activation, scale and residual in token chunks over the channels-last map, which keeps only the
+    block's input and hidden map for backward).
     """
 
     def __init__(self, dim, hidden_dim, act_cfg, drop=0.):
@@ -232,27 +146,14 @@ class Mlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
-    def forward(self, x, norm: Optional[nn.Module] = None, out_scale: Optional[torch.Tensor] = None):
-        """``mlp(norm(x)) * out_scale``. ``out_scale`` (per channel, e.g. LayerScale) is folded into fc2
-        except in fp16, which cannot represent LayerScale x weight (1e-6 x 1e-2 is below its range)."""
-        traced = torch.jit.is_tracing()  # tracers (FLOP counters, export) take standard ops only
-        if isinstance(norm, nn.GroupNorm) and not traced:
-            h = _GroupNormLinear.apply(x, norm.weight, norm.bias, self.fc1.weight.flatten(1),
-                                       self.fc1.bias, norm.num_groups, norm.eps)
-        else:
-            x = x if norm is None else norm(x)
-            h = F.linear(x.permute(0, 2, 3, 1), self.fc1.weight.flatten(1), self.fc1.bias)
-        weight, bias = self.fc2.weight.flatten(1), self.fc2.bias
-        fold = out_scale is not None and h.dtype != torch.float16
-        if fold:
-            weight, bias = weight * out_scale[:, None], bias * out_scale
-        if isinstance(self.drop, nn.Dropout) or traced:
-            y = F.linear(self.drop(self.act(h)), weight, bias)
-        else:
-            y = _ActLinear.apply(h, weight, bias, self.act)
-        if out_scale is not None and not fold:
-            y = y * out_scale
-        return self.drop(y).permute(0, 3, 1, 2)
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+    def fused_residual(self, x, norm, layer_scale, factors, plain):
+        """See :meth:`MetaFormerBlock.residual`."""
+        if isinstance(self.drop, nn.Dropout):
+            return plain(x)
+        return norm_mlp_residual(x, norm, self.fc1, self.act, self.fc2, layer_scale, factors, plain)
 
 
 class MetaFormerBlock(nn.Module):
@@ -284,39 +185,36 @@ class MetaFormerBlock(nn.Module):
         self.token_mixer = token_mixer
         self.norm2 = build_norm(norm_cfg, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_cfg, drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.drop_path = DropPath(drop_path)
         self.use_layer_scale = layer_scale_init_value is not None
         if self.use_layer_scale:
             self.layer_scale_1 = nn.Parameter(torch.full((dim, ), float(layer_scale_init_value)))
             self.layer_scale_2 = nn.Parameter(torch.full((dim, ), float(layer_scale_init_value)))
-        # Pooling commutes with a norm that is affine per sample and channel (GroupNorm) and cancels
-        # its shift: pool(GN(x)) - GN(x) = gamma * rstd * (pool(x) - x). The branch then needs GN's
-        # statistics but never the normalised map.
-        self.fuse_pooling = isinstance(token_mixer, Pooling) and isinstance(self.norm1, nn.GroupNorm)
 
     def forward(self, x):
         ls1 = self.layer_scale_1 if self.use_layer_scale else None
         ls2 = self.layer_scale_2 if self.use_layer_scale else None
-        if self.fuse_pooling and not torch.jit.is_tracing():
-            x = self._pooling_branch(x, ls1)
-        else:
-            mixed = self.token_mixer(self.norm1(x))
-            x = x + self.drop_path(mixed if ls1 is None else mixed * ls1.view(-1, 1, 1))
-        return x + self.drop_path(self.mlp(x, norm=self.norm2, out_scale=ls2))
+        x = self.residual(x, self.norm1, self.token_mixer, ls1)
+        return self.residual(x, self.norm2, self.mlp, ls2)
 
-    def _pooling_branch(self, x, layer_scale):
-        norm = self.norm1
-        c = x.shape[1]
-        # Statistics in fp32 whatever autocast gave the input: fp16 sums of squares overflow.
-        var, _ = torch.var_mean(x.float().unflatten(1, (norm.num_groups, -1)), dim=(2, 3, 4),
-                                correction=0)
-        scale = _per_channel((var + norm.eps).rsqrt(), c)
-        for factor in (norm.weight, layer_scale):
-            if factor is not None:
-                scale = scale * factor.view(-1, 1, 1)
-        scale = self.drop_path(scale)
-        x = x.to(torch.promote_types(x.dtype, norm.weight.dtype if norm.affine else x.dtype))
-        return pooling_residual(x, scale.to(x.dtype), norm.bias, self.token_mixer.pool_size)
+    def residual(self, x, norm, branch, layer_scale):
+        """``x + drop_path(layer_scale * branch(norm(x)))``.
+
+        A branch that can compute this faster than as written, fused with the norm and the residual
+        add, has a method ``fused_residual(x, norm, layer_scale, factors, plain)``: ``factors`` are
+        stochastic depth's per-sample factors for this step (or None), ``plain(x)`` is this formula as
+        written, which the branch returns wherever its kernel does not apply or does not pay.
+        """
+        factors = self.drop_path.factors(x)
+
+        def plain(x):
+            y = branch(norm(x))
+            if layer_scale is not None:
+                y = y * layer_scale.view(-1, 1, 1)
+            return x + (y if factors is None else y * factors)
+
+        fused = getattr(branch, 'fused_residual', None)
+        return plain(x) if fused is None else fused(x, norm, layer_scale, factors, plain)
 
 
 _ARCH_KEYS = {'depths', 'embed_dims', 'mlp_ratios', 'layer_scale_init_value'}

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import norm_pool_residual
 from ..registry import TOKEN_MIXERS
 
 
@@ -63,42 +64,13 @@ class Pooling(nn.Module):
     def forward(self, x):
         return self.pool(x) - x
 
+    def fused_residual(self, x, norm, layer_scale, factors, plain):
+        """After a GroupNorm the branch needs the norm's statistics only (``kernels.pooling``); see
+        :meth:`~mmpoolformer.models.MetaFormerBlock.residual`."""
+        return norm_pool_residual(x, norm, self.pool_size, layer_scale, factors, plain)
+
     def extra_repr(self) -> str:
         return f'pool_size={self.pool_size}'
-
-
-class _PoolingResidual(torch.autograd.Function):
-    """``x + scale * (avg_pool(x) - x)`` in one pass, keeping only ``x`` for backward.
-
-    The pooled map is as cheap to recompute as to store, so backward pools again instead of holding a
-    second activation per block. ``shift`` is the norm's bias, which the pooling mixer cancels: its
-    gradient is exactly zero (the reference formulation computes a rounding-level value) and is
-    returned as such, so optimisers and DDP see the parameter as used.
-    """
-
-    @staticmethod
-    def forward(ctx, x, scale, shift, pool_size):
-        ctx.pool_args = (pool_size, 1, pool_size // 2, False, False)  # kernel, stride, pad, ceil, incl.
-        ctx.save_for_backward(x, scale)
-        ctx.shift_shape = None if shift is None else shift.shape
-        return torch.lerp(x, F.avg_pool2d(x, *ctx.pool_args), scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, scale = ctx.saved_tensors
-        kernel, stride, pad, ceil_mode, count_include_pad = ctx.pool_args
-        grad_x = grad_scale = grad_shift = None
-        if ctx.needs_input_grad[0]:
-            # d/dx [(1 - s) x + s P x] = (1 - s) g + P^T (s g)
-            grad_x = torch.ops.aten.avg_pool2d_backward(grad * scale, x, [kernel] * 2, [stride] * 2,
-                                                        [pad] * 2, ceil_mode, count_include_pad, None)
-            grad_x.addcmul_(grad, 1 - scale)
-        if ctx.needs_input_grad[1]:
-            mixed = F.avg_pool2d(x, *ctx.pool_args).sub_(x).mul_(grad)
-            grad_scale = mixed.sum(dim=(2, 3), keepdim=True).sum_to_size(scale.shape)
-        if ctx.needs_input_grad[2]:
-            grad_shift = grad.new_zeros(ctx.shift_shape)
-        return grad_x, grad_scale, grad_shift, None
 
 
 @TOKEN_MIXERS.register_module()
@@ -114,12 +86,6 @@ class Identity(nn.Module):
 
     def forward(self, x):
         return x
-
-
-def pooling_residual(x, scale, shift=None, pool_size: int = 3):
-    """``x + scale * (avg_pool(x) - x)``: a pooling mixer's residual branch after a norm that is affine
-    per sample and channel (``scale`` broadcasts over ``(N, C, 1, 1)``); see :class:`_PoolingResidual`."""
-    return _PoolingResidual.apply(x, scale, shift, pool_size)
 
 
 @TOKEN_MIXERS.register_module()

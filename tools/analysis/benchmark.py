@@ -1,6 +1,7 @@
 """Time our PoolFormer backbone against timm's and mmpretrain's, and our detectors and segmentors.
 
     python tools/analysis/benchmark.py                       # S12, batch 2, 512x512, this machine
+    python tools/analysis/benchmark.py --amp                 # the same under bf16 autocast
     python tools/analysis/benchmark.py --arch m36 --device cuda --json bench.json
     python tools/analysis/benchmark.py --impls ours ours+cp --configs \\
         configs/detection/retinanet_poolformer_s12.py configs/segmentation/fpn_poolformer_s12.py
@@ -10,7 +11,14 @@ input, and must produce the same four normalised stage maps before any time is r
 alternate between implementations; the table gives medians. "train" is forward plus backward of the
 four maps; peak memory is that of one training step above what the model and input already hold
 (CUDA: the allocator's peak; CPU: the peak resident size of a fresh process during its second step,
-with glibc returning every large block to the system at once so that it follows the live tensors).
+with glibc returning every large block to the system at once so that it follows the live tensors),
+with the gradients allocated during the step ("peak MiB") and with them kept from the step before
+("kept grads": activations and backward scratch only).
+
+The floor is the time of the backbone's convolutions and matrix products alone (forward; forward and
+backward), each timed in isolation on the fastest way this machine offers: oneDNN's convolution, or,
+for a 1x1 convolution, the BLAS product over channels-last tokens; in fp32 and, under ``--amp``, in
+the low precision. What ours takes beyond it is everything that is not a product.
 
 Configs: one training iteration (``train_step``: preprocessing, forward, backward, optimizer step) and
 one inference (``test_step``) of the whole model on synthetic inputs of the config's training size.
@@ -26,7 +34,9 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from mmpoolformer import kernels
 from mmpoolformer.models import PoolFormer
 from mmpoolformer.models.weights import convert_backbone_state_dict
 from mmpoolformer.testing import randomize_weights
@@ -41,6 +51,9 @@ def parse_args(argv=None):
     parser.add_argument('--size', type=int, nargs=2, default=(512, 512), metavar=('H', 'W'))
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s choice)')
+    parser.add_argument('--amp', nargs='?', const='auto', choices=['auto', 'bf16', 'fp16'],
+                        help='time under autocast (auto: bf16 on CPU, fp16 on CUDA); outputs are '
+                        'checked in fp32 first')
     parser.add_argument('--impls', nargs='+', default=list(IMPLS), choices=IMPLS,
                         help='backbones to compare; peers that are not installed are skipped')
     parser.add_argument('--repeats', type=int, default=7, help='timed runs per implementation')
@@ -52,6 +65,8 @@ def parse_args(argv=None):
     parser.add_argument('--json', help='also write the results here')
     parser.add_argument('--memory-worker', help=argparse.SUPPRESS)  # internal: one impl, one step
     args = parser.parse_args(argv)
+    if args.amp == 'auto':
+        args.amp = 'fp16' if args.device.startswith('cuda') else 'bf16'
     if args.batch < 1 or args.repeats < 1 or min(args.size) < 32:
         parser.error('--batch and --repeats must be >= 1 and --size at least 32 x 32')
     return args
@@ -121,13 +136,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def train_step(model, x):
-    outs = model(x)
-    sum(o.float().mean() for o in outs).backward()
+AMP_DTYPES = {None: None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
-def forward(model, x):
-    with torch.no_grad():
+def autocast(x, amp):
+    return torch.autocast(x.device.type, dtype=AMP_DTYPES[amp], enabled=amp is not None)
+
+
+def train_step(model, x, amp=None):
+    with autocast(x, amp):
+        outs = model(x)
+        loss = sum(o.float().mean() for o in outs)
+    loss.backward()
+
+
+def forward(model, x, amp=None):
+    with torch.no_grad(), autocast(x, amp):
         model(x)
 
 
@@ -155,30 +179,37 @@ def check_same_outputs(models: dict, x) -> dict:
     return errors
 
 
-def peak_step_memory(impl, args) -> float:
-    """Peak bytes of one training step above the model and input (see the module docstring)."""
+def peak_step_memory(impl, args) -> list:
+    """Peak bytes of one training step above the model and input, with the gradients allocated in
+    the step and with them kept (see the module docstring)."""
     if args.device.startswith('cuda'):
         device = torch.device(args.device)
         model = build(impl, args.arch).to(device)
         model.train()
         x = torch.randn(args.batch, 3, *args.size, device=device)
-        train_step(model, x)  # as on CPU: measure the second step
-        model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        train_step(model, x)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(device) - base
+        train_step(model, x, args.amp)  # as on CPU: measure the second step
+        peaks = []
+        for _ in range(2):  # gradients allocated during the step; kept from the step before
+            if not peaks:
+                model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            train_step(model, x, args.amp)
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        return peaks
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='65536')
     cmd = [sys.executable, os.path.abspath(__file__), '--memory-worker', impl, '--arch', args.arch,
            '--batch', str(args.batch), '--size', *map(str, args.size), '--device', args.device]
     if args.threads:
         cmd += ['--threads', str(args.threads)]
+    if args.amp:
+        cmd += ['--amp', args.amp]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f'benchmark: the memory run of {impl} failed:\n{proc.stderr[-2000:]}')
-    return float(proc.stdout.strip().splitlines()[-1])
+    return [float(v) for v in proc.stdout.strip().splitlines()[-1].split()]
 
 
 def _status_bytes(field: str) -> int:
@@ -190,13 +221,16 @@ def memory_worker(args) -> None:
     model = build(args.memory_worker, args.arch)
     model.train()
     x = torch.randn(args.batch, 3, *args.size)
-    train_step(model, x)  # one-time allocations (thread pools, GEMM buffers) happen here
+    train_step(model, x, args.amp)  # one-time allocations (thread pools, GEMM buffers) happen here
     model.zero_grad(set_to_none=True)
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')  # reset the peak resident size (VmHWM) to the current one
-    base = _status_bytes('VmRSS')
-    train_step(model, x)
-    print(_status_bytes('VmHWM') - base)
+    peaks = []
+    for _ in range(2):  # gradients allocated during the step, then kept from the step before
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # reset the peak resident size (VmHWM) to the current one
+        base = _status_bytes('VmRSS')
+        train_step(model, x, args.amp)
+        peaks.append(_status_bytes('VmHWM') - base)
+    print(*peaks)
 
 
 def bench_backbones(args, device) -> list:
@@ -217,14 +251,15 @@ def bench_backbones(args, device) -> list:
     times = {impl: {'forward': [], 'train': []} for impl in impls}
     for _ in range(args.warmup):
         for impl in impls:
-            forward(models[impl], x)
-            train_step(models[impl], x)
+            forward(models[impl], x, args.amp)
+            train_step(models[impl], x, args.amp)
     for r in range(args.repeats):
         order = impls[r % len(impls):] + impls[:r % len(impls)]  # no one always runs first
         for impl in order:
-            times[impl]['forward'].append(timed(lambda: forward(models[impl], x), device))
+            times[impl]['forward'].append(timed(lambda: forward(models[impl], x, args.amp), device))
             models[impl].zero_grad(set_to_none=True)
-            times[impl]['train'].append(timed(lambda: train_step(models[impl], x), device))
+            times[impl]['train'].append(
+                timed(lambda: train_step(models[impl], x, args.amp), device))
     rows = []
     for impl in impls:
         fwd, train = (statistics.median(times[impl][k]) for k in ('forward', 'train'))
@@ -232,8 +267,62 @@ def bench_backbones(args, device) -> list:
                          train_images_per_s=args.batch / train, max_rel_err=errors[impl]))
     if not args.no_memory:
         for row in rows:
-            row['train_peak_mib'] = peak_step_memory(row['impl'], args) / 2**20
+            peaks = peak_step_memory(row['impl'], args)
+            row['train_peak_mib'], row['train_peak_kept_grads_mib'] = (p / 2**20 for p in peaks)
+    floor = product_floor(models.get('ours') or build('ours', args.arch).to(device), x, args, device)
+    rows.append(dict(impl='floor', forward_s=floor[0], train_s=floor[1],
+                     train_images_per_s=args.batch / floor[1], max_rel_err=float('nan')))
     return rows
+
+
+def product_floor(model, x, args, device) -> tuple:
+    """Seconds of the model's convolutions alone, forward and forward + backward (module docstring)."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, i, o: calls.append((m, i[0].shape)))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad(), kernels.forced(kernels.PLAIN):
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    dtypes = [torch.float32] + ([AMP_DTYPES[args.amp]] if args.amp else [])
+    forward_s = backward_s = 0.
+    for i, (conv, shape) in enumerate(calls):
+        best = [min(ts) for ts in zip(*(conv_times(conv, shape, d, i > 0, device) for d in dtypes))]
+        forward_s += best[0]
+        backward_s += best[1]
+    return forward_s, forward_s + backward_s
+
+
+def conv_times(conv, shape, dtype, input_grad, device, repeats=5):
+    """(forward, backward) seconds of ``conv`` on an input of ``shape``, each the faster of oneDNN
+    (or cuDNN) and, for 1x1, the BLAS product over tokens."""
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w, b = conv.weight.detach().to(dtype), conv.bias.detach().to(dtype)
+    y = F.conv2d(x, w, b, conv.stride, conv.padding)
+    g = torch.randn_like(y)
+    args = (conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups)
+    forward = {'conv': lambda: F.conv2d(x, w, b, conv.stride, conv.padding)}
+    backward = {'conv': lambda: torch.ops.aten.convolution_backward(
+        g, x, w, [w.shape[0]], *args, [input_grad, True, True])}
+    if conv.kernel_size == (1, 1):
+        tokens, grads = (t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in (x, g))
+        w2 = w.flatten(1)
+
+        def blas_backward():
+            if input_grad:
+                torch.mm(grads, w2)
+            torch.mm(grads.t(), tokens)
+            grads.sum(0)
+
+        forward['blas'] = lambda: torch.addmm(b, tokens, w2.t())
+        backward['blas'] = blas_backward
+    return tuple(min(median_time(fn, device, repeats) for fn in fns.values())
+                 for fns in (forward, backward))
+
+
+def median_time(fn, device, repeats):
+    fn()
+    return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
 def bench_configs(args, device) -> list:
@@ -292,34 +381,47 @@ def machine(device) -> dict:
     if device.type == 'cuda':
         info['gpu'] = torch.cuda.get_device_name(device)
     else:
-        try:
-            with open('/proc/cpuinfo') as f:
-                info['cpu'] = next(line.split(':', 1)[1].strip() for line in f
-                                   if line.startswith('model name'))
-        except (OSError, StopIteration):
-            info['cpu'] = platform.processor()
+        cpu = kernels.cpu_info()
+        info.update(cpu=cpu['model'], cpu_flags=cpu['flags'],
+                    cpu_capability=torch.backends.cpu.get_cpu_capability())
     return info
 
 
 def print_backbones(rows, args):
+    precision = f'{args.amp} autocast' if args.amp else 'fp32'
     print(f'\nPoolFormer-{args.arch.upper()} backbone, batch {args.batch}, '
-          f'{args.size[0]}x{args.size[1]}, fp32; median of {args.repeats}')
+          f'{args.size[0]}x{args.size[1]}, {precision}; median of {args.repeats}')
     peers = [r for r in rows if r['impl'] in ('timm', 'mmpretrain')]
     best = {k: min(r[k] for r in peers) for k in ('forward_s', 'train_s')} if peers else None
-    header = f'{"impl":<11}{"forward s":>10}{"train s":>9}{"img/s":>7}{"peak MiB":>10}{"max rel err":>13}'
+    if peers and 'train_peak_mib' in peers[0]:
+        best['memory'] = min(r['train_peak_mib'] for r in peers)
+        best['memory_kept'] = min(r['train_peak_kept_grads_mib'] for r in peers)
+    header = (f'{"impl":<11}{"forward s":>10}{"train s":>9}{"img/s":>7}{"peak MiB":>10}'
+              f'{"kept grads":>11}{"max rel err":>13}')
     if best:
-        header += f'{"fwd x":>7}{"train x":>9}'
+        header += f'{"fwd x":>7}{"train x":>9}{"mem x":>7}{"kept x":>8}'
     print(header)
+    nan = float('nan')
     for r in rows:
         line = (f'{r["impl"]:<11}{r["forward_s"]:>10.3f}{r["train_s"]:>9.3f}'
-                f'{r["train_images_per_s"]:>7.2f}{r.get("train_peak_mib", float("nan")):>10.0f}'
-                f'{r["max_rel_err"]:>13.1e}')
+                f'{r["train_images_per_s"]:>7.2f}{r.get("train_peak_mib", nan):>10.0f}'
+                f'{r.get("train_peak_kept_grads_mib", nan):>11.0f}{r["max_rel_err"]:>13.1e}')
         if best:
             line += (f'{best["forward_s"] / r["forward_s"]:>7.2f}'
                      f'{best["train_s"] / r["train_s"]:>9.2f}')
+            if 'memory' in best and 'train_peak_mib' in r:
+                line += (f'{r["train_peak_mib"] / best["memory"]:>7.2f}'
+                         f'{r["train_peak_kept_grads_mib"] / best["memory_kept"]:>8.2f}')
         print(line)
+    floor = next((r for r in rows if r['impl'] == 'floor'), None)
+    ours = next((r for r in rows if r['impl'] == 'ours'), None)
     if best:
-        print('x: speed-up over the faster peer (timm, mmpretrain)')
+        print('x: speed-up over the faster peer (timm, mmpretrain); mem x: memory relative to the '
+              'smaller peer')
+    if floor and ours:
+        print(f'floor: the convolutions and products alone; ours spends '
+              f'{ours["forward_s"] / floor["forward_s"] - 1:+.0%} (forward) and '
+              f'{ours["train_s"] / floor["train_s"] - 1:+.0%} (train) beyond it')
 
 
 def main(argv=None):
@@ -329,7 +431,8 @@ def main(argv=None):
     if args.memory_worker:
         return memory_worker(args)
     device = torch.device(args.device)
-    results = dict(machine=machine(device), arch=args.arch, batch=args.batch, size=list(args.size))
+    results = dict(machine=machine(device), arch=args.arch, batch=args.batch, size=list(args.size),
+                   amp=args.amp)
     results['backbones'] = bench_backbones(args, device)
     print_backbones(results['backbones'], args)
     if args.configs:
@@ -339,6 +442,8 @@ def main(argv=None):
         for r in results['configs']:
             size = 'x'.join(map(str, r['image_size']))
             print(f'{r["config"]:<52}{size:>11}{r["train_iter_s"]:>14.3f}{r["inference_s"]:>13.3f}')
+    results['kernel_plans'] = kernels.chosen()
+    print(f'\nkernel plans chosen at run time: {results["kernel_plans"]}')
     print(f'\nmachine: {results["machine"]}')
     if args.json:
         with open(args.json, 'w') as f:

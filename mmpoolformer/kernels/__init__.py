@@ -1,0 +1,21 @@
+"""How the MetaFormer's branches are computed, apart from what they compute (``models/``).
+
+A module of ``models/`` that can compute its residual branch faster than as written offers a
+``fused_residual`` method (see ``MetaFormerBlock``) that calls a kernel from here with its tensors and
+its plain formulation. The kernel picks, once per kind of input, the fastest of its plans on the
+device at hand, the plain formulation always among them (``dispatch``).
+
+- ``mlp``: GroupNorm, fc1, activation, fc2, scale and residual in token chunks;
+- ``pooling``: GroupNorm, pooling, scale and residual as one interpolation;
+- ``conv``: the stem and downsampling convolutions under autocast;
+- ``group_norm``: the statistics and the per-sample affine map the others share.
+"""
+from .conv import conv2d
+from .dispatch import PLAIN, Plan, chosen, cpu_info, forced
+from .mlp import norm_mlp_residual
+from .pooling import norm_pool_residual
+
+__all__ = [
+    'Plan', 'PLAIN', 'forced', 'chosen', 'cpu_info', 'conv2d', 'norm_mlp_residual',
+    'norm_pool_residual'
+]

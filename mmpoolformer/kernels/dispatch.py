@@ -1,0 +1,221 @@
+"""Choosing, at run time, how a branch is computed on the device at hand.
+
+A fused kernel pays on one machine and not on another: the matrix products it hands to the BLAS are
+slower than oneDNN's on some CPUs, bf16 products are fast where the CPU has bf16 instructions and six
+times slower than fp32 where it has not. So every fused branch offers :class:`Plan` candidates (always
+including the plain formulation) and :func:`choose` times each once on the first real input of a kind
+(shape class, dtype, autocast, training or not), then keeps the fastest for the process. Nothing for
+users to set.
+
+With ``torch.use_deterministic_algorithms(True)`` (mmengine's ``randomness.deterministic``) the first
+candidate is taken without timing, so that two runs (an interrupted one and its resumption) compute
+bit for bit alike. :func:`forced` pins a plan, for tests and benchmarks.
+"""
+import contextlib
+import functools
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+BACKENDS = ('blas', 'onednn')
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one branch computes.
+
+    Args:
+        fused (bool): The fused kernel, or the plain formulation (the modules as written).
+        backend (str): Who multiplies in the fused kernel: ``'blas'`` (``torch.addmm``: MKL or
+            OpenBLAS) or ``'onednn'``.
+        dtype (torch.dtype, optional): The fused kernel's product dtype; None: the input's. Under
+            autocast a low-precision candidate and an fp32 one compete.
+    """
+    fused: bool = True
+    backend: str = 'blas'
+    dtype: Optional[torch.dtype] = None
+
+    def __str__(self) -> str:
+        if not self.fused:
+            return 'plain'
+        dtype = '' if self.dtype is None else '/' + str(self.dtype).replace('torch.', '')
+        return f'fused/{self.backend}{dtype}'
+
+
+PLAIN = Plan(fused=False)
+
+_chosen: Dict[tuple, Plan] = {}
+_timings: Dict[tuple, Dict[str, float]] = {}
+_forced: List[Plan] = []
+
+
+@contextlib.contextmanager
+def forced(plan: Plan) -> Iterator[None]:
+    """Compute every branch with ``plan`` inside the block (where the branch supports it)."""
+    _forced.append(plan)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def chosen() -> Dict[str, str]:
+    """What :func:`choose` decided so far in this process, ``{key: plan}``, for reports."""
+    return {' '.join(map(str, key)): str(plan) for key, plan in _chosen.items()}
+
+
+def timings() -> Dict[str, Dict[str, float]]:
+    """The seconds each candidate took when it was timed, ``{key: {plan: s}}``."""
+    return {' '.join(map(str, key)): dict(t) for key, t in _timings.items()}
+
+
+def reset() -> None:
+    """Forget every choice (tests; a benchmark that changes threads)."""
+    _chosen.clear()
+    _timings.clear()
+
+
+def size_class(numel: int) -> int:
+    """Inputs within a factor of two share a choice."""
+    return int(math.log2(max(numel, 1)))
+
+
+def choose(key: tuple, candidates: Sequence[Plan], run: Callable[[Plan], None]) -> Plan:
+    """The plan for ``key``: forced, the first candidate (deterministic mode), or the fastest.
+
+    ``run(plan)`` computes the branch once with ``plan`` on the real input, as the caller would
+    (forward, or forward and backward in training); it is timed after one warm-up call.
+    """
+    if _forced:
+        return _closest(_forced[-1], candidates)
+    if len(candidates) == 1 or torch.are_deterministic_algorithms_enabled():
+        return candidates[0]
+    plan = _chosen.get(key)
+    if plan is None:
+        times = {}
+        for candidate in candidates:
+            run(candidate)
+            start = time.perf_counter()
+            run(candidate)
+            _synchronize(key)
+            times[candidate] = time.perf_counter() - start
+        plan = _chosen[key] = min(times, key=times.get)
+        _timings[key] = {str(p): t for p, t in times.items()}
+    return plan
+
+
+def _closest(plan: Plan, candidates: Sequence[Plan]) -> Plan:
+    """The candidate that agrees with ``plan`` on everything it sets (dtype None: any), else on
+    being fused or not, else the first."""
+    for matches in (lambda c: c.fused == plan.fused and c.backend == plan.backend and plan.dtype in
+                    (None, c.dtype), lambda c: c.fused == plan.fused):
+        for candidate in candidates:
+            if matches(candidate):
+                return candidate
+    return candidates[0]
+
+
+def tracing() -> bool:
+    """Tracers and compilers (FLOP counters, ONNX export, ``torch.compile``) get the plain
+    formulation: standard operators, which they can count, export or fuse themselves."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def run(key: tuple, candidates: Sequence[Plan], compute: Callable, x: torch.Tensor,
+        params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``compute(plan, x)`` with the plan :func:`choose` picks for this kind of input.
+
+    The kind is ``key`` (the branch and its shapes) with the device, dtype, autocast, whether autograd
+    records (then forward and backward are timed together) and the size class of ``x``. Trials run on
+    detached copies of ``x`` and leave no gradient behind; identity saved-tensor hooks keep them out of
+    an enclosing activation checkpoint.
+    """
+    training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    key = (x.device.type, ) + tuple(key) + (str(x.dtype).replace('torch.', ''),
+                                            autocast_dtype(x.device), 'train' if training else 'infer',
+                                            size_class(x.numel()))
+
+    def trial(plan):
+        keep = lambda t: t  # noqa: E731
+        with torch.autograd.graph.saved_tensors_hooks(keep, keep), torch.set_grad_enabled(training):
+            xt = x.detach().requires_grad_(x.requires_grad)
+            y = compute(plan, xt)
+            if training:
+                inputs = [t for t in (xt, *params) if t.requires_grad]
+                torch.autograd.grad(y, inputs, torch.ones_like(y), allow_unused=True)
+
+    return compute(choose(key, candidates, trial), x)
+
+
+def _synchronize(key: tuple) -> None:
+    if key and key[0] == 'cuda':
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------ what the CPU offers
+CPU_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_fp16', 'amx_bf16', 'amx_fp16')
+
+
+@functools.lru_cache(None)
+def cpu_info() -> dict:
+    """The CPU's model name and which of :data:`CPU_FLAGS` it has (Linux; empty elsewhere)."""
+    info = dict(model='unknown', flags=[])
+    try:
+        with open('/proc/cpuinfo') as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return info
+    for line in lines:
+        field, _, value = line.partition(':')
+        field = field.strip()
+        if field == 'model name' and info['model'] == 'unknown':
+            info['model'] = value.strip()
+        elif field == 'flags':
+            have = set(value.split())
+            info['flags'] = [f for f in CPU_FLAGS if f in have]
+            break
+    return info
+
+
+def native_low_precision(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``device`` multiplies ``dtype`` in hardware: always on CUDA; on a CPU, with AVX-512 /
+    AMX instructions for it (without them oneDNN emulates bf16, several times slower than fp32)."""
+    if device.type != 'cpu':
+        return True
+    flags = set(cpu_info()['flags'])
+    if dtype == torch.bfloat16:
+        return bool(flags & {'avx512_bf16', 'amx_bf16'})
+    if dtype == torch.float16:
+        return bool(flags & {'avx512_fp16', 'amx_fp16'})
+    return True
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast gives products on ``device`` now, or None outside autocast."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def product_dtypes(device: torch.device, dtype: torch.dtype) -> List[torch.dtype]:
+    """Product dtypes worth trying for inputs of ``dtype`` on ``device``, the default first: under
+    autocast its low precision where native and fp32 otherwise, then the other one."""
+    low = autocast_dtype(device)
+    if low is None or low == dtype:
+        return [dtype]
+    preferred = [low, dtype] if native_low_precision(device, low) else [dtype, low]
+    return preferred
+
+
+def backends(device: torch.device, dtype: torch.dtype) -> List[str]:
+    """Who can multiply ``dtype`` on ``device`` in the fused kernels, the default first (oneDNN has
+    no bf16 products on CPUs without AVX-512)."""
+    if device.type != 'cpu' or not torch.backends.mkldnn.is_available():
+        return ['blas']
+    if dtype == torch.float32 or (dtype == torch.bfloat16
+                                  and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return list(BACKENDS)
+    return ['blas']

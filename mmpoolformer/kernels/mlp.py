@@ -1,0 +1,244 @@
+"""The MLP branch of a block, ``x + s * fc2(act(fc1(GN(x))))``, fused and computed in token chunks.
+
+Unfused, this branch writes and reads back four maps per block (the normalised map, the hidden map, its
+activation, the branch output), three of them four times as wide as the block, before the residual
+add reads ``x`` again. Here each sample's tokens go through in chunks of about a megabyte of hidden
+activations: a chunk is normalised, multiplied, activated, multiplied and added to its residual while
+it is still in cache, and only the output is written. The products are the same matrix products as in
+the plain formulation, over the channels-last token view.
+
+Backward goes through the same chunks. Only ``x`` and, in training, the hidden map ``h`` are kept;
+the normalised map and the activation are recomputed per chunk (one multiply-add; one activation), and
+the weight gradients accumulate chunk by chunk. What reaches the norm's input is the one full-size
+gradient, handed to PyTorch's own GroupNorm backward.
+
+``s`` is a per-channel scale folded into fc2 by the caller (LayerScale) times a per-sample factor
+(stochastic depth: 0 for a dropped sample, whose tokens are then copied, ``1 / keep`` otherwise).
+"""
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn as nn
+
+from . import dispatch
+from .dispatch import Plan
+from .group_norm import affine, group_stats, tokens
+
+CHUNK_BYTES = 1 << 21  # hidden activations per chunk: stays in a core's L2 with room for the rest
+
+
+class Activation:
+    """An activation as the kernel needs it: into a given buffer, and its backward in place."""
+
+    def __init__(self, module: nn.Module):
+        if type(module) is nn.GELU:
+            approximate = module.approximate
+            self.forward = lambda h, out: torch.ops.aten.gelu.out(h, approximate=approximate, out=out)
+            self.backward = lambda g, h: torch.ops.aten.gelu_backward.grad_input(
+                g, h, approximate=approximate, grad_input=g)
+        elif type(module) is nn.ReLU:
+            self.forward = lambda h, out: torch.clamp_min(h, 0, out=out)
+            self.backward = lambda g, h: torch.ops.aten.threshold_backward.grad_input(
+                g, h, 0, grad_input=g)
+        elif type(module) is nn.SiLU:
+            self.forward = lambda h, out: torch.ops.aten.silu.out(h, out=out)
+            self.backward = lambda g, h: torch.ops.aten.silu_backward.grad_input(g, h, grad_input=g)
+        else:
+            raise TypeError(f'no fused kernel for activation {type(module).__name__}')
+
+    @staticmethod
+    def supports(module: nn.Module) -> bool:
+        return type(module) in (nn.GELU, nn.ReLU, nn.SiLU)
+
+
+def _linear(backend: str, x, weight, bias=None, out=None):
+    """``x @ weight.T + bias`` for ``(rows, in)`` tokens and an ``(out, in)`` weight."""
+    if out is not None and out.dtype != x.dtype:
+        return out.copy_(_linear(backend, x, weight, bias))
+    if backend == 'onednn':
+        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+        return y if out is None else out.copy_(y)
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
+class _NormMlpResidual(torch.autograd.Function):
+    """On channels-last ``(N, C, H, W)`` maps; ``scales`` is a list of N per-sample factors."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, groups, eps, act, scales, plan):
+        with torch.autocast(x.device.type, enabled=False):
+            dtype = plan.dtype or x.dtype
+            n, c = x.shape[:2]
+            mean, rstd = group_stats(x, groups, eps)
+            a, b = affine(mean, rstd, norm_weight, norm_bias, c)
+            w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (w1, b1, w2, b2))
+            out = torch.empty_like(x, memory_format=torch.channels_last)
+            tx, tout = tokens(x), tokens(out)
+            h_all = None
+            if any(ctx.needs_input_grad):
+                h_all = tx.new_empty(tx.shape[:2] + w1.shape[:1], dtype=dtype)
+            bufs = _Buffers(tx, w1.shape[0], dtype)
+            copy_input = lambda i: tout[i].copy_(tx[i])  # noqa: E731 (a dropped sample's output)
+            for i, start, end in _chunks(tx, bufs.rows, scales, copy_input):
+                xc, scale = tx[i, start:end], scales[i]
+                nc = torch.addcmul(b[i], xc, a[i], out=bufs.normed(end - start))
+                hc = _linear(plan.backend, nc, w1, b1,
+                             out=bufs.hidden(end - start) if h_all is None else h_all[i, start:end])
+                ac = act.forward(hc, out=bufs.act(end - start))
+                if plan.backend == 'blas' and dtype == x.dtype:
+                    oc = tout[i, start:end]
+                    if b2 is None:
+                        oc.copy_(xc)
+                    else:
+                        torch.add(xc, b2, alpha=scale, out=oc)
+                    oc.addmm_(ac, w2.t(), alpha=scale)
+                else:
+                    torch.add(xc, _linear(plan.backend, ac, w2, b2), alpha=scale,
+                              out=tout[i, start:end])
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, h_all)
+        ctx.groups, ctx.act, ctx.scales, ctx.plan = groups, act, scales, plan
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, h_all = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        plan, act, scales = ctx.plan, ctx.act, ctx.scales
+        dtype, hidden = w1.dtype, w1.shape[0]
+        n, c = x.shape[:2]
+        with torch.autocast(x.device.type, enabled=False):
+            a, b = affine(mean, rstd, norm_weight, norm_bias, c)
+            grad = grad.contiguous(memory_format=torch.channels_last)
+            tx, tg = tokens(x), tokens(grad)
+            acc = dict(dtype=torch.promote_types(dtype, torch.float32), device=x.device)
+            gw1 = torch.zeros(w1.shape, **acc) if needs[3] else None
+            gb1 = torch.zeros(hidden, **acc) if needs[4] else None
+            gw2 = torch.zeros(w2.shape, **acc) if needs[5] else None
+            gb2 = torch.zeros(c, **acc) if needs[6] else None
+            into_norm = any(needs[:3])
+            into_hidden = into_norm or needs[3] or needs[4]
+            grad_normed = torch.empty_like(x, memory_format=torch.channels_last) if into_norm else None
+            tgn = None if grad_normed is None else tokens(grad_normed)
+            # the products that carry the gradient back, as (out, in) weights for oneDNN
+            w2_t = w2.t().contiguous() if plan.backend == 'onednn' else w2.t()
+            w1_t = w1.t().contiguous() if plan.backend == 'onednn' else w1.t()
+            bufs = _Buffers(tx, hidden, dtype)
+            no_grad = lambda i: tgn is not None and tgn[i].zero_()  # noqa: E731 (a dropped sample)
+            for i, start, end in _chunks(tx, bufs.rows, scales, no_grad):
+                k = end - start
+                gc = torch.mul(tg[i, start:end], scales[i], out=bufs.grad(k))
+                nc = torch.addcmul(b[i], tx[i, start:end], a[i], out=bufs.normed(k))
+                hc = h_all[i, start:end] if h_all is not None else _linear(
+                    plan.backend, nc, w1, b1, out=bufs.hidden(k))
+                if needs[5]:
+                    _accumulate(gw2, gc.t(), act.forward(hc, out=bufs.act(k)))
+                if needs[6]:
+                    gb2 += gc.sum(0)
+                if not into_hidden:
+                    continue
+                gh = act.backward(_linear(plan.backend, gc, w2_t, out=bufs.act(k)), hc)
+                if needs[3]:
+                    _accumulate(gw1, gh.t(), nc)
+                if needs[4]:
+                    gb1 += gh.sum(0)
+                if into_norm:
+                    _linear(plan.backend, gh, w1_t, out=tgn[i, start:end])
+            grad_x = grad_norm_weight = grad_norm_bias = None
+            if into_norm:
+                grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_group_norm_backward(
+                    grad_normed, x, mean.to(x.dtype), rstd.to(x.dtype), norm_weight, n, c,
+                    tx.shape[1], ctx.groups, list(needs[:3]))
+                if needs[0]:
+                    grad_x += grad
+            elif needs[0]:
+                grad_x = grad.clone()
+        param_dtype = (norm_weight if norm_weight is not None else x).dtype
+        cast = lambda t: None if t is None else t.to(param_dtype)  # noqa: E731
+        return (grad_x, grad_norm_weight, grad_norm_bias, cast(gw1), cast(gb1), cast(gw2), cast(gb2),
+                None, None, None, None, None)
+
+
+class _Buffers:
+    """Chunk-sized scratch tensors, allocated once per call and reused by every chunk."""
+
+    def __init__(self, tx: torch.Tensor, hidden: int, dtype: torch.dtype):
+        self.rows, self.c, self.hidden_dim = _rows(hidden, dtype), tx.shape[2], hidden
+        self.tx, self.dtype, self._bufs = tx, dtype, {}
+
+    def _get(self, name, width, k):
+        buf = self._bufs.get(name)
+        if buf is None:
+            buf = self._bufs[name] = self.tx.new_empty((self.rows, width), dtype=self.dtype)
+        return buf[:k]
+
+    def normed(self, k):
+        return self._get('normed', self.c, k)
+
+    def grad(self, k):
+        return self._get('grad', self.c, k)
+
+    def hidden(self, k):
+        return self._get('hidden', self.hidden_dim, k)
+
+    def act(self, k):
+        return self._get('act', self.hidden_dim, k)
+
+
+def _rows(hidden: int, dtype: torch.dtype) -> int:
+    return max(16, CHUNK_BYTES // (hidden * dtype.itemsize))
+
+
+def _chunks(tx: torch.Tensor, rows: int, scales: List[float], on_dropped):
+    """``(sample, start, end)`` of every chunk of every kept sample; ``on_dropped(i)`` for the others."""
+    for i in range(tx.shape[0]):
+        if scales[i] == 0:
+            on_dropped(i)
+            continue
+        for start in range(0, tx.shape[1], rows):
+            yield i, start, min(start + rows, tx.shape[1])
+
+
+def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``total += a @ b``, in ``total``'s (fp32) precision."""
+    if a.dtype == total.dtype:
+        total.addmm_(a, b)
+    else:
+        total += torch.mm(a, b)
+
+
+def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.Module,
+                      fc2: nn.Conv2d, layer_scale: Optional[torch.Tensor],
+                      factors: Optional[torch.Tensor], plain: Callable) -> torch.Tensor:
+    """``x + factors * layer_scale * fc2(act(fc1(norm(x))))``, by the fastest plan for this input.
+
+    ``fc1`` / ``fc2`` are 1x1 convolutions, ``factors`` the ``(N, 1, 1, 1)`` per-sample factors of
+    stochastic depth (None: all one) and ``plain(x)`` the same branch as the modules compute it, which
+    is taken where the kernel does not apply (another norm or activation, dropout, fp16 or other
+    dtypes) and wherever it is faster.
+    """
+    if dispatch.tracing() or not (isinstance(norm, nn.GroupNorm) and Activation.supports(act)
+            and x.dtype in (torch.float32, torch.float64) and x.dim() == 4):
+        return plain(x)
+    dtypes = [d for d in dispatch.product_dtypes(x.device, x.dtype) if d != torch.float16]
+    fused = [Plan(backend=backend, dtype=dtype) for dtype in dtypes
+             for backend in dispatch.backends(x.device, dtype)]
+    kernel_act = Activation(act)
+    scales = [1.] * x.shape[0] if factors is None else factors.flatten().tolist()
+    params = [p for p in (norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+                          layer_scale) if p is not None]
+
+    def compute(plan, x):
+        if not plan.fused:
+            return plain(x)
+        w2, b2 = fc2.weight.flatten(1), fc2.bias
+        if layer_scale is not None:
+            w2 = w2 * layer_scale[:, None]
+            b2 = None if b2 is None else b2 * layer_scale
+        x = x.contiguous(memory_format=torch.channels_last)
+        return _NormMlpResidual.apply(x, norm.weight, norm.bias, fc1.weight.flatten(1), fc1.bias, w2,
+                                      b2, norm.num_groups, norm.eps, kernel_act, scales, plan)
+
+    key = ('mlp', fc1.in_channels, fc1.out_channels, type(act).__name__)
+    return dispatch.run(key, fused + [dispatch.PLAIN], compute, x, params)

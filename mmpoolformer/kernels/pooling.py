@@ -1,0 +1,94 @@
+"""The pooling branch of a PoolFormer block, ``x + s * (pool(GN(x)) - GN(x))``, in one pass.
+
+Average pooling commutes with a map that is affine per sample and channel, which GroupNorm is (see
+``group_norm.py``), and the difference cancels its shift: ``pool(GN(x)) - GN(x) = a * (pool(x) - x)``
+with ``a = gamma * rstd``. The branch thus needs the norm's statistics but never the normalised map:
+``x + s * a * (pool(x) - x)``, one pooling and one interpolation, keeping only ``x`` for backward.
+"""
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import dispatch
+from .group_norm import group_stats, per_channel
+
+
+class _NormPoolResidual(torch.autograd.Function):
+    """``x + s * (avg_pool(x) - x)`` with ``s = rstd * weight``, ``rstd`` from ``x``'s GroupNorm
+    statistics and ``weight`` of shape ``(N, C)``, keeping only ``x`` for backward.
+
+    The pooled map is as cheap to recompute as to store, so backward pools again. ``shift`` is the
+    norm's bias, which the identity above cancels: its gradient is exactly zero (the reference
+    formulation computes a rounding-level value) and is returned as such, so that optimisers and DDP
+    see the parameter as used.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, shift, groups, eps, pool_size):
+        ctx.pool_args = (pool_size, 1, pool_size // 2, False, False)  # kernel, stride, pad, ceil, incl.
+        mean, rstd = group_stats(x, groups, eps)
+        scale = (per_channel(rstd, x.shape[1]) * weight)[:, :, None, None].to(x.dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.shift_shape = None if shift is None else shift.shape
+        # (1 - s) x + s pool(x), written over the pooled map
+        return F.avg_pool2d(x, *ctx.pool_args).lerp_(x, 1 - scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        n, c = x.shape[:2]
+        groups = mean.shape[1]
+        kernel, stride, pad, ceil_mode, count_include_pad = ctx.pool_args
+        rstd_c = per_channel(rstd, c)
+        scale = (rstd_c * weight)[:, :, None, None].to(x.dtype)
+        grad_x = grad_weight = grad_shift = None
+        # through s = rstd * weight: the weight's gradient, and rstd's, which reaches x
+        mixed = F.avg_pool2d(x, *ctx.pool_args).sub_(x).mul_(grad)
+        grad_scale = mixed.sum(dim=(2, 3), dtype=rstd.dtype)
+        del mixed
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_scale * rstd_c).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            # d/dx [(1 - s) x + s P x] at fixed s = (1 - s) g + P^T (s g)
+            grad_x = torch.ops.aten.avg_pool2d_backward(grad * scale, x, [kernel] * 2, [stride] * 2,
+                                                        [pad] * 2, ceil_mode, count_include_pad, None)
+            grad_x.addcmul_(grad, 1 - scale)
+            # d rstd / dx = -rstd^3 (x - mean) / count, per (sample, group)
+            grad_rstd = (grad_scale * weight).view(n, groups, -1).sum(2)
+            coef = per_channel(-grad_rstd * rstd.pow(3) / (x[0].numel() // groups), c)
+            grad_x.addcmul_(x, coef[:, :, None, None].to(x.dtype))
+            grad_x.sub_((coef * per_channel(mean, c))[:, :, None, None].to(x.dtype))
+        if ctx.needs_input_grad[2]:
+            grad_shift = grad.new_zeros(ctx.shift_shape)
+        return grad_x, grad_weight, grad_shift, None, None, None
+
+
+def norm_pool_residual(x: torch.Tensor, norm: nn.Module, pool_size: int,
+                       layer_scale: Optional[torch.Tensor], factors: Optional[torch.Tensor],
+                       plain: Callable) -> torch.Tensor:
+    """``x + factors * layer_scale * (pool(norm(x)) - norm(x))`` by the faster of the identity above
+    and ``plain(x)`` (the modules as written), which is also taken for norms other than GroupNorm."""
+    if dispatch.tracing() or not isinstance(norm, nn.GroupNorm) or not x.is_floating_point():
+        return plain(x)
+
+    def compute(plan, x):
+        if not plan.fused:
+            return plain(x)
+        # the statistics' precision: fp32 at least, whatever autocast gave x
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = torch.ones(x.shape[:2], dtype=stat_dtype, device=x.device)
+        for factor in (norm.weight, layer_scale):
+            if factor is not None:
+                weight = weight * factor
+        if factors is not None:
+            weight = weight * factors.view(-1, 1)
+        return _NormPoolResidual.apply(x.to(stat_dtype), weight, norm.bias, norm.num_groups, norm.eps,
+                                       pool_size)
+
+    params = [p for p in (norm.weight, norm.bias, layer_scale) if p is not None]
+    # fp16 statistics overflow (sums of squares beyond 65504), and CPU autocast leaves GroupNorm
+    # in fp16: an fp16 map is normalised here, in fp32, whatever is faster
+    candidates = [dispatch.Plan()] + ([] if x.dtype == torch.float16 else [dispatch.PLAIN])
+    return dispatch.run(('pool', x.shape[1], pool_size), candidates, compute, x, params)

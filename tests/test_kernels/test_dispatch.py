@@ -1,0 +1,102 @@
+"""The run-time choice of plans: the fastest is kept per kind of input, deterministic mode and
+tracing get fixed formulations, and trials leave nothing behind."""
+import pytest
+import torch
+
+from mmpoolformer import kernels
+from mmpoolformer.kernels import dispatch
+from mmpoolformer.models import MetaFormerBlock, Pooling
+
+
+@pytest.fixture
+def timed_choices():
+    """Lift the suite's deterministic mode (see conftest) and start with no choices made."""
+    torch.use_deterministic_algorithms(False)
+    dispatch.reset()
+    yield
+    dispatch.reset()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def test_the_fastest_candidate_is_kept_per_key(timed_choices, monkeypatch):
+    slow, fast = dispatch.Plan(backend='blas'), dispatch.Plan(backend='onednn')
+    clock = iter(range(100))
+    monkeypatch.setattr(dispatch.time, 'perf_counter', lambda: next(clock))
+    runs = []
+
+    def run(plan):  # the slow plan "takes" 5 ticks, the fast one 1
+        runs.append(plan)
+        if plan == slow:
+            for _ in range(4):
+                next(clock)
+
+    assert dispatch.choose(('k', 1), [slow, fast], run) == fast
+    assert runs == [slow, slow, fast, fast]  # a warm-up and a timed run each
+    assert dispatch.choose(('k', 1), [slow, fast], run) == fast and len(runs) == 4  # kept
+    assert dispatch.chosen() == {'k 1': 'fused/onednn'}
+    assert dispatch.timings()['k 1'] == {'fused/blas': 5, 'fused/onednn': 1}
+
+
+def test_deterministic_mode_and_forced_plans_skip_the_timing(timed_choices):
+    candidates = [dispatch.Plan(), dispatch.PLAIN]
+    fail = lambda plan: pytest.fail('timed')  # noqa: E731
+    torch.use_deterministic_algorithms(True)
+    assert dispatch.choose(('k', ), candidates, fail) == dispatch.Plan()
+    torch.use_deterministic_algorithms(False)
+    with kernels.forced(kernels.PLAIN):
+        assert dispatch.choose(('k', ), candidates, fail) == dispatch.PLAIN
+    with kernels.forced(kernels.Plan(backend='onednn')):  # not offered here: the closest, fused
+        assert dispatch.choose(('k', ), candidates, fail) == dispatch.Plan()
+    assert dispatch.chosen() == {}
+
+
+def test_a_block_times_its_plans_once_per_kind_of_input_and_leaves_no_gradients(timed_choices):
+    block = MetaFormerBlock(8, Pooling(8)).train()
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    y = block(x)
+    keys = dispatch.chosen()
+    assert sorted(k.split()[1] for k in keys) == ['mlp', 'pool']
+    assert all(' train ' in k for k in keys)
+    assert all(p.grad is None for p in block.parameters()) and x.grad is None
+    y.sum().backward()
+    assert x.grad is not None
+    block(torch.randn(2, 8, 16, 16))  # same kind: no new choice
+    with torch.no_grad():
+        block(x)  # inference is another kind
+    assert len(dispatch.chosen()) == 4
+    block(torch.randn(2, 8, 64, 64))  # another size class
+    assert len(dispatch.chosen()) == 6
+
+
+def test_timing_inside_an_activation_checkpoint(timed_choices):
+    """The first call of a kind may come inside ``torch.utils.checkpoint``: its trials run outside the
+    checkpoint's saved-tensor hooks, and the gradients equal those without checkpointing."""
+    block = MetaFormerBlock(8, Pooling(8)).train()
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    (g, ) = torch.autograd.grad(y.square().sum(), x)
+    (ref, ) = torch.autograd.grad(block(x).square().sum(), x)
+    torch.testing.assert_close(g, ref)
+
+
+def test_cpu_info_names_the_model_and_flags():
+    info = kernels.cpu_info()
+    assert info['model'] and set(info['flags']) <= set(dispatch.CPU_FLAGS)
+
+
+def test_low_precision_is_preferred_only_where_the_cpu_has_it(monkeypatch):
+    cpu = torch.device('cpu')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        monkeypatch.setattr(dispatch, 'cpu_info', lambda: dict(model='x', flags=['avx2']))
+        assert dispatch.product_dtypes(cpu, torch.float32) == [torch.float32, torch.bfloat16]
+        monkeypatch.setattr(dispatch, 'cpu_info', lambda: dict(model='x', flags=['avx512_bf16']))
+        assert dispatch.product_dtypes(cpu, torch.float32) == [torch.bfloat16, torch.float32]
+    assert dispatch.product_dtypes(cpu, torch.float32) == [torch.float32]
+
+
+def test_tracing_takes_the_plain_formulation(timed_choices):
+    """Tracers (FLOP counters, exporters) see standard operators, and no plan is timed for them."""
+    block = MetaFormerBlock(8, Pooling(8)).eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        traced = torch.jit.trace(block, torch.randn(1, 8, 8, 8), check_trace=False)
+    assert 'PythonOp' not in str(traced.inlined_graph) and dispatch.chosen() == {}

@@ -1,0 +1,129 @@
+"""The fused kernels against their plain formulation: exact gradients (float64 ``gradcheck``), the
+chunking, every activation and norm they accept, frozen parameters, dropped samples, bf16 products."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mmpoolformer import kernels
+from mmpoolformer.kernels import mlp as mlp_kernel
+from mmpoolformer.kernels.mlp import _NormMlpResidual, Activation
+from mmpoolformer.kernels.pooling import _NormPoolResidual
+
+BACKENDS = kernels.dispatch.backends(torch.device('cpu'), torch.float32)
+
+
+def max_rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def plain_mlp_residual(x, norm, fc1, act, fc2, layer_scale, factors):
+    y = fc2(act(fc1(norm(x)))) * layer_scale.view(-1, 1, 1)
+    return x + (y if factors is None else y * factors)
+
+
+def branch(dim=6, hidden=10, act=nn.GELU(), groups=1, affine=True, bias=True, dtype=torch.float64):
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(groups, dim, affine=affine)
+    if affine:
+        nn.init.normal_(norm.weight, 1, 0.3)
+        nn.init.normal_(norm.bias, 0, 0.3)
+    fc1, fc2 = nn.Conv2d(dim, hidden, 1, bias=bias), nn.Conv2d(hidden, dim, 1, bias=bias)
+    layer_scale = nn.Parameter(torch.rand(dim) + 0.5)
+    norm, fc1, fc2 = (m.to(dtype) for m in (norm, fc1, fc2))
+    return [norm, fc1, act, fc2, layer_scale.to(dtype).detach().requires_grad_()]
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('act', [nn.GELU(), nn.GELU(approximate='tanh'), nn.ReLU(), nn.SiLU()],
+                         ids=['gelu', 'gelu_tanh', 'relu', 'silu'])
+def test_mlp_kernel_gradients_are_exact(act, backend, monkeypatch):
+    """float64 ``gradcheck`` of the autograd function: three chunks per sample (the last one short),
+    one dropped sample."""
+    if backend == 'onednn':
+        pytest.skip('oneDNN multiplies fp32 and bf16 only')
+    monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 16 * 10 * 8)  # 16 rows of 10 float64
+    norm, fc1, act, fc2, _ = branch(act=act)
+    x = torch.randn(3, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    args = [x, norm.weight, norm.bias, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias]
+    args = [a.detach().requires_grad_() for a in args]
+
+    def fn(*args):
+        return _NormMlpResidual.apply(*args, 1, 1e-5, Activation(act), [2., 0., 1.],
+                                      kernels.Plan(backend=backend))
+
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('groups, affine, bias', [(1, True, True), (3, True, True), (2, False, False)],
+                         ids=['gn1', 'gn3', 'no_affine_no_bias'])
+@pytest.mark.parametrize('frozen', [False, True], ids=['', 'fc1_frozen'])
+def test_mlp_kernel_equals_the_branch_as_written(groups, affine, bias, frozen, backend, monkeypatch):
+    """fp32 against the modules in float64: outputs and the gradients of every tensor taking part,
+    over several chunks; a frozen parameter gets no gradient and changes nothing else."""
+    monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 100 * 24 * 4)
+    modules = branch(dim=12, hidden=24, groups=groups, affine=affine, bias=bias, dtype=torch.float32)
+    ref_modules = [copy.deepcopy(m).double() if isinstance(m, nn.Module) else m for m in modules]
+    ref_modules[-1] = modules[-1].detach().double().requires_grad_()
+    x = torch.randn(2, 12, 23, 17, requires_grad=True)
+    factors = torch.tensor([2., 0.5]).view(2, 1, 1, 1)
+
+    def trained(norm, fc1, act, fc2, ls):
+        fc1.weight.requires_grad_(not frozen)
+        return [p for p in (*norm.parameters(), *fc1.parameters(), *fc2.parameters(), ls)
+                if p.requires_grad]
+
+    params, ref_params = trained(*modules), trained(*ref_modules)
+    with kernels.forced(kernels.Plan(backend=backend)):
+        y = kernels.norm_mlp_residual(x, *modules, factors, plain=lambda x: pytest.fail('plain'))
+    ref = plain_mlp_residual(x.double(), *ref_modules, factors.double())
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(y, [x] + params, g)
+    ref_grads = torch.autograd.grad(ref, [x] + ref_params, g.double())
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert max_rel_err(y, ref) <= 1e-6
+    assert len(grads) == len(ref_grads) == 1 + 2 * affine + 2 * (1 + bias) + 1 - frozen
+    for a, b in zip(grads, ref_grads):
+        assert max_rel_err(a, b) <= 1e-5
+
+
+def test_mlp_kernel_with_bf16_products_tracks_fp32():
+    norm, fc1, act, fc2, ls = branch(dim=16, hidden=64, dtype=torch.float32)
+    x = torch.randn(2, 16, 20, 20, requires_grad=True)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast('cpu', dtype=torch.bfloat16), kernels.forced(kernels.Plan(dtype=dtype)):
+            y = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, ls, None, plain=None)
+        assert y.dtype == torch.float32
+        results.append((y, torch.autograd.grad(y.square().sum(), [x, fc1.weight, fc2.weight])))
+    (y32, g32), (y16, g16) = results
+    assert 0 < max_rel_err(y16, y32) <= 1e-2
+    assert all(max_rel_err(a, b) <= 3e-2 for a, b in zip(g16, g32))
+
+
+@pytest.mark.parametrize('groups', [1, 3])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['contiguous', 'channels_last'])
+def test_pooling_kernel_gradients_are_exact(groups, channels_last):
+    """float64 ``gradcheck``, the norm's statistics included."""
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.rand(2, 6, dtype=torch.float64) + 0.5
+    shift = torch.randn(6, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (x, weight, shift)]
+    assert torch.autograd.gradcheck(lambda *a: _NormPoolResidual.apply(*a, groups, 1e-5, 3), args)
+
+
+def test_the_kernels_step_aside_for_what_they_do_not_compute():
+    """Another norm, activation or dtype: the plain formulation, which the kernel is handed."""
+    norm, fc1, act, fc2, ls = branch(dtype=torch.float32)
+    x = torch.randn(1, 6, 4, 4)
+    taken = []
+    plain = lambda x: taken.append(True) or x  # noqa: E731
+    kernels.norm_mlp_residual(x, nn.BatchNorm2d(6), fc1, act, fc2, ls, None, plain)
+    kernels.norm_mlp_residual(x, norm, fc1, nn.Tanh(), fc2, ls, None, plain)
+    kernels.norm_mlp_residual(x.half(), norm, fc1, act, fc2, ls, None, plain)
+    kernels.norm_pool_residual(x, nn.LayerNorm(6), 3, ls, None, plain)
+    assert taken == [True] * 4
