@@ -21,6 +21,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 
 BACKENDS = ('blas', 'onednn')
+TRIALS = 3  # timed runs of each candidate
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class Plan:
     """How one branch computes.
 
     Args:
-        fused (bool): The fused kernel, or the plain formulation (the modules as written).
+        fused (bool): The branch's own kernel (for a convolution under autocast: the convolution in
+            ``dtype``), or the plain formulation (the modules as written).
         backend (str): Who multiplies in the fused kernel: ``'blas'`` (``torch.addmm``: MKL or
             OpenBLAS) or ``'onednn'``.
         dtype (torch.dtype, optional): The fused kernel's product dtype; None: the input's. Under
@@ -87,7 +89,8 @@ def choose(key: tuple, candidates: Sequence[Plan], run: Callable[[Plan], None]) 
     """The plan for ``key``: forced, the first candidate (deterministic mode), or the fastest.
 
     ``run(plan)`` computes the branch once with ``plan`` on the real input, as the caller would
-    (forward, or forward and backward in training); it is timed after one warm-up call.
+    (forward, or forward and backward in training); each candidate runs once to warm up, then
+    :data:`TRIALS` times, and its fastest run counts.
     """
     if _forced:
         return _closest(_forced[-1], candidates)
@@ -95,13 +98,15 @@ def choose(key: tuple, candidates: Sequence[Plan], run: Callable[[Plan], None]) 
         return candidates[0]
     plan = _chosen.get(key)
     if plan is None:
-        times = {}
+        times = {candidate: float('inf') for candidate in candidates}
         for candidate in candidates:
-            run(candidate)
-            start = time.perf_counter()
-            run(candidate)
-            _synchronize(key)
-            times[candidate] = time.perf_counter() - start
+            run(candidate)  # warm-up: first-call allocations, oneDNN primitive creation
+        for _ in range(TRIALS):  # interleaved, the best of each: a busy core slows one run
+            for candidate in candidates:
+                start = time.perf_counter()
+                run(candidate)
+                _synchronize(key)
+                times[candidate] = min(times[candidate], time.perf_counter() - start)
         plan = _chosen[key] = min(times, key=times.get)
         _timings[key] = {str(p): t for p, t in times.items()}
     return plan
@@ -134,9 +139,9 @@ def run(key: tuple, candidates: Sequence[Plan], compute: Callable, x: torch.Tens
     an enclosing activation checkpoint.
     """
     training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    key = (x.device.type, ) + tuple(key) + (str(x.dtype).replace('torch.', ''),
-                                            autocast_dtype(x.device), 'train' if training else 'infer',
-                                            size_class(x.numel()))
+    name = lambda dtype: str(dtype).replace('torch.', '')  # noqa: E731
+    key = (x.device.type, ) + tuple(key) + (name(x.dtype), 'autocast:' + name(autocast_dtype(
+        x.device)), 'train' if training else 'infer', size_class(x.numel()))
 
     def trial(plan):
         keep = lambda t: t  # noqa: E731

@@ -2,15 +2,17 @@
 
 Unfused, this branch writes and reads back four maps per block (the normalised map, the hidden map, its
 activation, the branch output), three of them four times as wide as the block, before the residual
-add reads ``x`` again. Here each sample's tokens go through in chunks of about a megabyte of hidden
+add reads ``x`` again. Here each sample's tokens go through in chunks of a few megabytes of hidden
 activations: a chunk is normalised, multiplied, activated, multiplied and added to its residual while
 it is still in cache, and only the output is written. The products are the same matrix products as in
-the plain formulation, over the channels-last token view.
+the plain formulation, over the channels-last token view; with oneDNN in inference, the activation is
+applied by the first product as it writes.
 
-Backward goes through the same chunks. Only ``x`` and, in training, the hidden map ``h`` are kept;
-the normalised map and the activation are recomputed per chunk (one multiply-add; one activation), and
-the weight gradients accumulate chunk by chunk. What reaches the norm's input is the one full-size
-gradient, handed to PyTorch's own GroupNorm backward.
+Backward goes through the same chunks. Only ``x`` and (in blocks wider than
+:data:`RECOMPUTE_HIDDEN_UP_TO` channels) the hidden map ``h`` are kept; the normalised map, the
+activation and any ``h`` not kept are recomputed per chunk, and the weight gradients accumulate chunk by
+chunk. What reaches the norm's input is the one full-size gradient, handed to PyTorch's own GroupNorm
+backward.
 
 ``s`` is a per-channel scale folded into fc2 by the caller (LayerScale) times a per-sample factor
 (stochastic depth: 0 for a dropped sample, whose tokens are then copied, ``1 / keep`` otherwise).
@@ -24,23 +26,31 @@ from . import dispatch
 from .dispatch import Plan
 from .group_norm import affine, group_stats, tokens
 
-CHUNK_BYTES = 1 << 21  # hidden activations per chunk: stays in a core's L2 with room for the rest
+CHUNK_BYTES = 1 << 22  # hidden activations per chunk: stays in cache with room for the rest
+# Training keeps the hidden map ``h`` (four times as wide as the block) for backward, except in blocks
+# this narrow: there it is the largest tensor of the network (the first stages have the most tokens)
+# and the cheapest to recompute (fc1 over so few input channels is a small share of the products).
+RECOMPUTE_HIDDEN_UP_TO = 128
 
 
 class Activation:
     """An activation as the kernel needs it: into a given buffer, and its backward in place."""
 
     def __init__(self, module: nn.Module):
+        self.onednn_post_op = None  # (attr, scalars, algorithm) of oneDNN's fused activation
         if type(module) is nn.GELU:
             approximate = module.approximate
+            self.onednn_post_op = ('gelu', [], approximate)
             self.forward = lambda h, out: torch.ops.aten.gelu.out(h, approximate=approximate, out=out)
             self.backward = lambda g, h: torch.ops.aten.gelu_backward.grad_input(
                 g, h, approximate=approximate, grad_input=g)
         elif type(module) is nn.ReLU:
+            self.onednn_post_op = ('relu', [], '')
             self.forward = lambda h, out: torch.clamp_min(h, 0, out=out)
             self.backward = lambda g, h: torch.ops.aten.threshold_backward.grad_input(
                 g, h, 0, grad_input=g)
         elif type(module) is nn.SiLU:
+            self.onednn_post_op = ('swish', [], '')
             self.forward = lambda h, out: torch.ops.aten.silu.out(h, out=out)
             self.backward = lambda g, h: torch.ops.aten.silu_backward.grad_input(g, h, grad_input=g)
         else:
@@ -77,16 +87,21 @@ class _NormMlpResidual(torch.autograd.Function):
             out = torch.empty_like(x, memory_format=torch.channels_last)
             tx, tout = tokens(x), tokens(out)
             h_all = None
-            if any(ctx.needs_input_grad):
+            if any(ctx.needs_input_grad) and c > RECOMPUTE_HIDDEN_UP_TO:
                 h_all = tx.new_empty(tx.shape[:2] + w1.shape[:1], dtype=dtype)
+            fused_act = act.onednn_post_op if plan.backend == 'onednn' and not any(
+                ctx.needs_input_grad) else None
             bufs = _Buffers(tx, w1.shape[0], dtype)
             copy_input = lambda i: tout[i].copy_(tx[i])  # noqa: E731 (a dropped sample's output)
             for i, start, end in _chunks(tx, bufs.rows, scales, copy_input):
                 xc, scale = tx[i, start:end], scales[i]
                 nc = torch.addcmul(b[i], xc, a[i], out=bufs.normed(end - start))
-                hc = _linear(plan.backend, nc, w1, b1,
-                             out=bufs.hidden(end - start) if h_all is None else h_all[i, start:end])
-                ac = act.forward(hc, out=bufs.act(end - start))
+                if fused_act:  # inference: oneDNN applies the activation as it writes fc1's output
+                    ac = torch.ops.mkldnn._linear_pointwise(nc, w1, b1, *fused_act)
+                else:
+                    hc = _linear(plan.backend, nc, w1, b1, out=bufs.hidden(end - start)
+                                 if h_all is None else h_all[i, start:end])
+                    ac = act.forward(hc, out=bufs.act(end - start))
                 if plan.backend == 'blas' and dtype == x.dtype:
                     oc = tout[i, start:end]
                     if b2 is None:

@@ -127,3 +127,18 @@ def test_the_kernels_step_aside_for_what_they_do_not_compute():
     kernels.norm_mlp_residual(x.half(), norm, fc1, act, fc2, ls, None, plain)
     kernels.norm_pool_residual(x, nn.LayerNorm(6), 3, ls, None, plain)
     assert taken == [True] * 4
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('act', [nn.GELU(), nn.GELU(approximate='tanh'), nn.ReLU(), nn.SiLU()],
+                         ids=['gelu', 'gelu_tanh', 'relu', 'silu'])
+def test_mlp_kernel_in_inference_equals_the_branch_as_written(act, backend, monkeypatch):
+    """Without autograd the kernel keeps nothing, and oneDNN applies the activation itself."""
+    monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 100 * 24 * 4)
+    norm, fc1, _, fc2, ls = branch(dim=12, hidden=24, act=act, dtype=torch.float32)
+    x = torch.randn(2, 12, 23, 17)
+    with torch.no_grad(), kernels.forced(kernels.Plan(backend=backend)):
+        y = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, ls, None, plain=None)
+        ref = plain_mlp_residual(x.double(), *(m.double() for m in (norm, fc1)), act, fc2.double(),
+                                 ls.double(), None)
+    assert max_rel_err(y, ref) <= 1e-6

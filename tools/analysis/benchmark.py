@@ -284,7 +284,10 @@ def product_floor(model, x, args, device) -> tuple:
         model(x)
     for hook in hooks:
         hook.remove()
-    dtypes = [torch.float32] + ([AMP_DTYPES[args.amp]] if args.amp else [])
+    # the low precision competes where the device computes it natively (emulated, it never wins)
+    low = AMP_DTYPES[args.amp]
+    native = low is not None and kernels.dispatch.native_low_precision(device, low)
+    dtypes = [torch.float32] + ([low] if native else [])
     forward_s = backward_s = 0.
     for i, (conv, shape) in enumerate(calls):
         best = [min(ts) for ts in zip(*(conv_times(conv, shape, d, i > 0, device) for d in dtypes))]
