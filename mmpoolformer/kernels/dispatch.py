@@ -211,8 +211,7 @@ def product_dtypes(device: torch.device, dtype: torch.dtype) -> List[torch.dtype
     low = autocast_dtype(device)
     if low is None or low == dtype:
         return [dtype]
-    preferred = [low, dtype] if native_low_precision(device, low) else [dtype, low]
-    return preferred
+    return [low, dtype] if native_low_precision(device, low) else [dtype, low]
 
 
 def backends(device: torch.device, dtype: torch.dtype) -> List[str]:

@@ -20,9 +20,10 @@ def group_stats(x: torch.Tensor, groups: int, eps: float) -> Tuple[torch.Tensor,
     ``(N, groups)`` tensors in at least fp32 (fp16 sums of squares overflow). Not differentiable:
     the kernels carry the statistics' gradients themselves.
 
-    A group is contiguous in memory unless the map is channels-last with several groups; then each
-    is a row of a "batch" whose per-channel statistics PyTorch's BatchNorm kernel computes in two
-    vectorised passes, about three times as fast as ``torch.var_mean`` and as accurate.
+    Where each group is contiguous in memory (one group, or the NCHW layout), the groups are the
+    channels of a one-sample "batch" whose statistics PyTorch's BatchNorm kernel computes in two
+    vectorised passes, about three times as fast as ``torch.var_mean`` and as accurate; several groups
+    of a channels-last map take ``torch.var_mean``.
     """
     n, c = x.shape[:2]
     stat_dtype = torch.promote_types(x.dtype, torch.float32)
