@@ -125,7 +125,8 @@ def _closest(plan: Plan, candidates: Sequence[Plan]) -> Plan:
 
 def tracing() -> bool:
     """Tracers and compilers (FLOP counters, ONNX export, ``torch.compile``) get the plain
-    formulation: standard operators, which they can count, export or fuse themselves."""
+    formulation: standard operators, which they can count, export or fuse themselves. Kernels ask
+    before they list their plans, since listing queries the backend (an operator a tracer records)."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
