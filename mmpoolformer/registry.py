@@ -8,11 +8,15 @@ Nothing here imports mmdet or mmseg.
 ``HOOKS`` holds our runner hooks (``type='mmpoolformer.ResumableCheckpointHook'``); it is a child of
 mmengine's root ``HOOKS`` in the same way.
 
+``OPTIM_WRAPPERS`` holds our ``AmpOptimWrapper`` (mmengine's, also on CPUs), the one
+``tools/train.py --amp`` names.
+
 ``TOKEN_MIXERS`` holds the token mixers a MetaFormer stage can use; register your own there and name it
 in ``token_mixers=[dict(type=...)]``.
 """
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import OPTIM_WRAPPERS as MMENGINE_OPTIM_WRAPPERS
 from mmengine.registry import Registry
 
 MODELS = Registry(
@@ -20,5 +24,8 @@ MODELS = Registry(
 
 HOOKS = Registry(
     'hook', parent=MMENGINE_HOOKS, scope='mmpoolformer', locations=['mmpoolformer.engine'])
+
+OPTIM_WRAPPERS = Registry('optim wrapper', parent=MMENGINE_OPTIM_WRAPPERS, scope='mmpoolformer',
+                          locations=['mmpoolformer.engine'])
 
 TOKEN_MIXERS = Registry('token mixer', scope='mmpoolformer', locations=['mmpoolformer.models'])

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 # the tiny project's fixtures, for every test module
-from tiny_project import det_checkpoint, seg_checkpoint, tiny  # noqa: F401
+from tiny_project import (det_checkpoint, dist_uninterrupted, seg_checkpoint, tiny,  # noqa: F401
+                          uninterrupted)
 
 
 def pytest_configure(config):

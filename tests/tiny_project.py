@@ -1,17 +1,24 @@
 """A tiny project shared by the tests of training, resuming and inference (the ``tiny`` fixture, made
 available by conftest.py): the bundled shapes data, a RetinaNet and a Semantic FPN whose PoolFormer is
 cut down to one block per stage (the mechanics under test do not depend on its size, the tests' run time
-does), trained with tools/train.py in their own processes."""
+does), trained with tools/train.py (or tools/dist_train.sh, two CPU processes) in their own processes;
+and what the tests of interrupted runs share: the uninterrupted runs to compare with, and the
+comparison."""
 import os
 import os.path as osp
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from mmpoolformer.demo import generate
+from mmpoolformer.models.weights import read_checkpoint
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TESTS = osp.dirname(osp.abspath(__file__))
+REPO = osp.dirname(TESTS)
 EPOCHS = 3  # of 4 iterations each (8 images, batch 2)
 
 # Random flips (NumPy) and drop path (torch) make every run draw random numbers.
@@ -84,10 +91,30 @@ class TinyProject:
         return [sys.executable, osp.join(REPO, 'tools/train.py'), str(config or self.config),
                 '--work-dir', str(work_dir), *extra]
 
+    def dist_train_cmd(self, work_dir, *extra, config=None):
+        """Two CPU processes through torchrun (``dist_env`` gives them a port of their own)."""
+        return [osp.join(REPO, 'tools/dist_train.sh'), str(config or self.config), '2', '--work-dir',
+                str(work_dir), *extra]
+
     def env(self, **extra):
+        """The tools' environment: modules in ``root`` and in tests/ (fault_injection.py) import."""
         env = dict(os.environ, **extra)
-        env['PYTHONPATH'] = os.pathsep.join([str(self.root), env.get('PYTHONPATH', '')])
+        env['PYTHONPATH'] = os.pathsep.join([str(self.root), TESTS, env.get('PYTHONPATH', '')])
         return env
+
+    def config_with(self, name, *hooks, **settings):
+        """``root/<name>.py``: tiny.py with the fault-injection ``hooks`` (dicts) and ``settings``."""
+        lines = ["_base_ = './tiny.py'",
+                 "custom_imports = dict(imports=['mmpoolformer', 'fault_injection'], "
+                 "allow_failed_imports=False)",
+                 f'custom_hooks = {list(hooks)!r}']
+        lines += [f'{key} = {value!r}' for key, value in settings.items()]
+        path = self.root / f'{name}.py'
+        path.write_text('\n'.join(lines) + '\n')
+        return path
+
+    def dist_env(self, **extra):
+        return self.env(PORT=str(free_port()), **extra)
 
     def run(self, cmd, env=None, expect=0, timeout=300):
         """Run ``cmd``, check its exit status, and return its output."""
@@ -96,6 +123,54 @@ class TinyProject:
         out = proc.stdout + proc.stderr
         assert (proc.returncode == 0) == (expect == 0), out[-3000:]
         return out
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start(cmd, env, log):
+    """Start ``cmd`` in the background, its output going to the file ``log``."""
+    return subprocess.Popen(cmd, stdout=open(log, 'w'), stderr=subprocess.STDOUT, env=env)
+
+
+def wait_for(condition, proc, log, timeout=240):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f'the run ended early:\n{open(log).read()[-3000:]}'
+        assert time.time() < deadline, f'timed out:\n{open(log).read()[-3000:]}'
+        time.sleep(0.1)
+
+
+def last_checkpoint(work_dir):
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:
+        return f.read()
+
+
+def assert_same_training_state(path, expected_path):
+    """Every tensor of the model and of the optimizer equal, and the same iteration."""
+    ckpt, expected = read_checkpoint(str(path)), read_checkpoint(str(expected_path))
+    assert ckpt['meta']['iter'] == expected['meta']['iter']
+    for part in ('state_dict', 'optimizer', 'param_schedulers'):
+        assert_equal(ckpt[part], expected[part], part)
+
+
+def assert_equal(a, b, where):
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_equal(a[k], b[k], f'{where}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal(x, y, f'{where}[{i}]')
+    else:
+        assert a == b, where
 
 
 @pytest.fixture(scope='session')
@@ -121,3 +196,27 @@ def seg_checkpoint(tiny):
     work_dir = tiny.root / 'seg_2_iters'
     tiny.run(tiny.train_cmd(work_dir, config=tiny.seg_config))
     return work_dir / 'iter_2.pth'
+
+
+@pytest.fixture(scope='session')
+def uninterrupted(tiny):
+    """The last checkpoint of the tiny RetinaNet trained without interruption, in one process."""
+    work_dir = tiny.root / 'uninterrupted'
+    tiny.run(tiny.train_cmd(work_dir))
+    final = work_dir / f'epoch_{tiny.epochs}.pth'
+    assert read_checkpoint(str(final))['meta']['iter'] == tiny.epochs * tiny.iters_per_epoch
+    return final
+
+
+@pytest.fixture(scope='session')
+def dist_uninterrupted(tiny):
+    """The same, in two CPU processes through tools/dist_train.sh: 2 iterations an epoch."""
+    work_dir = tiny.root / 'dist_uninterrupted'
+    out = tiny.run(tiny.dist_train_cmd(work_dir), env=tiny.dist_env())
+    assert 'distributed on CPU: gloo backend, 2 processes' in out
+    assert f'Epoch(val) [{tiny.epochs}][1/1]    coco/bbox_mAP: ' in out  # evaluated across both
+    final = work_dir / f'epoch_{tiny.epochs}.pth'
+    checkpoint = read_checkpoint(str(final))
+    assert checkpoint['meta']['iter'] == tiny.epochs * tiny.iters_per_epoch // 2
+    assert len(checkpoint['random_state']) == 2  # the generators of both processes
+    return final

@@ -4,10 +4,15 @@
     tools/dist_train.sh configs/detection/retinanet_poolformer_s12.py 8     # torchrun, 8 processes
 
 Also runs distributed on machines without GPUs (gloo, DDP over CPU modules, SyncBN replaced by BN).
+A run restarted by torchrun (MAX_RESTARTS=N tools/dist_train.sh ...) or requeued by slurm resumes from
+the last complete checkpoint by itself.
 """
+import signal
+
 import torch
 
-from mmpoolformer.engine import build_runner, load_config, parse_tool_args, run, run_tool, tool_parser
+from mmpoolformer.engine import (build_runner, load_config, parse_tool_args, resume_after_restart, run,
+                                 run_tool, tool_parser)
 
 
 def parse_args(argv=None):
@@ -23,12 +28,19 @@ def parse_args(argv=None):
     return parse_tool_args(parser, argv)
 
 
+def exit_before_training(signum, frame):
+    """SIGTERM before the first iteration: nothing trained, nothing to save (once training starts,
+    ResumableCheckpointHook saves on SIGTERM)."""
+    raise SystemExit(0)
+
+
 def main(argv=None):
+    signal.signal(signal.SIGTERM, exit_before_training)
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
 
-    if args.amp:
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+    if args.amp:  # mmengine's AmpOptimWrapper, also on CPU (see mmpoolformer/engine/amp.py)
+        cfg.optim_wrapper.type = 'mmpoolformer.AmpOptimWrapper'
         if torch.cuda.is_available():
             cfg.optim_wrapper.loss_scale = 'dynamic'
         else:
@@ -41,6 +53,7 @@ def main(argv=None):
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
+    resume_after_restart(cfg)
 
     # fine-tuning from load_from may replace a head; resuming must fit exactly
     run(build_runner(cfg, strict_checkpoint=bool(cfg.get('resume'))), 'train')

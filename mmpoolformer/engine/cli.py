@@ -1,13 +1,14 @@
 """The command-line conventions that tools/train.py and tools/test.py share with mmdet's and mmseg's."""
 import argparse
 import os
+import signal
 import sys
 from typing import Callable
 
 from mmengine.config import DictAction
 
 from ..models.weights import CheckpointError
-from .data_errors import DataError
+from .faults import TrainingStopped
 
 
 class ConfigOptions(DictAction):
@@ -46,9 +47,15 @@ def parse_tool_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Name
 
 
 def run_tool(main: Callable[[], None]) -> None:
-    """Run a tool's main; a user's mistake (no such file, a bad value, an unreadable checkpoint, bad
-    data) ends it with one line and a non-zero status instead of a traceback."""
+    """Run a tool's main; a user's mistake (no such file, a bad value, an unreadable checkpoint) or a
+    fault that stopped training (bad data, a non-finite loss, a failed save) ends it with one line
+    and a non-zero status instead of a traceback.
+
+    The launch scripts start torchrun with SIGTERM ignored (see ``tools/_common.sh``), which its
+    processes inherit; a tool gets SIGTERM's default back here (training then installs its own)."""
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         main()
-    except (FileNotFoundError, ValueError, CheckpointError, DataError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError, TrainingStopped) as e:
         sys.exit(f'{os.path.basename(sys.argv[0])}: error: {e}')

@@ -1,13 +1,19 @@
-"""Multi-process training and testing on machines without GPUs.
+"""Starting the processes of a distributed run: on machines without GPUs, and again after a restart.
 
 mmengine assumes one GPU per process: its ``init_dist`` calls ``torch.cuda.set_device``, its runner wraps
 the model in DDP with ``device_ids=[LOCAL_RANK]``, and SyncBN runs only on GPUs. Without CUDA we start
 the process group with gloo ourselves (mmengine then skips its own start), wrap CPU modules in DDP
-without device ids and replace SyncBN by BN in the model config. With CUDA nothing here changes anything.
+without device ids and replace SyncBN by BN in the model config.
+
+torchrun (its default, static rendezvous) keeps one store for every start of a worker group
+(``MAX_RESTARTS``): processes started again would read there the addresses of the ones that failed, and
+fail to connect. Each start therefore keeps its keys apart (:func:`start_process_group`); with CUDA that
+is all that changes, and only after a restart.
 """
 import datetime
 import os
 import subprocess
+from typing import Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -41,13 +47,31 @@ def _export_slurm_env() -> None:
     os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
 
 
-def setup_cpu_distributed(cfg: Config) -> bool:
-    """Prepare ``cfg`` (and the process group) for a distributed run on CPUs.
+def start_process_group(backend: str, timeout: Optional[float] = None) -> None:
+    """``init_process_group`` through ``env://``, with the store's keys under a prefix of this start
+    of the worker group (``TORCHELASTIC_RESTART_COUNT``)."""
+    store, rank, world_size = next(torch_dist.rendezvous('env://'))
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    kwargs = {} if timeout is None else dict(timeout=datetime.timedelta(seconds=timeout))
+    torch_dist.init_process_group(backend, store=torch_dist.PrefixStore(f'start_{attempt}', store),
+                                  rank=rank, world_size=world_size, **kwargs)
 
-    Returns True if it did, False when the run is not distributed or has GPUs.
+
+def setup_cpu_distributed(cfg: Config) -> bool:
+    """Prepare ``cfg`` (and the process group) for a distributed run on CPUs; with CUDA, start the
+    process group of a restarted torchrun worker group as mmengine would, keys apart.
+
+    Returns True if it prepared a run on CPUs, False when the run is not distributed or has GPUs.
     """
     launcher = cfg.get('launcher', 'none')
-    if launcher == 'none' or torch.cuda.is_available():
+    if launcher == 'none':
+        return False
+    if torch.cuda.is_available():
+        restarted = int(os.environ.get('TORCHELASTIC_RESTART_COUNT') or 0) > 0
+        if launcher == 'pytorch' and restarted and not torch_dist.is_initialized():
+            dist_cfg = cfg.get('env_cfg', {}).get('dist_cfg', {})
+            torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
+            start_process_group(dist_cfg.get('backend', 'nccl'), dist_cfg.get('timeout'))
         return False
     if launcher not in ('pytorch', 'slurm'):
         raise ValueError(f'launcher {launcher!r} is not supported without GPUs; use pytorch '
@@ -59,10 +83,7 @@ def setup_cpu_distributed(cfg: Config) -> bool:
     dist_cfg['backend'] = 'gloo'
     cfg.setdefault('env_cfg', {})['dist_cfg'] = dist_cfg
     if not torch_dist.is_initialized():
-        kwargs = {}
-        if dist_cfg.get('timeout') is not None:
-            kwargs['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
-        torch_dist.init_process_group(backend='gloo', **kwargs)
+        start_process_group('gloo', dist_cfg.get('timeout'))
 
     wrapper = dict(cfg.get('model_wrapper_cfg') or {})
     wrapper.setdefault('type', 'MMDistributedDataParallel')

@@ -26,12 +26,14 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-from mmengine.dist import all_gather_object, all_reduce, get_rank, get_world_size, is_main_process
+from mmengine.dist import all_gather_object, get_rank, get_world_size, is_main_process
 from mmengine.fileio import LocalBackend, register_backend
 from mmengine.hooks import CheckpointHook
+from mmengine.model import is_model_wrapper
 from mmengine.runner import EpochBasedTrainLoop
 
 from ..registry import HOOKS
+from .faults import TrainingStopped, describe_ranks, ranks_where
 
 ATOMIC_BACKEND = 'mmpoolformer_atomic_local'
 RANDOM_STATE_KEY = 'random_state'
@@ -73,6 +75,10 @@ class AtomicLocalBackend(LocalBackend):
 
 
 register_backend(ATOMIC_BACKEND, AtomicLocalBackend, force=True)
+
+
+class CheckpointSaveError(TrainingStopped):
+    """A checkpoint could not be written, or would have held non-finite weights."""
 
 
 def capture_random_state() -> dict:
@@ -152,18 +158,27 @@ class ResumableCheckpointHook(CheckpointHook):
     * A run resumed from the middle of an epoch skips the batches the interrupted run trained on
       instead of starting the epoch again.
     * On SIGTERM the run finishes the iteration, saves ``iter_<n>.pth`` (removed again once a later
-      checkpoint is complete) and exits with status 0; ``--resume`` continues from it.
+      checkpoint is complete) and exits with status 0; ``--resume`` continues from it. In a
+      multi-process run every process stops after the same iteration, whichever got the signal.
+    * A write that fails (a full disk, a directory that cannot be written) keeps the previous
+      checkpoint and ``last_checkpoint`` as they were and stops training in every process with a line
+      that names the file and the error; weights that are not finite are never saved.
 
     Args:
         save_on_sigterm (bool): Save and exit on SIGTERM; False leaves SIGTERM's default (the process
             dies). Defaults to True.
+        stop_on_save_error (bool): Stop training when a checkpoint cannot be written; False logs it
+            and trains on without that checkpoint. A save on SIGTERM or bad data, being the last,
+            always raises. Defaults to True.
         **kwargs: ``CheckpointHook``'s arguments. Unless ``backend_args`` names a backend, a local
             ``out_dir`` is written atomically.
     """
 
-    def __init__(self, *args, save_on_sigterm: bool = True, **kwargs):
+    def __init__(self, *args, save_on_sigterm: bool = True, stop_on_save_error: bool = True,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.save_on_sigterm = save_on_sigterm
+        self.stop_on_save_error = stop_on_save_error
         self._sigterm_received = False
         self._previous_sigterm_handler = None
         self._random_states: Optional[List[dict]] = None  # all processes', for the save under way
@@ -171,6 +186,7 @@ class ResumableCheckpointHook(CheckpointHook):
         self._restore_before_next_batch: Optional[dict] = None
         self._state_before_val: Optional[dict] = None
         self._saved_iter: Optional[int] = None  # the iterations done when the last checkpoint was saved
+        self._state_before_batch: Optional[dict] = None  # before the batch being loaded was drawn
 
     # ------------------------------------------------------------------ start and end of training
     def before_train(self, runner) -> None:
@@ -246,6 +262,7 @@ class ResumableCheckpointHook(CheckpointHook):
 
     def before_train_epoch(self, runner) -> None:
         self._restore_pending()
+        self._state_before_batch = capture_random_state()
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         # iteration-based loops have no epochs; they call this after replaying the batches done
@@ -271,44 +288,103 @@ class ResumableCheckpointHook(CheckpointHook):
         checkpoint[RANDOM_STATE_KEY] = self._random_states or [capture_random_state()]
 
     def _save_checkpoint_with_step(self, runner, step, meta) -> None:
-        keep = list(self.keep_ckpt_ids) if self.max_keep_ckpts > 0 else []
+        hub = runner.message_hub
+        kept = list(self.keep_ckpt_ids) if self.max_keep_ckpts > 0 else []
+        keep = list(kept)
         if self.max_keep_ckpts > 0 and not (keep and keep[-1] == step):
             # recorded before saving, so that the checkpoint knows itself and, if the run is killed
             # before the outdated file below is removed, the resumed run removes it
             keep.append(step)
-            runner.message_hub.update_info('keep_ckpt_ids', keep)
-        self._save(runner, self.filename_tmpl.format(step), meta, by_epoch=self.by_epoch)
+            hub.update_info('keep_ckpt_ids', keep)
+        if not self._save(runner, self.filename_tmpl.format(step), meta, by_epoch=self.by_epoch):
+            if self.max_keep_ckpts > 0:
+                hub.update_info('keep_ckpt_ids', kept)
+            return
         if self.max_keep_ckpts > 0:
             while len(keep) > self.max_keep_ckpts:
                 self._remove(self.filename_tmpl.format(keep.pop(0)))
             self.keep_ckpt_ids = deque(keep, self.max_keep_ckpts)
-            runner.message_hub.update_info('keep_ckpt_ids', keep)
+            hub.update_info('keep_ckpt_ids', keep)
 
-    def _save(self, runner, filename: str, meta: dict, by_epoch: bool,
-              preemption: bool = False) -> None:
+    def _save(self, runner, filename: str, meta: dict, by_epoch: bool, preemption: bool = False,
+              random_state: Optional[dict] = None) -> bool:
         """Save ``filename`` with every process's generator states, then point ``last_checkpoint`` at
-        it and remove the previous pre-emption checkpoint, which it supersedes."""
+        it and remove the previous pre-emption checkpoint, which it supersedes.
+
+        Returns whether it saved: a write that fails (a full disk, a directory that cannot be
+        written) leaves the previous checkpoint and ``last_checkpoint`` as they were and raises
+        :class:`CheckpointSaveError` in every process, or with ``stop_on_save_error=False`` logs it
+        and returns False.
+        """
         path = self.file_backend.join_path(self.out_dir, filename)
-        superseded = runner.message_hub.get_info('preemption_checkpoint')
-        runner.message_hub.update_info('preemption_checkpoint', path if preemption else None)
-        self.last_ckpt = path
-        runner.message_hub.update_info('last_ckpt', path)
+        self._refuse_non_finite_weights(runner, path)
+        hub = runner.message_hub
+        # the checkpoint names itself: mmengine's resume reads these back from it
+        before = {key: hub.get_info(key) for key in ('preemption_checkpoint', 'last_ckpt')}
+        hub.update_info('preemption_checkpoint', path if preemption else None)
+        hub.update_info('last_ckpt', path)
         # in the middle of validation, the state that training continues with is the one before it
-        state = self._state_before_val or capture_random_state()
+        state = random_state or self._state_before_val or capture_random_state()
         self._random_states = all_gather_object(state) if get_world_size() > 1 else [state]
+        error = None
         try:
-            runner.save_checkpoint(
+            runner.save_checkpoint(  # writes in the main process only
                 self.out_dir, filename, self.file_client_args, save_optimizer=self.save_optimizer,
                 save_param_scheduler=self.save_param_scheduler, meta=meta, by_epoch=by_epoch,
                 backend_args=self.backend_args, **self.args)
+            if is_main_process():
+                atomic_write(path.encode(), osp.join(runner.work_dir, 'last_checkpoint'))
+        except OSError as e:
+            error = e
         finally:
             self._random_states = None
+        failed = ranks_where(error is not None)
+        if failed:
+            for key, value in before.items():
+                hub.update_info(key, value)
+            # a save on SIGTERM or bad data is the last: nothing to go on to
+            self._report_failed_save(runner, path, error, failed,
+                                     stop=self.stop_on_save_error or preemption)
+            return False
+        self.last_ckpt = path
         self._saved_iter = meta['iter']
-        if not is_main_process():
-            return
-        atomic_write(path.encode(), osp.join(runner.work_dir, 'last_checkpoint'))
+        superseded = before['preemption_checkpoint']
         if superseded and superseded != path:
             self._remove(osp.basename(superseded))
+        return True
+
+    def _report_failed_save(self, runner, path: str, error: Optional[OSError], ranks: List[int],
+                            stop: bool) -> None:
+        if error is None:
+            what = f'saving {path} failed in {describe_ranks(ranks)}'
+        else:
+            reason = f'[Errno {error.errno}] {error.strerror}' if error.strerror else str(error)
+            what = f'saving {path} failed: {reason}'
+        last = self.last_ckpt
+        kept = (f'the last complete checkpoint, {last}, is kept and last_checkpoint names it' if last
+                else 'no checkpoint was saved before')
+        if stop:
+            raise CheckpointSaveError(
+                f'{what}; {kept}. Training stopped: make room or make the directory writable, then '
+                f'continue with --resume (ResumableCheckpointHook(stop_on_save_error=False) trains on '
+                f'without the checkpoints)')
+        runner.logger.warning(f'{what}; {kept}. Training goes on (stop_on_save_error=False)')
+
+    def _refuse_non_finite_weights(self, runner, path: str) -> None:
+        """Never save NaN or infinite weights: they would replace the last good checkpoint."""
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        tensors = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+        spoilt = [name for name, t in tensors if not torch.isfinite(t).all()]
+        ranks = ranks_where(bool(spoilt))
+        if not ranks:
+            return
+        what = (f'{len(spoilt)} of the {len(tensors)} tensors of the model are not finite '
+                f'({", ".join(spoilt[:3])}{", ..." if len(spoilt) > 3 else ""})' if spoilt else
+                f'the model of {describe_ranks(ranks)} is not finite')
+        last = self.last_ckpt
+        kept = f'the last checkpoint, {last}, is kept' if last else 'no checkpoint was saved'
+        raise CheckpointSaveError(f'refusing to save {path}: {what}; {kept}. Lower the learning rate '
+                                 f'or check the data, then continue with --resume')
 
     def _remove(self, filename: str) -> None:
         if not is_main_process():
@@ -324,19 +400,24 @@ class ResumableCheckpointHook(CheckpointHook):
         # only a flag: the iteration under way finishes, and after_train_iter saves
         self._sigterm_received = True
 
-    def save_progress(self, runner, done: Optional[int] = None) -> str:
+    def save_progress(self, runner, done: Optional[int] = None, before_batch: bool = False) -> str:
         """Save the training done so far (``done`` iterations, by default all the runner counted) as
         ``iter_<done>.pth``, unless the last checkpoint already holds it, and return its path. The file
-        is removed once a later checkpoint is complete."""
+        is removed once a later checkpoint is complete.
+
+        ``before_batch``: a batch was being loaded (and failed); the generators are saved as they were
+        before it was drawn, where the resumed run will draw it again."""
         done = runner.iter if done is None else done
         if self._saved_iter != done:
             self._save(runner, f'iter_{done}.pth', dict(epoch=runner.epoch, iter=done),
-                       by_epoch=False, preemption=True)
+                       by_epoch=False, preemption=True,
+                       random_state=self._state_before_batch if before_batch else None)
         return self.last_ckpt
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         super().after_train_iter(runner, batch_idx, data_batch, outputs)
         if not self._stop_requested():
+            self._state_before_batch = capture_random_state()
             return
         done = runner.iter + 1  # the loop counts this iteration once the hooks have run
         path = self.save_progress(runner, done)
@@ -347,8 +428,4 @@ class ResumableCheckpointHook(CheckpointHook):
     def _stop_requested(self) -> bool:
         """Whether any process got SIGTERM: all stop at the same iteration, or the others would wait
         for them in the next all-reduce."""
-        if get_world_size() == 1:
-            return self._sigterm_received
-        flag = torch.tensor(float(self._sigterm_received))
-        all_reduce(flag, op='max')
-        return bool(flag.item())
+        return bool(ranks_where(self._sigterm_received))

@@ -1,5 +1,6 @@
 """The one path from a config file to an mmengine Runner, shared by tools/train.py and tools/test.py."""
 import difflib
+import os
 import os.path as osp
 from typing import Optional
 
@@ -7,9 +8,11 @@ from mmengine.config import Config
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
+from mmengine.runner import Runner, find_latest_checkpoint
 
 from .checkpoint import CheckpointLayoutHook
+from .data_errors import DataErrorSyncHook
+from .faults import NonFiniteLossHook
 from .launch import setup_cpu_distributed
 
 
@@ -83,7 +86,8 @@ def use_resumable_checkpoints(cfg: Config) -> None:
 def build_runner(cfg: Config, strict_checkpoint: bool = True) -> Runner:
     """A Runner whose checkpoint reads are checked against the model (and weights-only, as every mmengine
     read is once ``mmpoolformer`` is imported), whose checkpoints survive being killed (see
-    :mod:`.resume`), and which also runs distributed on CPUs.
+    :mod:`.resume`), which stops every process together at a fault (bad data, a non-finite loss; see
+    :mod:`.faults`), and which also runs distributed on CPUs.
 
     Args:
         cfg: The config, as :func:`load_config` returns it.
@@ -94,4 +98,24 @@ def build_runner(cfg: Config, strict_checkpoint: bool = True) -> Runner:
     setup_cpu_distributed(cfg)
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
     runner.register_hook(CheckpointLayoutHook(strict=strict_checkpoint), priority='VERY_HIGH')
+    runner.register_hook(DataErrorSyncHook())
+    if not any(isinstance(hook, NonFiniteLossHook) for hook in runner.hooks):
+        runner.register_hook(NonFiniteLossHook())
     return runner
+
+
+def resume_after_restart(cfg: Config) -> None:
+    """Resume from the work dir's last checkpoint when this run is a restart: a worker group that
+    torchrun started again (``MAX_RESTARTS``, ``TORCHELASTIC_RESTART_COUNT``) or a slurm job requeued
+    (``SLURM_RESTART_COUNT``). Before the first checkpoint the run starts again as it started."""
+    restarts = max(int(os.environ.get(name) or 0)
+                   for name in ('TORCHELASTIC_RESTART_COUNT', 'SLURM_RESTART_COUNT'))
+    if restarts == 0:
+        return
+    latest = find_latest_checkpoint(cfg.work_dir)
+    if latest is not None:
+        cfg.resume, cfg.load_from = True, latest
+    if os.environ.get('RANK', '0') == '0':  # before the runner's logger, which knows the rank
+        print_log(f'restart {restarts}: ' + (f'resuming from {latest}' if latest else
+                                             f'no checkpoint in {cfg.work_dir} yet, starting again'),
+                  logger='current')

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from tiny_project import assert_same_training_state
 
 from mmpoolformer.engine import DataError, build_runner, load_config, run
 from mmpoolformer.engine import checkpoint as checkpoint_module
@@ -20,7 +21,8 @@ REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 def sampler_order(n=8, seed=0):
     """The order in which the first epoch's shuffling sampler (mmengine's DefaultSampler) draws the n
-    training images: each batch of 2 is the next two (all the images have one aspect ratio)."""
+    training images: each batch of 2 is the next two (all the images have one aspect ratio); with two
+    processes, each draws every other image of it."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
@@ -41,27 +43,36 @@ def runner_for(tiny, tmp_path, **options):
     return build_runner(cfg)
 
 
-def test_corrupt_image_names_the_file_and_the_training_done_is_saved(tiny, data, tmp_path):
-    bad = train_image(data, sampler_order()[5])  # the second image of the third batch
+def test_corrupt_image_in_a_multi_process_run_stops_every_process_after_saving(
+        tiny, data, dist_uninterrupted, tmp_path):
+    """Process 1's second batch holds a corrupt image: it names the file, process 0 stops too (no
+    hang), both save the iteration done together; after the fix --resume ends as the uninterrupted
+    run."""
+    order = sampler_order()
+    bad = train_image(data, order[1::2][2])  # process 1 draws every other image: its 2nd batch
     good = bad.read_bytes()
     bad.write_bytes(good[:100])
     config = tmp_path / 'bad_data.py'
     config.write_text(f"_base_ = '{tiny.config}'\n"
                       f"train_dataloader = dict(dataset=dict(data_root='{data}/'))\n")
-    work_dir = tmp_path / 'work'
-    cmd = tiny.train_cmd(work_dir, '--cfg-options', 'train_cfg.max_epochs=1', config=config)
+    work_dir, env = tmp_path / 'work', tiny.dist_env()
+    cmd = tiny.dist_train_cmd(work_dir, config=config)
 
-    out = tiny.run(cmd, expect=1).strip().splitlines()[-1]
-    saved = work_dir / 'iter_2.pth'
-    assert out == (f'train.py: error: loading the data failed: AssertionError: failed to load image: '
-                   f'{bad}; the 2 iterations done are saved in {saved}: fix the data and continue '
-                   f'with --resume')
-    assert read_checkpoint(str(saved))['meta']['iter'] == 2
+    out = tiny.run(cmd, env=env, expect=1, timeout=240)
+    saved = work_dir / 'iter_1.pth'
+    done = (f'; the 1 iterations done are saved in {saved}: fix the data and continue with '
+            f'--resume')
+    assert (f'train.py: error: loading the data failed: AssertionError: failed to load image: {bad}'
+            f'{done}') in out.splitlines()
+    assert (f'train.py: error: stopped with process 1, which could not load its training batch (its '
+            f'error names the file){done}') in out.splitlines()
+    checkpoint = read_checkpoint(str(saved))
+    assert checkpoint['meta']['iter'] == 1 and len(checkpoint['random_state']) == 2
 
     bad.write_bytes(good)
-    out = tiny.run(cmd + ['--resume'])
-    assert 'resumed epoch: 0, iter: 2' in out and 'skipping the 2 batches trained on' in out
-    assert read_checkpoint(str(work_dir / 'epoch_1.pth'))['meta']['iter'] == 4
+    out = tiny.run(cmd + ['--resume'], env=env)
+    assert 'resumed epoch: 0, iter: 1' in out and 'skipping the 1 batches trained on' in out
+    assert_same_training_state(work_dir / f'epoch_{tiny.epochs}.pth', dist_uninterrupted)
 
 
 def test_missing_image_in_a_worker_names_the_file_in_one_line(tiny, data, tmp_path):

@@ -1,15 +1,15 @@
-"""Training that is killed and resumed ends exactly where an uninterrupted run ends (see tiny_project.py
-for the tiny project every run trains)."""
+"""Training that is killed, restarted or terminated, and resumed, ends exactly where an uninterrupted run
+ends, in one process and in two (see tiny_project.py for the tiny project every run trains, and
+fault_injection.py for the faults injected)."""
 import os
 import os.path as osp
 import signal
-import subprocess
 import sys
-import time
 
 import mmdet
 import pytest
 import torch
+from tiny_project import assert_same_training_state, last_checkpoint, start, wait_for
 
 from mmpoolformer.models.weights import read_checkpoint
 
@@ -47,56 +47,6 @@ def stall_config(tiny):
     (tiny.root / 'stall_writing_epoch_2.py').write_text(STALL_WRITING_EPOCH_2)
     (tiny.root / 'stall.py').write_text(STALL_CONFIG)
     return tiny.root / 'stall.py'
-
-
-def start(cmd, env, log):
-    return subprocess.Popen(cmd, stdout=open(log, 'w'), stderr=subprocess.STDOUT, env=env)
-
-
-def wait_for(condition, proc, log, timeout=240):
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, f'the run ended early:\n{open(log).read()[-3000:]}'
-        assert time.time() < deadline, f'timed out:\n{open(log).read()[-3000:]}'
-        time.sleep(0.1)
-
-
-def last_checkpoint(work_dir):
-    with open(osp.join(work_dir, 'last_checkpoint')) as f:
-        return f.read()
-
-
-def assert_same_training_state(path, expected_path):
-    """Every tensor of the model and of the optimizer equal, and the same iteration."""
-    ckpt, expected = read_checkpoint(str(path)), read_checkpoint(str(expected_path))
-    assert ckpt['meta']['iter'] == expected['meta']['iter']
-    for part in ('state_dict', 'optimizer', 'param_schedulers'):
-        assert_equal(ckpt[part], expected[part], part)
-
-
-def assert_equal(a, b, where):
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_equal(a[k], b[k], f'{where}.{k}')
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal(x, y, f'{where}[{i}]')
-    else:
-        assert a == b, where
-
-
-@pytest.fixture(scope='module')
-def uninterrupted(tiny):
-    work_dir = tiny.root / 'uninterrupted'
-    tiny.run(tiny.train_cmd(work_dir))
-    final = work_dir / f'epoch_{tiny.epochs}.pth'
-    assert read_checkpoint(str(final))['meta']['iter'] == tiny.epochs * tiny.iters_per_epoch
-    return final
 
 
 def test_killed_after_a_checkpoint_resumes_exactly(tiny, uninterrupted, tmp_path):
@@ -147,24 +97,40 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(
         f'epoch_{tiny.epochs}.pth']
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resume_continues_exactly(
-        tiny, uninterrupted, tmp_path):
-    work_dir, log = tmp_path / 'work', tmp_path / 'terminated.log'
-    proc = start(tiny.train_cmd(work_dir), tiny.env(), log)
-    # in the middle of the first epoch, as slurm would, at a moment the test does not choose exactly
-    wait_for(lambda: 'Epoch(train) [1][2/4]' in open(log).read(), proc, log)
+def test_a_killed_process_is_restarted_and_the_run_resumes_by_itself_exactly(
+        tiny, dist_uninterrupted, tmp_path):
+    """MAX_RESTARTS=1 tools/dist_train.sh: one of the two processes is killed in the second epoch;
+    torchrun starts both again, they resume from epoch_1.pth and end as the uninterrupted run."""
+    config = tiny.config_with('killed_in_epoch_2', dict(type='KillProcess', rank=1, iteration=4))
+    work_dir = tmp_path / 'work'
+    out = tiny.run(tiny.dist_train_cmd(work_dir, config=config), env=tiny.dist_env(MAX_RESTARTS='1'))
+    assert 'exitcode: -9' in out  # torchrun saw the process killed ...
+    assert f'restart 1: resuming from {work_dir}/epoch_1.pth' in out  # ... and started them again
+    assert 'resumed epoch: 1, iter: 2' in out
+    assert_same_training_state(work_dir / f'epoch_{tiny.epochs}.pth', dist_uninterrupted)
+
+
+def test_sigterm_to_dist_train_stops_every_process_after_one_iteration_and_exits_cleanly(
+        tiny, dist_uninterrupted, tmp_path):
+    """SIGTERM to tools/dist_train.sh, while process 0 is in iteration 3 and process 1 waits for it:
+    both stop after iteration 3, one checkpoint holds both, the job exits 0, --resume continues."""
+    marker, work_dir, log = tmp_path / 'paused', tmp_path / 'work', tmp_path / 'terminated.log'
+    config = tiny.config_with('paused_in_iteration_3',
+                              dict(type='PauseForSigterm', rank=0, iteration=3, marker=str(marker)))
+    env = tiny.dist_env()
+    proc = start(tiny.dist_train_cmd(work_dir, config=config), env, log)
+    wait_for(marker.exists, proc, log)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=240) == 0, open(log).read()[-3000:]
-    out = open(log).read()
     saved = last_checkpoint(work_dir)
-    done = int(osp.basename(saved)[len('iter_'):-len('.pth')])
-    assert f'SIGTERM: saved {saved} after iteration {done}' in out
-    assert read_checkpoint(saved)['meta']['iter'] == done
-    assert 2 <= done < tiny.epochs * 4 and f'Epoch(train) [{1 + done // 4}][{done % 4 + 1}/4]' not in out
+    assert saved == str(work_dir / 'iter_3.pth')
+    assert f'SIGTERM: saved {saved} after iteration 3' in open(log).read()
+    checkpoint = read_checkpoint(saved)
+    assert checkpoint['meta']['iter'] == 3 and len(checkpoint['random_state']) == 2
 
-    out = tiny.run(tiny.train_cmd(work_dir, '--resume'))
-    assert f'resumed epoch: {(done - 1) // 4}, iter: {done}' in out
-    assert_same_training_state(work_dir / f'epoch_{tiny.epochs}.pth', uninterrupted)
+    out = tiny.run(tiny.dist_train_cmd(work_dir, '--resume'), env=env)
+    assert 'resumed epoch: 1, iter: 3' in out and 'skipping the 1 batches trained on' in out
+    assert_same_training_state(work_dir / f'epoch_{tiny.epochs}.pth', dist_uninterrupted)
     assert not osp.exists(saved)  # superseded by the later, complete checkpoints
 
 
