@@ -21,6 +21,7 @@ model = dict(
 # AdamW instead of SGD, no gradient clipping; 8 GPUs x 2 images (the base batch of auto_scale_lr).
 optim_wrapper = dict(optimizer=dict(_delete_=True, type='AdamW', lr=2e-4, weight_decay=1e-4))
 
-# Checkpoints that survive pre-emption (atomic writes, random states, SIGTERM), also with the stock
-# train.py of mmdet / mmseg; see mmpoolformer/engine/resume.py.
+# Checkpoints that survive pre-emption (atomic writes, random states, SIGTERM), and a stop at the first
+# non-finite loss, also with the stock train.py of mmdet / mmseg; see mmpoolformer/engine/.
 default_hooks = dict(checkpoint=dict(type='mmpoolformer.ResumableCheckpointHook'))
+custom_hooks = [dict(type='mmpoolformer.NonFiniteLossHook')]

@@ -45,6 +45,7 @@ param_scheduler = [
 ]
 auto_scale_lr = dict(enable=False, base_batch_size=32)
 
-# Checkpoints that survive pre-emption (atomic writes, random states, SIGTERM), also with the stock
-# train.py of mmdet / mmseg; see mmpoolformer/engine/resume.py.
+# Checkpoints that survive pre-emption (atomic writes, random states, SIGTERM), and a stop at the first
+# non-finite loss, also with the stock train.py of mmdet / mmseg; see mmpoolformer/engine/.
 default_hooks = dict(checkpoint=dict(type='mmpoolformer.ResumableCheckpointHook'))
+custom_hooks = [dict(type='mmpoolformer.NonFiniteLossHook')]

@@ -9,8 +9,10 @@ import sys
 import mmdet
 import pytest
 import torch
+from mmengine.config import Config
 from tiny_project import assert_same_training_state, last_checkpoint, start, wait_for
 
+from mmpoolformer.engine import resume_after_restart
 from mmpoolformer.models.weights import read_checkpoint
 
 # Imported by the run that is to be killed while writing epoch_2.pth: the file is all but renamed into
@@ -144,3 +146,20 @@ def test_mmdet_stock_train_resumes_a_run_of_ours_exactly(tiny, uninterrupted, tm
                     '--resume'])
     assert 'resumed epoch: 1, iter: 4' in out
     assert_same_training_state(work_dir / f'epoch_{tiny.epochs}.pth', uninterrupted)
+
+
+@pytest.mark.parametrize('variable', ['TORCHELASTIC_RESTART_COUNT', 'SLURM_RESTART_COUNT'])
+def test_a_restart_resumes_from_the_work_dirs_last_checkpoint(variable, tmp_path, monkeypatch):
+    """torchrun's restart count and slurm's requeue count alike; the first start, and a restart before
+    any checkpoint, start as configured."""
+    cfg = Config(dict(work_dir=str(tmp_path), resume=False, load_from='pretrained.pth'))
+    monkeypatch.setenv(variable, '0')
+    resume_after_restart(cfg)
+    assert (cfg.resume, cfg.load_from) == (False, 'pretrained.pth')
+    monkeypatch.setenv(variable, '1')
+    resume_after_restart(cfg)
+    assert (cfg.resume, cfg.load_from) == (False, 'pretrained.pth')
+    (tmp_path / 'epoch_1.pth').write_bytes(b'')
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'epoch_1.pth'))
+    resume_after_restart(cfg)
+    assert (cfg.resume, cfg.load_from) == (True, str(tmp_path / 'epoch_1.pth'))
