@@ -89,7 +89,8 @@ class NonFiniteLossHook(Hook):
         else:
             what = f'the loss of {describe_ranks(ranks)} is not finite {where}'
         last = runner.message_hub.get_info('last_ckpt')
-        kept = f'the last checkpoint, {last}, is kept' if last else 'no checkpoint was saved'
+        kept, then = ((f'the last checkpoint, {last}, is kept', 'continue with --resume') if last else
+                      ('no checkpoint was saved', 'train again'))
         raise NonFiniteLossError(
             f'{what}; training stopped before saving these weights ({kept}). Lower the learning '
-            f'rate or check the data, then continue with --resume')
+            f'rate or check the data, then {then}')

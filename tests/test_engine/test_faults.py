@@ -89,7 +89,7 @@ def test_the_loss_hook_names_every_term_and_passes_finite_losses():
     assert str(error.value) == (
         'the loss is not finite at iteration 3 (epoch 1): loss=inf, loss_cls=inf, loss_bbox=0.375; '
         'training stopped before saving these weights (no checkpoint was saved). Lower the learning '
-        'rate or check the data, then continue with --resume')
+        'rate or check the data, then train again')
 
 
 def test_non_finite_weights_are_never_saved():

@@ -60,22 +60,23 @@ def last_metrics(work_dir):
         return [json.loads(line) for line in f][-1]
 
 
-def test_train_resume_and_test(shapes, tmp_path):
+def test_train_resume_and_test(tiny, tmp_path):
+    """On the tiny project (see tiny_project.py): the demo path trains the demo config itself."""
     work_dir = str(tmp_path / 'work')
-    train = [sys.executable, osp.join(REPO, 'tools/train.py'), RETINANET_DEMO, '--work-dir', work_dir]
-    code, out = run(train + det_options(shapes, epochs=1))
+    code, out = run(tiny.train_cmd(work_dir, '--cfg-options', 'train_cfg.max_epochs=1'), env=tiny.env())
     assert code == 0, out[-3000:]
     assert osp.isfile(osp.join(work_dir, 'epoch_1.pth'))
 
     # --resume reads mmengine's own checkpoint (HistoryBuffer, numpy) with weights-only loading
-    code, out = run(train + ['--resume'] + det_options(shapes, epochs=2))
+    code, out = run(tiny.train_cmd(work_dir, '--resume', '--cfg-options', 'train_cfg.max_epochs=2'),
+                    env=tiny.env())
     assert code == 0, out[-3000:]
     assert 'resumed epoch: 1' in out and osp.isfile(osp.join(work_dir, 'epoch_2.pth'))
 
     preds = str(tmp_path / 'preds.pkl')
-    code, out = run([sys.executable, osp.join(REPO, 'tools/test.py'), RETINANET_DEMO,
-                     osp.join(work_dir, 'epoch_2.pth'), '--work-dir', work_dir, '--out', preds]
-                    + det_options(shapes))
+    code, out = run([sys.executable, osp.join(REPO, 'tools/test.py'), str(tiny.config),
+                     osp.join(work_dir, 'epoch_2.pth'), '--work-dir', work_dir, '--out', preds],
+                    env=tiny.env())
     assert code == 0, out[-3000:]
     assert osp.isfile(preds) and 'coco/bbox_mAP' in last_metrics(work_dir)
 
