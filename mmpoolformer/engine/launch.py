@@ -57,9 +57,10 @@ def start_process_group(backend: str, timeout: Optional[float] = None) -> None:
                                   rank=rank, world_size=world_size, **kwargs)
 
 
-def setup_cpu_distributed(cfg: Config) -> bool:
-    """Prepare ``cfg`` (and the process group) for a distributed run on CPUs; with CUDA, start the
-    process group of a restarted torchrun worker group as mmengine would, keys apart.
+def setup_distributed(cfg: Config) -> bool:
+    """Prepare ``cfg`` (and the process group) for a distributed run on CPUs. With CUDA, leave it to
+    mmengine, but for a restarted torchrun worker group, whose process group this starts as mmengine
+    would, with its keys apart.
 
     Returns True if it prepared a run on CPUs, False when the run is not distributed or has GPUs.
     """

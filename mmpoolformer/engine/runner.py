@@ -13,7 +13,7 @@ from mmengine.runner import Runner, find_latest_checkpoint
 from .checkpoint import CheckpointLayoutHook
 from .data_errors import DataErrorSyncHook
 from .faults import NonFiniteLossHook
-from .launch import setup_cpu_distributed
+from .launch import setup_distributed
 
 
 def load_config(path: str, cfg_options: Optional[dict] = None, work_dir: Optional[str] = None,
@@ -95,7 +95,7 @@ def build_runner(cfg: Config, strict_checkpoint: bool = True) -> Runner:
             resuming) or a warning (fine-tuning; see :class:`CheckpointLayoutHook`).
     """
     use_resumable_checkpoints(cfg)
-    setup_cpu_distributed(cfg)
+    setup_distributed(cfg)
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
     runner.register_hook(CheckpointLayoutHook(strict=strict_checkpoint), priority='VERY_HIGH')
     runner.register_hook(DataErrorSyncHook())

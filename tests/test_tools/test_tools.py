@@ -4,7 +4,6 @@ import json
 import os
 import os.path as osp
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -36,12 +35,6 @@ def det_options(data_root, epochs=1):
         # keep every detection, so that the untrained model still produces a COCO evaluation
         'model.test_cfg.score_thr=0.0'
     ]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def run(cmd, cwd=None, env=None, timeout=600):
@@ -81,28 +74,17 @@ def test_train_resume_and_test(tiny, tmp_path):
     assert osp.isfile(preds) and 'coco/bbox_mAP' in last_metrics(work_dir)
 
 
-FPN_DEMO = osp.join(REPO, 'configs/demo/fpn_poolformer_s12_shapes.py')
-
-
-def seg_options(data_root, iters=4):
-    return ['--cfg-options'] + [
-        f'{split}_dataloader.dataset.data_root={data_root}' for split in ('train', 'val', 'test')
-    ] + [f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}',
-         f'default_hooks.checkpoint.interval={iters}']
-
-
 @pytest.mark.dist
 @pytest.mark.skipif(shutil.which('bash') is None, reason='needs bash for dist_train.sh')
-def test_dist_train_two_cpu_processes_segmentation(shapes, tmp_path):
-    """(Detection in two processes: tiny_project.py's dist_uninterrupted, and test_resume.py.)"""
+def test_dist_train_two_cpu_processes_segmentation(tiny, tmp_path):
+    """The tiny Semantic FPN (see tiny_project.py) in two processes; detection in two processes:
+    tiny_project.py's dist_uninterrupted, and test_resume.py."""
     work_dir = str(tmp_path / 'work')
-    env = dict(os.environ, PORT=str(free_port()))
-    code, out = run([osp.join(REPO, 'tools/dist_train.sh'), FPN_DEMO, '2', '--work-dir', work_dir]
-                    + seg_options(shapes), env=env)
+    code, out = run(tiny.dist_train_cmd(work_dir, config=tiny.seg_config), env=tiny.dist_env())
     assert code == 0, out[-3000:]
     assert 'distributed on CPU: gloo backend, 2 processes' in out
     assert '1 SyncBN layer config(s) replaced by BN' in out
-    assert osp.isfile(osp.join(work_dir, 'iter_4.pth'))
+    assert osp.isfile(osp.join(work_dir, 'iter_2.pth'))
     assert {'mIoU', 'mAcc', 'aAcc'} <= set(last_metrics(work_dir))
 
 
@@ -150,6 +132,8 @@ def test_external_project_trains_with(tool, shapes, tmp_path):
 @pytest.mark.parametrize('argv, message', [
     (['tools/dist_train.sh', 'configs/nope.py', '2'], 'config file not found: configs/nope.py'),
     (['tools/dist_train.sh', RETINANET_DEMO, '0'], "GPUS must be a positive integer, got '0'"),
+    (['env', 'MAX_RESTARTS=-1', 'tools/dist_train.sh', RETINANET_DEMO, '2'],
+     "MAX_RESTARTS must be a whole number, got '-1'"),
     (['tools/dist_test.sh', RETINANET_DEMO], 'missing CHECKPOINT'),
     ([sys.executable, 'tools/train.py', 'configs/nope.py'], 'config file not found: configs/nope.py'),
     ([sys.executable, 'tools/train.py', RETINANET_DEMO, '--cfg-options', 'model.backbone'],
