@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-# the tiny project's fixtures, for every test module
+# the tiny project's fixtures and the private slurm, for every test module
+from slurm_cluster import slurm  # noqa: F401
 from tiny_project import (det_checkpoint, dist_uninterrupted, seg_checkpoint, tiny,  # noqa: F401
                           uninterrupted)
 

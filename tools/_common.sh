@@ -52,19 +52,30 @@ torchrun_() {
 
 # srun_ PARTITION JOB_NAME SCRIPT ARGS...: GPUS tasks through slurm (GPUS, GPUS_PER_NODE,
 # CPUS_PER_TASK, SRUN_ARGS as in mmdet), each running tools/SCRIPT ARGS --launcher slurm.
+# GPUS_PER_NODE=0: a CPU partition; no GPU is asked for, the GPUS tasks run on one node as CPU
+# processes (gloo), CPUS_PER_TASK cores each (1 unless given), with as many threads.
 srun_() {
     local partition=$1 job_name=$2 script=$3
     shift 3
-    local gpus=${GPUS:-8} gpus_per_node=${GPUS_PER_NODE:-8}
+    local gpus=${GPUS:-8} gpus_per_node=${GPUS_PER_NODE:-8} cpus_per_task resources
     check_count GPUS "$gpus"
+    check_count GPUS_PER_NODE "$gpus_per_node" 0
+    if (( gpus_per_node > 0 )); then
+        cpus_per_task=${CPUS_PER_TASK:-5}
+        resources=(--gres=gpu:"$gpus_per_node" --ntasks-per-node="$gpus_per_node")
+    else
+        cpus_per_task=${CPUS_PER_TASK:-1}
+        resources=(--nodes=1 --ntasks-per-node="$gpus")
+        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus_per_task}
+    fi
+    check_count CPUS_PER_TASK "$cpus_per_task"
     set -x
     # shellcheck disable=SC2086  # SRUN_ARGS holds several options
     exec srun -p "$partition" \
         --job-name="$job_name" \
-        --gres=gpu:"$gpus_per_node" \
+        "${resources[@]}" \
         --ntasks="$gpus" \
-        --ntasks-per-node="$gpus_per_node" \
-        --cpus-per-task="${CPUS_PER_TASK:-5}" \
+        --cpus-per-task="$cpus_per_task" \
         --kill-on-bad-exit=1 \
         ${SRUN_ARGS:-} \
         "$PYTHON" -u "$REPO/tools/$script" "$@" --launcher slurm

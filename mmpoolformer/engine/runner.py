@@ -115,7 +115,8 @@ def resume_after_restart(cfg: Config) -> None:
     latest = find_latest_checkpoint(cfg.work_dir)
     if latest is not None:
         cfg.resume, cfg.load_from = True, latest
-    if os.environ.get('RANK', '0') == '0':  # before the runner's logger, which knows the rank
+    # before the runner's logger, which knows the rank
+    if os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0')) == '0':
         print_log(f'restart {restarts}: ' + (f'resuming from {latest}' if latest else
                                              f'no checkpoint in {cfg.work_dir} yet, starting again'),
                   logger='current')
