@@ -1,6 +1,6 @@
 """tools/slurm_train.sh and tools/slurm_test.sh on a real slurm (slurm_cluster.py: a private one, on a
-partition of CPUs): two CPU tasks train exactly as two torchrun processes do; a job told to stop
-(scancel --signal=TERM) saves and ends cleanly, and requeued, resumes by itself to the same end."""
+partition of CPUs) with two CPU tasks; a job told to stop (scancel --signal=TERM) saves and ends
+cleanly, and requeued, resumes by itself and ends exactly as two torchrun processes do uninterrupted."""
 import os
 import subprocess
 import time
@@ -18,17 +18,17 @@ def slurm_env(tiny, slurm):
                               MASTER_PORT=str(free_port())))
 
 
-def test_train_and_test_on_a_cpu_partition(tiny, slurm, dist_uninterrupted, tmp_path):
+def test_train_and_test_on_a_cpu_partition(tiny, slurm, tmp_path):
     work_dir, env = tmp_path / 'work', slurm_env(tiny, slurm)
     out = tiny.run([f'{REPO}/tools/slurm_train.sh', slurm.partition, 'train', str(tiny.config),
-                    str(work_dir)], env=env)
+                    str(work_dir), '--cfg-options', 'train_cfg.max_epochs=1'], env=env)
     assert '--gres' not in out and '--ntasks=2' in out  # the srun line, as set -x prints it
     assert 'distributed on CPU: gloo backend, 2 processes' in out
-    final = work_dir / f'epoch_{tiny.epochs}.pth'
-    assert_same_training_state(final, dist_uninterrupted)
+    checkpoint = work_dir / 'epoch_1.pth'
+    assert len(read_checkpoint(str(checkpoint))['random_state']) == 2
 
     out = tiny.run([f'{REPO}/tools/slurm_test.sh', slurm.partition, 'test', str(tiny.config),
-                    str(final), '--work-dir', str(tmp_path / 'test')], env=env)
+                    str(checkpoint), '--work-dir', str(tmp_path / 'test')], env=env)
     assert 'coco/bbox_mAP: ' in out
 
 
