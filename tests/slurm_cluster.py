@@ -47,9 +47,15 @@ PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def which(command):
+    """The command's path; the daemons are in sbin, which a PATH may leave out."""
+    return shutil.which(command, path=os.pathsep.join([os.environ.get('PATH', ''), '/usr/sbin',
+                                                       '/sbin']))
+
+
 def missing():
     """Why the slurm tests cannot run here, or None."""
-    absent = [c for c in COMMANDS if shutil.which(c) is None]
+    absent = [c for c in COMMANDS if which(c) is None]
     if absent:
         return (f'needs Debian\'s slurm-wlm and munge ({", ".join(absent)} not found; apt-get install '
                 f'slurm-wlm munge, as .ci/run does)')
@@ -104,10 +110,10 @@ def slurm(tmp_path_factory):
         root=root, node=node, cpus=os.cpu_count(), partition=PARTITION, ctld_port=free_port(),
         slurmd_port=free_port()))
     env = cluster.env(os.environ)
-    subprocess.run(['munged', f'--key-file={key}', f'--socket={root}/munge.socket',
+    subprocess.run([which('munged'), f'--key-file={key}', f'--socket={root}/munge.socket',
                     f'--pid-file={root}/munged.pid', f'--log-file={root}/munged.log',
                     f'--seed-file={root}/munge.seed', '--force'], check=True, env=env)
-    daemons = [subprocess.Popen([daemon, '-D', '-f', str(cluster.conf)] + extra, env=env,
+    daemons = [subprocess.Popen([which(daemon), '-D', '-f', str(cluster.conf)] + extra, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
                for daemon, extra in (('slurmctld', ['-i']), ('slurmd', ['-N', node]))]
     try:
