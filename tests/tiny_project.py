@@ -4,6 +4,7 @@ cut down to one block per stage (the mechanics under test do not depend on its s
 does), trained with tools/train.py (or tools/dist_train.sh, two CPU processes) in their own processes;
 and what the tests of interrupted runs share: the uninterrupted runs to compare with, and the
 comparison."""
+import fcntl
 import os
 import os.path as osp
 import socket
@@ -198,24 +199,42 @@ def seg_checkpoint(tiny):
     return work_dir / 'iter_2.pth'
 
 
+def once_for_all_workers(tmp_path_factory, name, make):
+    """``make(folder)`` run once in the test session, by whichever pytest-xdist worker asks first (the
+    others wait for it and take its folder): for the runs that tests only compare with."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        base = base.parent  # the workers' folders are in it
+    folder, done = base / name, base / f'{name}.done'
+    with open(base / f'{name}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope='session')
-def uninterrupted(tiny):
+def uninterrupted(tiny, tmp_path_factory):
     """The last checkpoint of the tiny RetinaNet trained without interruption, in one process."""
-    work_dir = tiny.root / 'uninterrupted'
-    tiny.run(tiny.train_cmd(work_dir))
+    work_dir = once_for_all_workers(tmp_path_factory, 'uninterrupted',
+                                    lambda work_dir: tiny.run(tiny.train_cmd(work_dir)))
     final = work_dir / f'epoch_{tiny.epochs}.pth'
     assert read_checkpoint(str(final))['meta']['iter'] == tiny.epochs * tiny.iters_per_epoch
     return final
 
 
 @pytest.fixture(scope='session')
-def dist_uninterrupted(tiny):
+def dist_uninterrupted(tiny, tmp_path_factory):
     """The same, in two CPU processes through tools/dist_train.sh: 2 iterations an epoch."""
-    work_dir = tiny.root / 'dist_uninterrupted'
-    out = tiny.run(tiny.dist_train_cmd(work_dir), env=tiny.dist_env())
-    assert 'distributed on CPU: gloo backend, 2 processes' in out
-    assert f'Epoch(val) [{tiny.epochs}][1/1]    coco/bbox_mAP: ' in out  # evaluated across both
-    final = work_dir / f'epoch_{tiny.epochs}.pth'
+
+    def train(work_dir):
+        out = tiny.run(tiny.dist_train_cmd(work_dir), env=tiny.dist_env())
+        assert 'distributed on CPU: gloo backend, 2 processes' in out
+        assert f'Epoch(val) [{tiny.epochs}][1/1]    coco/bbox_mAP: ' in out  # evaluated across both
+
+    final = once_for_all_workers(tmp_path_factory, 'dist_uninterrupted', train) / (
+        f'epoch_{tiny.epochs}.pth')
     checkpoint = read_checkpoint(str(final))
     assert checkpoint['meta']['iter'] == tiny.epochs * tiny.iters_per_epoch // 2
     assert len(checkpoint['random_state']) == 2  # the generators of both processes
