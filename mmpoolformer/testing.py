@@ -22,3 +22,10 @@ def randomize_weights(model: nn.Module, seed: int = 0) -> nn.Module:
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / p[0].numel()**0.5)
     return model
+
+
+def max_rel_err(a, b) -> float:
+    """The largest difference between ``a`` and the reference ``b`` (tensors or arrays), relative to
+    ``b``'s largest magnitude: the measure every parity check of this project states its tolerance in."""
+    a, b = (torch.as_tensor(t).detach().double() for t in (a, b))
+    return ((a - b).abs().max() / b.abs().max()).item()

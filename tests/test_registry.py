@@ -117,5 +117,5 @@ def test_an_unregistered_mixer_name_says_where_to_register(tmp_path):
     """)], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert ("unknown token mixer 'MaxMixer'; registered in mmpoolformer.registry.TOKEN_MIXERS: "
-            "['Attention', 'DepthwiseConv', 'Identity', 'Pooling', 'RandomMixing', 'SpatialFc']"
+            "['Attention', 'DepthwiseConv', 'Identity', 'Pooling', 'RandomMixing', 'SepConv', 'SpatialFc']"
             in proc.stderr)

@@ -28,49 +28,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..kernels import conv2d, norm_mlp_residual
 from ..registry import MODELS
 from .arguments import check_arguments
+from .layers import build_act, build_norm
 from .token_mixers import build_token_mixer
 from .weights import load_pretrained
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an ``(N, C, H, W)`` tensor (the hybrids' "channel LayerNorm")."""
-
-    def forward(self, x):
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
-
-
-# ``type`` -> constructor(dim, **rest of the cfg). 'GN' with one group is the paper's "modified
-# LayerNorm": it normalises over channels *and* space, per sample.
-NORM_LAYERS = {
-    'GN': lambda dim, num_groups=1, **kw: nn.GroupNorm(num_groups, dim, **kw),
-    'LN2d': LayerNorm2d,
-    'BN': nn.BatchNorm2d,
-    'SyncBN': nn.SyncBatchNorm,
-}
-ACT_LAYERS = {'GELU': nn.GELU, 'ReLU': nn.ReLU, 'SiLU': nn.SiLU}
-
-
-def _build_from_table(table: dict, cfg: dict, what: str, *args) -> nn.Module:
-    if not isinstance(cfg, dict) or 'type' not in cfg:
-        raise TypeError(f'{what} must be a dict with a "type" key, got {cfg!r}')
-    cfg = dict(cfg)
-    layer_type = cfg.pop('type')
-    if layer_type not in table:
-        raise ValueError(f'unknown {what} type {layer_type!r}; allowed: {sorted(table)}')
-    try:
-        return table[layer_type](*args, **cfg)
-    except TypeError as e:
-        raise TypeError(f'bad {what} {dict(type=layer_type, **cfg)!r}: {e}') from e
-
-
-def build_norm(cfg: dict, dim: int) -> nn.Module:
-    return _build_from_table(NORM_LAYERS, cfg, 'norm_cfg', dim)
-
-
-def build_act(cfg: dict) -> nn.Module:
-    return _build_from_table(ACT_LAYERS, cfg, 'act_cfg')
 
 
 class DropPath(nn.Module):
@@ -96,14 +56,24 @@ class DropPath(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """A strided convolution: the stem (7x7, stride 4) and the downsampling between stages (3x3, 2)."""
+    """A strided convolution: the stem (7x7, stride 4) and the downsampling between stages (3x3, 2).
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride, padding):
+    The MetaFormer Baselines normalise around it: after the stem's convolution (``post_norm``) and
+    before each downsampling one (``pre_norm``); PoolFormer does neither.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding,
+                 pre_norm_cfg: Optional[dict] = None, post_norm_cfg: Optional[dict] = None):
         super().__init__()
+        self.pre_norm = None if pre_norm_cfg is None else build_norm(pre_norm_cfg, in_channels)
         self.proj = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+        self.post_norm = None if post_norm_cfg is None else build_norm(post_norm_cfg, out_channels)
 
     def forward(self, x):
-        return conv2d(self.proj, x)
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        x = conv2d(self.proj, x)
+        return x if self.post_norm is None else self.post_norm(x)
 
 
 class PositionEmbedding(nn.Module):
@@ -139,11 +109,11 @@ class Mlp(nn.Module):
     block's input and hidden map for backward).
     """
 
-    def __init__(self, dim, hidden_dim, act_cfg, drop=0.):
+    def __init__(self, dim, hidden_dim, act_cfg, drop=0., bias=True):
         super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1, bias=bias)
         self.act = build_act(act_cfg)
-        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        self.fc2 = nn.Conv2d(hidden_dim, dim, 1, bias=bias)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x):
@@ -157,7 +127,11 @@ class Mlp(nn.Module):
 
 
 class MetaFormerBlock(nn.Module):
-    """``x + ls1 * mixer(norm1(x))``, then ``x + ls2 * mlp(norm2(x))``.
+    """``x = rs1 * x + ls1 * mixer(norm1(x))``, then ``x = rs2 * x + ls2 * mlp(norm2(x))``.
+
+    PoolFormer scales the branches (LayerScale ``ls``); the MetaFormer Baselines scale the residual
+    instead in their last two stages (ResScale ``rs``). Either is a learned per-channel vector, or
+    absent (a factor of one, no parameter).
 
     Args:
         dim (int): Channels.
@@ -165,10 +139,13 @@ class MetaFormerBlock(nn.Module):
         mlp_ratio (float): Hidden width of the MLP relative to ``dim``.
         norm_cfg (dict): Normalisation before the mixer and before the MLP.
         act_cfg (dict): Activation inside the MLP.
+        mlp_bias (bool): Biases in the MLP's two layers. Defaults to True.
         drop (float): Dropout inside the MLP.
         drop_path (float): Stochastic-depth rate of both residual branches.
-        layer_scale_init_value (float, optional): Initial per-channel scale of both branches; None
-            disables LayerScale (no parameter is created).
+        layer_scale_init_value (float, optional): Initial LayerScale of both branches; None disables
+            it. Defaults to 1e-5.
+        res_scale_init_value (float, optional): Initial ResScale of both residuals; None (default)
+            disables it.
     """
 
     def __init__(self,
@@ -177,33 +154,40 @@ class MetaFormerBlock(nn.Module):
                  mlp_ratio: float = 4.,
                  norm_cfg: dict = dict(type='GN', num_groups=1),
                  act_cfg: dict = dict(type='GELU'),
+                 mlp_bias: bool = True,
                  drop: float = 0.,
                  drop_path: float = 0.,
-                 layer_scale_init_value: Optional[float] = 1e-5):
+                 layer_scale_init_value: Optional[float] = 1e-5,
+                 res_scale_init_value: Optional[float] = None):
         super().__init__()
         self.norm1 = build_norm(norm_cfg, dim)
         self.token_mixer = token_mixer
         self.norm2 = build_norm(norm_cfg, dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_cfg, drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_cfg, drop, bias=mlp_bias)
         self.drop_path = DropPath(drop_path)
         self.use_layer_scale = layer_scale_init_value is not None
         if self.use_layer_scale:
             self.layer_scale_1 = nn.Parameter(torch.full((dim, ), float(layer_scale_init_value)))
             self.layer_scale_2 = nn.Parameter(torch.full((dim, ), float(layer_scale_init_value)))
+        self.use_res_scale = res_scale_init_value is not None
+        if self.use_res_scale:
+            self.res_scale_1 = nn.Parameter(torch.full((dim, ), float(res_scale_init_value)))
+            self.res_scale_2 = nn.Parameter(torch.full((dim, ), float(res_scale_init_value)))
 
     def forward(self, x):
-        ls1 = self.layer_scale_1 if self.use_layer_scale else None
-        ls2 = self.layer_scale_2 if self.use_layer_scale else None
-        x = self.residual(x, self.norm1, self.token_mixer, ls1)
-        return self.residual(x, self.norm2, self.mlp, ls2)
+        ls1, ls2 = (self.layer_scale_1, self.layer_scale_2) if self.use_layer_scale else (None, None)
+        rs1, rs2 = (self.res_scale_1, self.res_scale_2) if self.use_res_scale else (None, None)
+        x = self.residual(x, self.norm1, self.token_mixer, ls1, rs1)
+        return self.residual(x, self.norm2, self.mlp, ls2, rs2)
 
-    def residual(self, x, norm, branch, layer_scale):
-        """``x + drop_path(layer_scale * branch(norm(x)))``.
+    def residual(self, x, norm, branch, layer_scale, res_scale=None):
+        """``res_scale * x + drop_path(layer_scale * branch(norm(x)))``.
 
         A branch that can compute this faster than as written, fused with the norm and the residual
         add, has a method ``fused_residual(x, norm, layer_scale, factors, plain)``: ``factors`` are
         stochastic depth's per-sample factors for this step (or None), ``plain(x)`` is this formula as
-        written, which the branch returns wherever its kernel does not apply or does not pay.
+        written, which the branch returns wherever its kernel does not apply or does not pay. The
+        fused kernels add the plain residual, so a block with ResScale computes as written.
         """
         factors = self.drop_path.factors(x)
 
@@ -211,13 +195,27 @@ class MetaFormerBlock(nn.Module):
             y = branch(norm(x))
             if layer_scale is not None:
                 y = y * layer_scale.view(-1, 1, 1)
-            return x + (y if factors is None else y * factors)
+            y = y if factors is None else y * factors
+            return (x if res_scale is None else x * res_scale.view(-1, 1, 1)) + y
 
         fused = getattr(branch, 'fused_residual', None)
-        return plain(x) if fused is None else fused(x, norm, layer_scale, factors, plain)
+        if fused is None or res_scale is not None:
+            return plain(x)
+        return fused(x, norm, layer_scale, factors, plain)
 
 
-_ARCH_KEYS = {'depths', 'embed_dims', 'mlp_ratios', 'layer_scale_init_value'}
+_ARCH_KEYS = {'depths', 'embed_dims', 'mlp_ratios', 'layer_scale_init_value', 'res_scale_init_values'}
+
+
+class _FamilyDefault:
+    """The default of an argument whose value differs between families: the family's own, from the
+    class's ``family_defaults`` table."""
+
+    def __repr__(self) -> str:
+        return 'FAMILY_DEFAULT'
+
+
+FAMILY_DEFAULT = _FamilyDefault()
 
 
 @MODELS.register_module()
@@ -225,38 +223,53 @@ _ARCH_KEYS = {'depths', 'embed_dims', 'mlp_ratios', 'layer_scale_init_value'}
 class MetaFormer(BaseModule):
     """A four-stage MetaFormer backbone whose token mixer is a plug-in, chosen per stage.
 
+    A family of MetaFormers (PoolFormer here, the MetaFormer Baselines in ``baselines.py``) is this
+    class with two tables: ``arch_zoo``, its sizes, and ``family_defaults``, the settings it fixes
+    unless a config says otherwise (mixers, norms, activation, ...).
+
     Args:
         arch (str | dict): A name from ``arch_zoo`` or a dict with ``depths`` and ``embed_dims`` (one
-            entry per stage) and optionally ``mlp_ratios`` (a number or one per stage, default 4) and
-            ``layer_scale_init_value`` (default 1e-5; None disables LayerScale).
+            entry per stage) and optionally ``mlp_ratios`` (a number or one per stage),
+            ``layer_scale_init_value`` (None disables LayerScale) and ``res_scale_init_values`` (a
+            number, None, or one of either per stage; None disables ResScale); the family's
+            ``arch_defaults`` fill what is left out.
         token_mixers (dict | list[dict], optional): Registered mixer configs (see
             ``token_mixers.py``), one for all stages or one per stage. Each is built with ``dim`` set
-            to its stage's channels. Defaults to ``default_token_mixer`` (pooling, size 3).
+            to its stage's channels. Defaults to the family's (pooling, size 3, for PoolFormer).
         in_channels (int): Input image channels. Defaults to 3.
-        norm_cfg (dict): Normalisation in the blocks and of the emitted maps: ``GN`` (the paper's
-            modified LayerNorm, ``GroupNorm(1, C)``, default), ``LN2d`` (channel LayerNorm), ``BN``,
-            ``SyncBN``.
-        act_cfg (dict): MLP activation: ``GELU`` (default), ``ReLU``, ``SiLU``.
+        norm_cfg (dict): Normalisation in the blocks: ``GN`` (the paper's modified LayerNorm,
+            ``GroupNorm(1, C)``, PoolFormer's default), ``LN2d`` (channel LayerNorm), ``BN``,
+            ``SyncBN``; ``GN`` and ``LN2d`` take ``bias=False`` and ``eps``.
+        act_cfg (dict): MLP activation: ``GELU`` (PoolFormer's default), ``ReLU``, ``SiLU``,
+            ``StarReLU``.
+        mlp_bias (bool): Biases in the MLPs. Defaults to the family's (True for PoolFormer).
+        downsample_norm_cfg (dict, optional): A norm after the stem's convolution and before each
+            downsampling convolution, as in the MetaFormer Baselines; None (PoolFormer's default):
+            none.
+        out_norm_cfg (dict, optional): The norm of each emitted map, one per stage listed in
+            ``out_indices`` (``norm{2 * i}``); None emits the raw stage outputs (for necks that
+            normalise themselves, and for comparisons). Defaults to the family's; PoolFormer's is
+            ``norm_cfg``.
         drop_rate (float): Dropout in the MLPs. Defaults to 0.
         drop_path_rate (float): Stochastic depth, rising linearly from 0 at the first block to this
             value at the last. Defaults to 0.
         use_layer_scale (bool): LayerScale on both residual branches of every block (the paper's
             ablation switch); False builds no LayerScale parameter at all. Defaults to True, with the
-            arch's ``layer_scale_init_value``.
+            arch's ``layer_scale_init_value`` (None in the Baselines' archs).
         pos_embed_sizes (list, optional): One entry per stage: None, or the token grid ``(h, w)`` of a
             learned position embedding added to the stage's input (the official attention hybrids
             add one to their first attention stage). See :class:`PositionEmbedding` for other grids.
-        out_indices (Sequence[int]): Stages (0-3) whose outputs are emitted, each through its own norm
-            ``norm{2 * i}``. Stages after the last one listed are not built, so every parameter takes
-            part in the forward pass. Defaults to all four.
+        out_indices (Sequence[int]): Stages (0-3) whose outputs are emitted. Stages after the last
+            one listed are not built, so every parameter takes part in the forward pass. Defaults to
+            all four.
         frozen_stages (int): -1 freezes nothing; 0 freezes the stem; k >= 1 freezes the stem and stages
             0 .. k-1 with their downsampling layers and output norms (mmdet's ResNet / Swin convention).
         norm_eval (bool): Keep BatchNorm layers in eval mode while training (no effect on GroupNorm /
             LayerNorm, which have no running statistics). Defaults to False.
         with_cp (bool): Recompute each block in the backward pass instead of storing its activations.
         init_cfg (dict | list[dict], optional): ``dict(type='Pretrained', checkpoint=PATH_OR_URL)``
-            loads released weights in the official, timm or mmpretrain layout (recognised
-            automatically; classifier keys dropped; missing and unexpected keys logged).
+            loads released weights in the official, timm, mmpretrain or sail-sg/metaformer layout
+            (recognised automatically; classifier keys dropped; missing and unexpected keys logged).
     """
 
     # The paper's sizes (Table 1); they describe the MetaFormer, whatever its mixer.
@@ -267,14 +280,24 @@ class MetaFormer(BaseModule):
         'm36': dict(depths=[6, 6, 18, 6], embed_dims=[96, 192, 384, 768], layer_scale_init_value=1e-6),
         'm48': dict(depths=[8, 8, 24, 8], embed_dims=[96, 192, 384, 768], layer_scale_init_value=1e-6),
     }
-    default_token_mixer = dict(type='Pooling', pool_size=3)
+    arch_defaults = dict(mlp_ratios=4, layer_scale_init_value=1e-5, res_scale_init_values=None)
+    # No ``out_norm_cfg``: the emitted maps take ``norm_cfg``, whatever it is.
+    family_defaults = dict(
+        token_mixers=dict(type='Pooling', pool_size=3),
+        norm_cfg=dict(type='GN', num_groups=1),
+        act_cfg=dict(type='GELU'),
+        mlp_bias=True,
+        downsample_norm_cfg=None)
 
     def __init__(self,
                  arch: Union[str, dict] = 's12',
-                 token_mixers: Optional[Union[dict, List[dict]]] = None,
+                 token_mixers: Optional[Union[dict, List[dict]]] = FAMILY_DEFAULT,
                  in_channels: int = 3,
-                 norm_cfg: dict = dict(type='GN', num_groups=1),
-                 act_cfg: dict = dict(type='GELU'),
+                 norm_cfg: dict = FAMILY_DEFAULT,
+                 act_cfg: dict = FAMILY_DEFAULT,
+                 mlp_bias: bool = FAMILY_DEFAULT,
+                 downsample_norm_cfg: Optional[dict] = FAMILY_DEFAULT,
+                 out_norm_cfg: Optional[dict] = FAMILY_DEFAULT,
                  drop_rate: float = 0.,
                  drop_path_rate: float = 0.,
                  use_layer_scale: bool = True,
@@ -285,14 +308,18 @@ class MetaFormer(BaseModule):
                  with_cp: bool = False,
                  init_cfg: Optional[Union[dict, List[dict]]] = None):
         super().__init__(init_cfg=init_cfg)
+        family = self._family_settings(
+            token_mixers=token_mixers, norm_cfg=norm_cfg, act_cfg=act_cfg, mlp_bias=mlp_bias,
+            downsample_norm_cfg=downsample_norm_cfg, out_norm_cfg=out_norm_cfg)
         arch = self._parse_arch(arch)
         depths, dims = arch['depths'], arch['embed_dims']
         num_stages = len(depths)
         mlp_ratios = arch['mlp_ratios']
         self.out_indices = self._parse_out_indices(out_indices, num_stages)
-        mixer_cfgs = self._parse_token_mixers(token_mixers, num_stages)
+        mixer_cfgs = self._parse_token_mixers(family['token_mixers'], num_stages)
         pos_embed_sizes = self._parse_pos_embed_sizes(pos_embed_sizes, num_stages)
         layer_scale_init_value = arch['layer_scale_init_value'] if use_layer_scale else None
+        res_scale_init_values = arch['res_scale_init_values']
         if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= num_stages:
             raise ValueError(
                 f'frozen_stages must be an int in [-1, {num_stages}], got {frozen_stages!r}')
@@ -305,10 +332,12 @@ class MetaFormer(BaseModule):
         self.norm_eval = norm_eval
         self.with_cp = with_cp
 
-        self.patch_embed = PatchEmbed(in_channels, dims[0], kernel_size=7, stride=4, padding=2)
+        down_norm = family['downsample_norm_cfg']
+        self.patch_embed = PatchEmbed(in_channels, dims[0], kernel_size=7, stride=4, padding=2,
+                                      post_norm_cfg=down_norm)
         # Stochastic depth is linear over every block of the full arch, built or not, so truncating
         # the network (out_indices) does not change the rates of the blocks that remain.
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         self.num_built_stages = max(self.out_indices) + 1
         network = []
         # The ``network`` entries each stage runs, in order: its downsampling, its position
@@ -319,7 +348,8 @@ class MetaFormer(BaseModule):
             if i > 0:
                 entries.append(len(network))
                 network.append(
-                    PatchEmbed(dims[i - 1], dims[i], kernel_size=3, stride=2, padding=1))
+                    PatchEmbed(dims[i - 1], dims[i], kernel_size=3, stride=2, padding=1,
+                               pre_norm_cfg=down_norm))
             if pos_embed_sizes[i] is not None:
                 entries.append(len(network))
                 network.append(PositionEmbedding(dims[i], pos_embed_sizes[i]))
@@ -331,16 +361,19 @@ class MetaFormer(BaseModule):
                         dims[i],
                         token_mixer=build_token_mixer(mixer_cfgs[i], dims[i]),
                         mlp_ratio=mlp_ratios[i],
-                        norm_cfg=norm_cfg,
-                        act_cfg=act_cfg,
+                        norm_cfg=family['norm_cfg'],
+                        act_cfg=family['act_cfg'],
+                        mlp_bias=family['mlp_bias'],
                         drop=drop_rate,
                         drop_path=dpr[first + j],
-                        layer_scale_init_value=layer_scale_init_value)
+                        layer_scale_init_value=layer_scale_init_value,
+                        res_scale_init_value=res_scale_init_values[i])
                     for j in range(depths[i])
                 ]))
         self.network = nn.ModuleList(network)
-        for i in self.out_indices:
-            self.add_module(f'norm{2 * i}', build_norm(norm_cfg, dims[i]))
+        if family['out_norm_cfg'] is not None:
+            for i in self.out_indices:
+                self.add_module(f'norm{2 * i}', build_norm(family['out_norm_cfg'], dims[i]))
 
         self._freeze_stages()
 
@@ -349,8 +382,9 @@ class MetaFormer(BaseModule):
         if isinstance(arch, str):
             if arch.lower() not in self.arch_zoo:
                 raise ValueError(f'unknown arch {arch!r} for {type(self).__name__}; valid: '
-                                 f'{sorted(self.arch_zoo)} or a dict with keys '
-                                 f'depths, embed_dims[, mlp_ratios, layer_scale_init_value]')
+                                 f'{sorted(self.arch_zoo)} or a dict with keys depths, '
+                                 f'embed_dims[, mlp_ratios, layer_scale_init_value, '
+                                 f'res_scale_init_values]')
             arch = self.arch_zoo[arch.lower()]
         if not isinstance(arch, dict):
             raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
@@ -359,22 +393,40 @@ class MetaFormer(BaseModule):
         if missing or unknown:
             raise ValueError(f'arch dict: missing keys {sorted(missing)}, unknown keys '
                              f'{sorted(unknown)}; allowed keys: {sorted(_ARCH_KEYS)}')
-        arch = copy.deepcopy(dict(arch))
+        arch = copy.deepcopy({**self.arch_defaults, **arch})
         depths, dims = list(arch['depths']), list(arch['embed_dims'])
         if not depths or len(depths) != len(dims):
             raise ValueError(f'arch: depths {depths} and embed_dims {dims} must be non-empty and '
                              f'have one entry per stage')
         if not all(isinstance(v, int) and v > 0 for v in depths + dims):
             raise ValueError(f'arch: depths {depths} and embed_dims {dims} must be positive ints')
-        ratios = arch.get('mlp_ratios', 4)
+        ratios = arch['mlp_ratios']
         ratios = [ratios] * len(depths) if isinstance(ratios, (int, float)) else list(ratios)
         if len(ratios) != len(depths) or not all(r > 0 for r in ratios):
             raise ValueError(f'arch: mlp_ratios must be a positive number or one per stage, '
                              f'got {arch["mlp_ratios"]!r}')
-        ls = arch.get('layer_scale_init_value', 1e-5)
+        ls = arch['layer_scale_init_value']
         if ls is not None and not isinstance(ls, (int, float)):
             raise TypeError(f'arch: layer_scale_init_value must be a number or None, got {ls!r}')
-        return dict(depths=depths, embed_dims=dims, mlp_ratios=ratios, layer_scale_init_value=ls)
+        rs = arch['res_scale_init_values']
+        rs = list(rs) if isinstance(rs, (list, tuple)) else [rs] * len(depths)
+        if len(rs) != len(depths) or not all(v is None or isinstance(v, (int, float)) for v in rs):
+            raise ValueError(f'arch: res_scale_init_values must be a number, None, or one of either '
+                             f'per stage, got {arch["res_scale_init_values"]!r}')
+        return dict(depths=depths, embed_dims=dims, mlp_ratios=ratios, layer_scale_init_value=ls,
+                    res_scale_init_values=rs)
+
+    def _family_settings(self, **given) -> dict:
+        """The arguments the family decides: those given, then ``family_defaults``; the emitted maps'
+        norm is the blocks' where the family names none."""
+        settings = {k: copy.deepcopy(self.family_defaults[k]) if v is FAMILY_DEFAULT
+                    or (k == 'token_mixers' and v is None) else v
+                    for k, v in given.items() if k != 'out_norm_cfg'}
+        out_norm = given['out_norm_cfg']
+        if out_norm is FAMILY_DEFAULT:
+            out_norm = copy.deepcopy(self.family_defaults.get('out_norm_cfg', settings['norm_cfg']))
+        settings['out_norm_cfg'] = out_norm
+        return settings
 
     @staticmethod
     def _parse_out_indices(out_indices, num_stages) -> tuple:
@@ -389,8 +441,6 @@ class MetaFormer(BaseModule):
         return tuple(sorted(out_indices))
 
     def _parse_token_mixers(self, token_mixers, num_stages) -> List[dict]:
-        if token_mixers is None:
-            token_mixers = self.default_token_mixer
         if isinstance(token_mixers, dict):
             token_mixers = [token_mixers] * num_stages
         if (not isinstance(token_mixers, (list, tuple)) or len(token_mixers) != num_stages
@@ -438,7 +488,7 @@ class MetaFormer(BaseModule):
         frozen = [self.patch_embed]
         for i in range(min(self.frozen_stages, self.num_built_stages)):
             frozen += [self.network[j] for j in self.stage_entries[i]]
-            if i in self.out_indices:
+            if hasattr(self, f'norm{2 * i}'):
                 frozen.append(getattr(self, f'norm{2 * i}'))
         for m in frozen:
             m.eval()
@@ -472,7 +522,8 @@ class MetaFormer(BaseModule):
                 x = self.network[j](x)
             x = self._run_stage(self.network[entries[-1]], x)
             if i in self.out_indices:
-                outs.append(getattr(self, f'norm{2 * i}')(x).contiguous())
+                norm = getattr(self, f'norm{2 * i}', None)
+                outs.append((x if norm is None else norm(x)).contiguous())
         return tuple(outs)
 
 

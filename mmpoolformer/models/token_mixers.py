@@ -6,8 +6,10 @@ as its first argument, even when it does not need it. A mixer maps an ``(N, C, H
 the same shape, for any ``H`` and ``W``.
 
 Here: the paper's ``Pooling`` and its ablations (``Identity``, ``DepthwiseConv``, the frozen
-``RandomMixing``), and the mixers of the official hybrids (``Attention``, ``SpatialFc``). The two defined
-on a fixed token grid (``SpatialFc``, ``RandomMixing``) resample their matrix to the grid of the input.
+``RandomMixing``), the mixers of the official hybrids (``Attention``, ``SpatialFc``), and ConvFormer's
+``SepConv`` (the MetaFormer Baselines; their CAFormer uses ``Attention`` without biases, their RandFormer
+``RandomMixing``). The two defined on a fixed token grid (``SpatialFc``, ``RandomMixing``) resample their
+matrix to the grid of the input.
 """
 from typing import Sequence, Tuple
 
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from ..kernels import norm_pool_residual
 from ..registry import TOKEN_MIXERS
+from .layers import build_act
 
 
 def build_token_mixer(cfg: dict, dim: int) -> nn.Module:
@@ -111,11 +114,52 @@ class DepthwiseConv(nn.Module):
 
 
 @TOKEN_MIXERS.register_module()
-class Attention(nn.Module):
-    """Multi-head self-attention over all tokens of the map, as in the official hybrid MetaFormers.
+class SepConv(nn.Module):
+    """ConvFormer's mixer: MobileNetV2's inverted separable convolution, a pointwise expansion, an
+    activation, one large ``k x k`` filter per channel and a pointwise projection (MetaFormer Baselines,
+    Sec. 3.2). Parameter names are the release's (``pwconv1``, ``act1``, ``dwconv``, ``pwconv2``).
 
-    Parameters keep the official names (a fused ``qkv`` without bias, ``proj`` with bias), so the
-    released hybrids load unchanged. Tokens attend to every token, so the cost grows with the square of
+    Args:
+        dim (int): Channels of the stage.
+        expansion_ratio (float): Width of the depthwise filter's map relative to ``dim``. Defaults to 2.
+        kernel_size (int): Side of the depthwise filter; odd, so that the output keeps the input size.
+            Defaults to 7.
+        act_cfg (dict): Activation after the expansion. Defaults to StarReLU.
+        bias (bool): Biases in the three convolutions. Defaults to False, as released.
+    """
+
+    def __init__(self,
+                 dim: int,
+                 expansion_ratio: float = 2.,
+                 kernel_size: int = 7,
+                 act_cfg: dict = dict(type='StarReLU'),
+                 bias: bool = False):
+        super().__init__()
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f'SepConv: kernel_size must be a positive odd int (so the output keeps '
+                             f'the input size), got {kernel_size!r}')
+        if not isinstance(expansion_ratio, (int, float)) or expansion_ratio <= 0:
+            raise ValueError(f'SepConv: expansion_ratio must be a positive number, got '
+                             f'{expansion_ratio!r}')
+        hidden = int(expansion_ratio * dim)
+        self.pwconv1 = nn.Conv2d(dim, hidden, 1, bias=bias)
+        self.act1 = build_act(act_cfg)
+        self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden,
+                                bias=bias)
+        self.pwconv2 = nn.Conv2d(hidden, dim, 1, bias=bias)
+
+    def forward(self, x):
+        return self.pwconv2(self.dwconv(self.act1(self.pwconv1(x))))
+
+
+@TOKEN_MIXERS.register_module()
+class Attention(nn.Module):
+    """Multi-head self-attention over all tokens of the map, without a position embedding, as in the
+    official hybrid MetaFormers and CAFormer (there without any bias), through PyTorch's
+    scaled-dot-product attention.
+
+    Parameters keep the official names (a fused ``qkv``, then ``proj``), so the released hybrids and
+    CAFormers load unchanged. Tokens attend to every token, so the cost grows with the square of
     their number: at detection resolutions use ``sr_ratio``.
 
     Args:
@@ -123,6 +167,8 @@ class Attention(nn.Module):
         head_dim (int): Channels per head; the number of heads is ``dim // head_dim``. Defaults to 32,
             the official hybrids' value.
         qkv_bias (bool): Bias in the query / key / value projection. Defaults to False (official).
+        proj_bias (bool): Bias in the output projection. Defaults to True (the hybrids; CAFormer:
+            False).
         sr_ratio (int): Spatial reduction as in PVT: keys and values come from the map average-pooled
             over ``sr_ratio x sr_ratio`` windows (border windows average what is inside the map), which
             divides the cost of attention by about ``sr_ratio ** 2``. The reduction has no parameters,
@@ -136,6 +182,7 @@ class Attention(nn.Module):
                  dim: int,
                  head_dim: int = 32,
                  qkv_bias: bool = False,
+                 proj_bias: bool = True,
                  sr_ratio: int = 1,
                  attn_drop: float = 0.,
                  proj_drop: float = 0.):
@@ -151,7 +198,7 @@ class Attention(nn.Module):
         self.sr_ratio = sr_ratio
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
     def _heads(self, tokens):

@@ -8,8 +8,12 @@ Our module names are the official release's (see ``metaformer.py``). Other layou
   ``backbone.`` with output norms ``norm{0,2,4,6}``;
 * mmpretrain (and mmseg 1.x, which uses it): the official names under ``backbone.``, the classifier's
   norm as ``backbone.norm6`` and its linear layer as ``head.fc``;
-* timm: ``stem.conv``, ``stages.{i}.downsample.conv``, ``stages.{i}.blocks.{j}``, ``layer_scale1.scale``,
-  ``head.norm``, ``head.fc``.
+* timm (PoolFormer and the MetaFormer Baselines): ``stem.conv``, ``stem.norm``,
+  ``stages.{i}.downsample.{norm,conv}``, ``stages.{i}.blocks.{j}``, ``layer_scale1.scale``,
+  ``res_scale1.scale``, ``head.norm``, ``head.fc``; in attention stages the MLP's layers are linear;
+* sail-sg/metaformer (the Baselines' release): ``downsample_layers.0.{conv,post_norm}`` (the stem),
+  ``downsample_layers.{i}.{pre_norm,conv}``, ``stages.{i}.{j}``, ``layer_scale1.scale``, ``norm``,
+  ``head``; the pointwise layers are linear.
 
 A checkpoint from the internet is untrusted: it is only ever unpickled with ``weights_only=True``.
 """
@@ -25,17 +29,34 @@ import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 
-# timm name -> official name, applied in order.
+# timm name -> official name, the first rule that matches.
 _TIMM_TO_OFFICIAL = [
     (re.compile(r'^stem\.conv\.'), lambda m: 'patch_embed.proj.'),
+    (re.compile(r'^stem\.norm\.'), lambda m: 'patch_embed.post_norm.'),
     (re.compile(r'^stages\.(\d+)\.downsample\.conv\.'),
      lambda m: f'network.{2 * int(m[1]) - 1}.proj.'),
-    (re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.layer_scale(\d)\.scale$'),
-     lambda m: f'network.{2 * int(m[1])}.{m[2]}.layer_scale_{m[3]}'),
+    (re.compile(r'^stages\.(\d+)\.downsample\.norm\.'),
+     lambda m: f'network.{2 * int(m[1]) - 1}.pre_norm.'),
+    (re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.(layer|res)_scale(\d)\.scale$'),
+     lambda m: f'network.{2 * int(m[1])}.{m[2]}.{m[3]}_scale_{m[4]}'),
     (re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.'), lambda m: f'network.{2 * int(m[1])}.{m[2]}.'),
     (re.compile(r'^head\.norm\.'), lambda m: 'norm.'),
     (re.compile(r'^head\.fc\.'), lambda m: 'head.'),
 ]
+# sail-sg/metaformer name -> official name, likewise.
+_SAIL_TO_OFFICIAL = [
+    (re.compile(r'^downsample_layers\.0\.conv\.'), lambda m: 'patch_embed.proj.'),
+    (re.compile(r'^downsample_layers\.0\.post_norm\.'), lambda m: 'patch_embed.post_norm.'),
+    (re.compile(r'^downsample_layers\.(\d+)\.conv\.'), lambda m: f'network.{2 * int(m[1]) - 1}.proj.'),
+    (re.compile(r'^downsample_layers\.(\d+)\.pre_norm\.'),
+     lambda m: f'network.{2 * int(m[1]) - 1}.pre_norm.'),
+    (re.compile(r'^stages\.(\d+)\.(\d+)\.(layer|res)_scale(\d)\.scale$'),
+     lambda m: f'network.{2 * int(m[1])}.{m[2]}.{m[3]}_scale_{m[4]}'),
+    (re.compile(r'^stages\.(\d+)\.(\d+)\.'), lambda m: f'network.{2 * int(m[1])}.{m[2]}.'),
+]
+# Our pointwise layers are 1x1 convolutions; where a layout has them as linear layers, their
+# ``(out, in)`` weights gain the two unit dimensions.
+_POINTWISE = re.compile(r'\.(mlp\.fc[12]|token_mixer\.pwconv[12])\.weight$')
 _WRAPPER_PREFIXES = ('module.', )
 
 
@@ -173,15 +194,18 @@ def convert_backbone_state_dict(
     has_classifier = any(k.startswith('head.') for k in state_dict)
 
     original = {}  # our name -> the checkpoint's, for reporting
-    if 'stem.conv.weight' in selected:
-        layout = 'timm'
+    if 'stem.conv.weight' in selected or 'downsample_layers.0.conv.weight' in selected:
+        layout, rules = (('timm', _TIMM_TO_OFFICIAL) if 'stem.conv.weight' in selected else
+                         ('sail-sg/metaformer', _SAIL_TO_OFFICIAL))
         renamed = OrderedDict()
         for k, v in selected.items():
             new = k
-            for pattern, repl in _TIMM_TO_OFFICIAL:
+            for pattern, repl in rules:
                 if pattern.search(k):
                     new = pattern.sub(repl, k, count=1)
                     break
+            if _POINTWISE.search(new) and v.dim() == 2:
+                v = v[:, :, None, None]
             renamed[new] = v
             original[new] = k
         selected = renamed
@@ -196,7 +220,8 @@ def convert_backbone_state_dict(
         raise CheckpointError(
             'unrecognised checkpoint layout: expected the official names (patch_embed.proj.weight, '
             'network.0.0.norm1.weight, ...), optionally under backbone. (mmdet, mmseg, mmpretrain), '
-            'or timm\'s (stem.conv.weight, stages.0.blocks.0.norm1.weight, ...); first keys found: '
+            'timm\'s (stem.conv.weight, stages.0.blocks.0.norm1.weight, ...) or sail-sg/metaformer\'s '
+            f'(downsample_layers.0.conv.weight, stages.0.0.norm1.weight, ...); first keys found: '
             f'{list(state_dict)[:5]}')
 
     out = OrderedDict()

@@ -4,8 +4,9 @@ import pytest
 from mmpoolformer import MODELS
 from mmpoolformer.models.arguments import ArgumentError, check_arguments
 
-ALLOWED = ('arch, token_mixers, in_channels, norm_cfg, act_cfg, drop_rate, drop_path_rate, '
-           'use_layer_scale, pos_embed_sizes, out_indices, frozen_stages, norm_eval, with_cp, init_cfg')
+ALLOWED = ('arch, token_mixers, in_channels, norm_cfg, act_cfg, mlp_bias, downsample_norm_cfg, '
+           'out_norm_cfg, drop_rate, drop_path_rate, use_layer_scale, pos_embed_sizes, out_indices, '
+           'frozen_stages, norm_eval, with_cp, init_cfg')
 
 
 def build(**kwargs):

@@ -5,14 +5,11 @@ import pytest
 import torch
 
 from mmpoolformer.models import PoolFormer
-from mmpoolformer.testing import randomize_weights
+from mmpoolformer.testing import max_rel_err, randomize_weights
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 
-
-def max_rel_err(a, b):
-    return float(abs(a - b).max() / abs(b).max())
 
 
 @pytest.fixture(scope='module')

@@ -12,15 +12,12 @@ from mmpretrain.models.backbones import PoolFormer as ReferencePoolFormer
 
 from mmpoolformer import kernels
 from mmpoolformer.models import MetaFormerBlock, Pooling, PoolFormer
-from mmpoolformer.testing import randomize_weights
+from mmpoolformer.testing import max_rel_err, randomize_weights
 
 # every plan this machine offers for fp32 (the dispatch picks among them at run time)
 PLANS = [kernels.Plan(backend=b) for b in kernels.dispatch.backends(torch.device('cpu'), torch.float32)]
 PLANS.append(kernels.PLAIN)
 
-
-def max_rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def randomized_pair(seed=0):

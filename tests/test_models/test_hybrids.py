@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mmengine.registry import MODELS
 
 from mmpoolformer.models.weights import load_pretrained
-from mmpoolformer.testing import randomize_weights
+from mmpoolformer.testing import max_rel_err, randomize_weights
 
 DEPTHS, DIMS = [2, 2, 6, 2], [64, 128, 320, 512]
 OUTPUT_NORMS = [f'norm{i}.{p}' for i in (0, 2, 4, 6) for p in ('weight', 'bias')]
@@ -177,9 +177,6 @@ def output_norm(norm, x):
     return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], norm.weight, norm.bias,
                         eps=1e-5).permute(0, 3, 1, 2)
 
-
-def max_rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture

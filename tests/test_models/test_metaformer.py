@@ -172,11 +172,11 @@ def test_custom_arch_and_token_mixers_per_stage():
     (dict(drop_path_rate=1.0), 'drop_path_rate must be in [0, 1)'),
     (dict(token_mixers=[dict(type='Pooling')] * 3), 'list of 4 such dicts'),
     (dict(norm_cfg=dict(type='LN')), "allowed: ['BN', 'GN', 'LN2d', 'SyncBN']"),
-    (dict(act_cfg=dict(type='Tanh')), "allowed: ['GELU', 'ReLU', 'SiLU']"),
+    (dict(act_cfg=dict(type='Tanh')), "allowed: ['GELU', 'ReLU', 'SiLU', 'StarReLU']"),
     (dict(token_mixers=dict(type='Pooling', pool_size=4)), 'pool_size must be a positive odd int'),
     (dict(token_mixers=dict(type='Poolng')),
      "unknown token mixer 'Poolng'; registered in mmpoolformer.registry.TOKEN_MIXERS: "
-     "['Attention', 'DepthwiseConv', 'Identity', 'Pooling', 'RandomMixing', 'SpatialFc']"),
+     "['Attention', 'DepthwiseConv', 'Identity', 'Pooling', 'RandomMixing', 'SepConv', 'SpatialFc']"),
     (dict(use_layer_scale='yes'), "use_layer_scale must be bool, got str 'yes'"),
     (dict(pos_embed_sizes=[None, (14, 14)]), 'pos_embed_sizes must be a list of 4 entries'),
     (dict(pos_embed_sizes=[None, None, 14, None]), 'each None or a token grid (h, w)'),

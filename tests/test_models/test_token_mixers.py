@@ -17,6 +17,7 @@ MIXERS = [
     dict(type='Attention', head_dim=8, sr_ratio=3, qkv_bias=True),
     dict(type='SpatialFc', spatial_shape=(4, 4)),
     dict(type='RandomMixing', spatial_shape=(4, 4)),
+    dict(type='SepConv', kernel_size=5, bias=True),
 ]
 
 
@@ -103,6 +104,23 @@ def test_depthwise_conv_is_one_filter_per_channel():
                                                   groups=6))
 
 
+def test_sep_conv_is_expand_activate_filter_project():
+    torch.manual_seed(0)
+    mixer = build_token_mixer(dict(type='SepConv'), dim=6)
+    assert mixer.pwconv1.weight.shape == (12, 6, 1, 1) and mixer.pwconv2.weight.shape == (6, 12, 1, 1)
+    assert mixer.dwconv.weight.shape == (12, 1, 7, 7) and mixer.dwconv.groups == 12
+    assert all(m.bias is None for m in (mixer.pwconv1, mixer.dwconv, mixer.pwconv2))
+    with torch.no_grad():
+        mixer.act1.scale.fill_(0.7)
+        mixer.act1.bias.fill_(-0.2)
+    x = torch.randn(2, 6, 9, 5)
+    hidden = torch.einsum('oc,nchw->nohw', mixer.pwconv1.weight.flatten(1), x)
+    hidden = 0.7 * hidden.clamp(min=0) ** 2 - 0.2
+    hidden = F.conv2d(hidden, mixer.dwconv.weight, padding=3, groups=12)
+    expected = torch.einsum('oc,nchw->nohw', mixer.pwconv2.weight.flatten(1), hidden)
+    torch.testing.assert_close(mixer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_spatial_fc_on_its_own_grid_is_the_matrix():
     mixer = build_token_mixer(dict(type='SpatialFc', spatial_shape=(3, 5)), dim=4)
     x = torch.randn(2, 4, 3, 5)
@@ -175,6 +193,9 @@ def test_position_embedding_is_resized_to_the_grid():
      'spatial_shape must be the (height, width) token grid its matrix is defined for'),
     (dict(type='RandomMixing', spatial_shape=(7, 0)), ValueError, 'RandomMixing: spatial_shape'),
     (dict(type='Pooling', pool_size=2), ValueError, 'pool_size must be a positive odd int'),
+    (dict(type='SepConv', kernel_size=6), ValueError, 'SepConv: kernel_size must be a positive odd int'),
+    (dict(type='SepConv', expansion_ratio=0), ValueError, 'expansion_ratio must be a positive number'),
+    (dict(type='SepConv', act_cfg=dict(type='Tanh')), ValueError, "unknown act_cfg type 'Tanh'"),
     (dict(type='Attn'), KeyError, "unknown token mixer 'Attn'"),
 ])
 def test_bad_mixer_configs_raise_clear_errors(cfg, error, message):

@@ -13,13 +13,10 @@ from mmpretrain.models.backbones import PoolFormer as MMPretrainPoolFormer
 
 from mmpoolformer.models import PoolFormer
 from mmpoolformer.models.weights import CheckpointError, load_pretrained
-from mmpoolformer.testing import randomize_weights
+from mmpoolformer.testing import max_rel_err, randomize_weights
 
 OUTPUT_NORMS = [f'norm{i}.{p}' for i in (0, 2, 4, 6) for p in ('weight', 'bias')]
 
-
-def max_rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def randomize(model, seed=0):

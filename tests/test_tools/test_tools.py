@@ -157,5 +157,6 @@ def test_wrong_backbone_key_is_named_with_the_allowed_ones(tmp_path):
     assert code != 0
     assert out.strip().splitlines()[-1] == (
         "train.py: error: PoolFormer: unknown argument 'archh' (did you mean 'arch'?); allowed: arch, "
-        'token_mixers, in_channels, norm_cfg, act_cfg, drop_rate, drop_path_rate, use_layer_scale, '
-        'pos_embed_sizes, out_indices, frozen_stages, norm_eval, with_cp, init_cfg')
+        'token_mixers, in_channels, norm_cfg, act_cfg, mlp_bias, downsample_norm_cfg, out_norm_cfg, '
+        'drop_rate, drop_path_rate, use_layer_scale, pos_embed_sizes, out_indices, frozen_stages, '
+        'norm_eval, with_cp, init_cfg')

@@ -1,0 +1,79 @@
+"""The norms and activations of the MetaFormer families, by config ``type``.
+
+PoolFormer uses GroupNorm(1, C) (the paper's "modified LayerNorm") and GELU; the MetaFormer Baselines
+use the same norms without a bias, channel LayerNorm, and StarReLU. The paper's ablations swap them
+through ``norm_cfg`` and ``act_cfg``.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an ``(N, C, H, W)`` tensor (the hybrids' "channel LayerNorm")."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def group_norm(dim: int, num_groups: int = 1, bias: bool = True, **kwargs) -> nn.GroupNorm:
+    """``nn.GroupNorm`` over ``dim`` channels; ``bias=False`` learns a scale only, as the MetaFormer
+    Baselines' norms do (not every PyTorch version takes that argument itself)."""
+    norm = nn.GroupNorm(num_groups, dim, **kwargs)
+    if not bias:
+        norm.bias = None
+    return norm
+
+
+class StarReLU(nn.Module):
+    """``scale * relu(x) ** 2 + bias``, with a learned scalar ``scale`` and ``bias`` (MetaFormer
+    Baselines, Sec. 3.1): squared ReLU, whose output statistics the two scalars correct, at the cost of
+    one multiply-add instead of GELU's transcendental function.
+
+    Args:
+        scale_value (float): Initial scale. Defaults to 1, as the released models.
+        bias_value (float): Initial bias. Defaults to 0.
+    """
+
+    def __init__(self, scale_value: float = 1., bias_value: float = 0.):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((1, ), float(scale_value)))
+        self.bias = nn.Parameter(torch.full((1, ), float(bias_value)))
+
+    def forward(self, x):
+        return self.scale * F.relu(x).square() + self.bias
+
+
+# ``type`` -> constructor(dim, **rest of the cfg). 'GN' with one group is the paper's "modified
+# LayerNorm": it normalises over channels *and* space, per sample. ``bias=False`` (GN, LN2d): a scale
+# only, as in the MetaFormer Baselines.
+NORM_LAYERS = {
+    'GN': group_norm,
+    'LN2d': LayerNorm2d,
+    'BN': nn.BatchNorm2d,
+    'SyncBN': nn.SyncBatchNorm,
+}
+ACT_LAYERS = {'GELU': nn.GELU, 'ReLU': nn.ReLU, 'SiLU': nn.SiLU, 'StarReLU': StarReLU}
+
+
+def _build_from_table(table: dict, cfg: dict, what: str, *args) -> nn.Module:
+    if not isinstance(cfg, dict) or 'type' not in cfg:
+        raise TypeError(f'{what} must be a dict with a "type" key, got {cfg!r}')
+    cfg = dict(cfg)
+    layer_type = cfg.pop('type')
+    if layer_type not in table:
+        raise ValueError(f'unknown {what} type {layer_type!r}; allowed: {sorted(table)}')
+    try:
+        return table[layer_type](*args, **cfg)
+    except TypeError as e:
+        raise TypeError(f'bad {what} {dict(type=layer_type, **cfg)!r}: {e}') from e
+
+
+def build_norm(cfg: dict, dim: int) -> nn.Module:
+    return _build_from_table(NORM_LAYERS, cfg, 'norm_cfg', dim)
+
+
+def build_act(cfg: dict) -> nn.Module:
+    return _build_from_table(ACT_LAYERS, cfg, 'act_cfg')

@@ -1,0 +1,223 @@
+"""The MetaFormer Baselines families reproduce timm's models, from timm's and sail-sg's files.
+
+The oracle is timm's ``MetaFormer`` (``forward_intermediates``: the raw stage outputs, which ours emit
+with ``out_norm_cfg=None``). timm registers PoolFormerV2, ConvFormer and CAFormer; IdentityFormer and
+RandFormer are its ``MetaFormer`` class with sail-sg's mixers for them. sail-sg's layout is made from
+timm's state dict by the inverse of timm's own conversion, which the tests check against
+``checkpoint_filter_fn``.
+"""
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mmpoolformer.kernels import PLAIN, Plan, forced
+from mmpoolformer.models import CAFormer, ConvFormer, IdentityFormer, PoolFormerV2, RandFormer
+from mmpoolformer.models.weights import load_pretrained
+from mmpoolformer.testing import max_rel_err, randomize_weights
+
+timm = pytest.importorskip('timm')
+timm_metaformer = pytest.importorskip('timm.models.metaformer')
+
+FAMILIES = {  # ours -> (timm's name prefix or None, its sizes)
+    PoolFormerV2: ('poolformerv2', ['s12', 's24', 's36', 'm36', 'm48']),
+    ConvFormer: ('convformer', ['s18', 's36', 'm36', 'b36']),
+    CAFormer: ('caformer', ['s18', 's36', 'm36', 'b36']),
+    IdentityFormer: (None, ['s12', 's24', 's36', 'm36', 'm48']),
+    RandFormer: (None, ['s12', 's24', 's36', 'm36', 'm48']),
+}
+
+
+class SailRandomMixing(nn.Module):
+    """sail-sg's RandomMixing (a frozen softmax of uniform noise over ``num_tokens`` tokens), NCHW."""
+
+    def __init__(self, dim, num_tokens=196, **kwargs):
+        super().__init__()
+        self.random_matrix = nn.Parameter(torch.rand(num_tokens, num_tokens).softmax(-1),
+                                          requires_grad=False)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return torch.einsum('mn,bcn->bcm', self.random_matrix, x.reshape(n, c, h * w)).reshape(x.shape)
+
+
+class SailRandomMixing49(SailRandomMixing):  # stage 3's, on the 7x7 grid
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(dim, num_tokens=49)
+
+
+class SailIdentity(nn.Module):
+
+    def __init__(self, dim, **kwargs):
+        super().__init__()
+
+    def forward(self, x):
+        return x
+
+
+def timm_model(cls, arch):
+    """timm's model of this family and size, as built for ImageNet (with its classifier)."""
+    name, _ = FAMILIES[cls]
+    if name is not None:
+        return timm.create_model(f'{name}_{arch}')
+    size = PoolFormerV2.arch_zoo[arch]
+    mixers = SailIdentity
+    if cls is RandFormer:
+        mixers = [SailIdentity, SailIdentity, SailRandomMixing, SailRandomMixing49]
+    return timm_metaformer.MetaFormer(
+        depths=size['depths'], dims=size['embed_dims'], token_mixers=mixers,
+        norm_layers=timm_metaformer.GroupNorm1NoBias, use_mlp_head=False)
+
+
+def to_sail_layout(timm_state):
+    """timm's state dict in sail-sg/metaformer's names and shapes (linear pointwise layers)."""
+    out = {}
+    for k, v in timm_state.items():
+        k = re.sub(r'^stem\.conv\.', 'downsample_layers.0.conv.', k)
+        k = re.sub(r'^stem\.norm\.', 'downsample_layers.0.post_norm.', k)
+        k = re.sub(r'^stages\.(\d+)\.downsample\.conv\.', r'downsample_layers.\1.conv.', k)
+        k = re.sub(r'^stages\.(\d+)\.downsample\.norm\.', r'downsample_layers.\1.pre_norm.', k)
+        k = re.sub(r'^stages\.(\d+)\.blocks\.', r'stages.\1.', k)
+        k = re.sub(r'^head\.norm\.', 'norm.', k)
+        k = re.sub(r'^head\.fc\.', 'head.', k)
+        if re.search(r'(mlp\.fc[12]|pwconv[12])\.weight$', k):
+            v = v.flatten(1)
+        out[k] = v
+    return out
+
+
+def raw_outputs(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize('cls', list(FAMILIES))
+def test_parameter_counts_equal_timms_backbone(cls):
+    """Ours without output norms has exactly the parameters of timm's model without its head, for
+    every size (built on the meta device: nothing is allocated). RandFormer's frozen matrices are
+    parameters that do not train in sail-sg's model, buffers in ours: only what trains is counted."""
+    for arch in FAMILIES[cls][1]:
+        with torch.device('meta'):
+            ours = cls(arch=arch, out_norm_cfg=None)
+            theirs = timm_model(cls, arch)
+        expected = sum(p.numel() for k, p in theirs.named_parameters()
+                       if not k.startswith('head.') and p.requires_grad)
+        assert sum(p.numel() for p in ours.parameters()) == expected, (cls.__name__, arch)
+        # the default output norms: a channel LayerNorm with bias per emitted stage
+        with torch.device('meta'):
+            normed = cls(arch=arch)
+        dims = cls.arch_zoo[arch]['embed_dims']
+        assert sum(p.numel() for p in normed.parameters()) == expected + 2 * sum(dims)
+
+
+@pytest.mark.parametrize('layout', ['timm', 'sail-sg/metaformer'])
+@pytest.mark.parametrize('cls', list(FAMILIES))
+def test_stage_outputs_equal_timm(cls, layout, tmp_path):
+    """Same weights, from a file in timm's or sail-sg's layout: our four raw stage outputs equal timm's
+    ``forward_intermediates`` within 1e-5 relative, in fp32, on an odd input size (223x225 gives
+    RandFormer the 14x14 and 7x7 grids its matrices are drawn for)."""
+    arch = FAMILIES[cls][1][0]
+    torch.manual_seed(0)
+    theirs = randomize_weights(timm_model(cls, arch)).eval()
+    state = theirs.state_dict()
+    if layout != 'timm':
+        state = to_sail_layout(state)
+        assert timm_metaformer.checkpoint_filter_fn(state, theirs).keys() == theirs.state_dict().keys()
+    torch.save(state, tmp_path / 'weights.pth')
+
+    ours = cls(arch=arch, out_norm_cfg=None)
+    report = load_pretrained(ours, str(tmp_path / 'weights.pth'))
+    ours.eval()
+    assert report.layout == layout
+    assert not report.missing and not report.unexpected
+    assert report.dropped and all(k.startswith(('head.', 'norm.')) for k in report.dropped)
+
+    x = torch.randn(1, 3, 223, 225) if cls is RandFormer else torch.randn(2, 3, 97, 75)
+    with torch.no_grad():
+        expected = theirs.forward_intermediates(x, intermediates_only=True)
+    got = raw_outputs(ours, x)
+    assert len(got) == 4
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape and max_rel_err(a, b) <= 1e-5, (a.shape, max_rel_err(a, b))
+
+
+def test_output_norms():
+    """Default: a channel LayerNorm with bias on each emitted map; ``out_norm_cfg=None``: the raw map;
+    PoolFormer keeps the blocks' GroupNorm."""
+    from mmpoolformer.models import PoolFormer
+    from mmpoolformer.models.layers import LayerNorm2d
+    model = ConvFormer(arch='s18', out_indices=(1, 3)).eval()
+    assert isinstance(model.norm2, LayerNorm2d) and model.norm2.bias is not None
+    assert model.norm2.eps == 1e-6 and not hasattr(model, 'norm0')
+    raw = ConvFormer(arch='s18', out_indices=(1, 3), out_norm_cfg=None).eval()
+    assert not any(n.startswith('norm') for n, _ in raw.named_children())
+    raw.load_state_dict(model.state_dict(), strict=False)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        normed, plain = model(x), raw(x)
+        torch.testing.assert_close(normed[1], model.norm6(plain[1]))
+    assert isinstance(PoolFormer(out_indices=(0, )).norm0, nn.GroupNorm)
+    gn = PoolFormer(out_indices=(0, ), out_norm_cfg=dict(type='LN2d'))
+    assert isinstance(gn.norm0, LayerNorm2d)
+
+
+def test_family_parts():
+    """The Baselines' settings, each where the paper puts it."""
+    model = CAFormer(arch='s18')
+    block0, block2 = model.network[0][0], model.network[4][0]
+    assert type(block0.token_mixer).__name__ == 'SepConv' and block0.token_mixer.dwconv.kernel_size == (7, 7)
+    assert type(block2.token_mixer).__name__ == 'Attention' and block2.token_mixer.proj.bias is None
+    assert type(block0.mlp.act).__name__ == 'StarReLU' and block0.mlp.fc1.bias is None
+    assert block0.norm1.bias is None and block0.norm1.eps == 1e-6
+    assert not block0.use_res_scale and block2.use_res_scale and not block2.use_layer_scale
+    assert model.patch_embed.post_norm is not None and model.network[1].pre_norm is not None
+    pool = PoolFormerV2(arch='s12').network[0][0]
+    assert isinstance(pool.norm1, nn.GroupNorm) and pool.norm1.bias is None
+    # a stage's mixer is still the config's choice
+    mixed = CAFormer(arch='s18', token_mixers=[dict(type='SepConv')] * 2 + [
+        dict(type='Attention', proj_bias=False, sr_ratio=2), dict(type='Attention', proj_bias=False)])
+    assert mixed.network[4][0].token_mixer.sr_ratio == 2
+    assert mixed.state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize('cls', list(FAMILIES))
+def test_one_training_step(cls):
+    arch = FAMILIES[cls][1][0]
+    torch.manual_seed(0)
+    model = cls(arch=arch, drop_path_rate=0.1).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    outs = model(torch.randn(2, 3, 96, 64))
+    assert [o.shape[1] for o in outs] == cls.arch_zoo[arch]['embed_dims']
+    loss = sum(o.square().mean() for o in outs)
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    # RandFormer's matrices are buffers, frozen; every parameter of every family trains
+    assert not unused
+    optimizer.step()
+    assert torch.isfinite(loss)
+
+
+def test_poolformerv2_fused_pooling_matches_the_formula_in_float64():
+    """Stages 0-1 of PoolFormerV2 (bias-free GroupNorm, no LayerScale, no ResScale) take the fused
+    pooling branch; it computes outputs and every gradient as written."""
+    torch.manual_seed(0)
+    model = randomize_weights(PoolFormerV2(arch='s12', out_indices=(0, 1))).double().train()
+    x = torch.randn(2, 3, 45, 39, dtype=torch.float64)
+
+    def run(plan):
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        with forced(plan):
+            outs = model(xi)
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum()
+            for o in outs).backward()
+        return outs, xi.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fused, plain = run(Plan()), run(PLAIN)
+    for a, b in zip(fused[0], plain[0]):
+        assert max_rel_err(a, b) <= 1e-10
+    assert max_rel_err(fused[1], plain[1]) <= 1e-10
+    for name, g in fused[2].items():
+        assert max_rel_err(g, plain[2][name]) <= 1e-10, name
