@@ -61,7 +61,7 @@ def test_mim_search_answers_from_the_wheel(fresh_env):
     out = run([python, '-m', 'mim', 'search', 'mmpoolformer', '--field', 'config', 'box_ap',
                'miou', 'parameters'], cwd=root, env=dict(os.environ, COLUMNS='200'))
     for name in ('retinanet_poolformer_s12', 'mask_rcnn_metaformer_ppaa_s12', 'fpn_poolformer_m48',
-                 'fpn_poolformer_s12_shapes'):
+                 'fpn_poolformer_s12_shapes', 'retinanet_caformer_s18', 'fpn_poolformerv2_s36'):
         assert name in out
     # one block a config: "config id: NAME", then a "field  value" line each
     block = out.split('config id: retinanet_poolformer_s24\n')[1].split('config id:')[0]

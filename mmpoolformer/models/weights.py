@@ -18,8 +18,10 @@ Our module names are the official release's (see ``metaformer.py``). Other layou
 A checkpoint from the internet is untrusted: it is only ever unpickled with ``weights_only=True``.
 """
 import logging
+import os
 import pickle
 import re
+import urllib.parse
 import zipfile
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -138,13 +140,39 @@ def weights_only_reads(path: str):
 
 def read_checkpoint(path: str, map_location='cpu', model_dir: Optional[str] = None) -> dict:
     """Unpickle a local file or URL with ``weights_only=True`` (allowing only the plain-data types of
-    mmengine's checkpoints), failing with a message that names the file."""
+    mmengine's checkpoints), failing with a message that names the file. A ``.safetensors`` file
+    (timm's Hugging Face releases) holds tensors only and is read as such."""
+    if str(path).endswith('.safetensors'):
+        return _read_safetensors(path, map_location, model_dir)
     with weights_only_reads(path):
         if _is_url(path):
             return torch.hub.load_state_dict_from_url(
                 path, model_dir=model_dir, map_location=map_location, weights_only=True,
                 progress=False)
         return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _read_safetensors(path: str, map_location, model_dir: Optional[str]) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise CheckpointError(f'reading {path} needs the safetensors package (pip install '
+                              f'safetensors; timm installs it)') from e
+    local = path
+    if _is_url(path):
+        local = os.path.join(model_dir or os.path.join(torch.hub.get_dir(), 'checkpoints'),
+                             os.path.basename(urllib.parse.urlparse(path).path))
+        if not os.path.exists(local):
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            torch.hub.download_url_to_file(path, local, progress=False)
+    if not os.path.exists(local):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    device = map_location if isinstance(map_location, (str, torch.device)) else 'cpu'
+    try:
+        return load_file(local, device=str(device))
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise CheckpointError(f'cannot read checkpoint {path}: not a valid safetensors file '
+                              f'({e})') from e
 
 
 def unwrap_state_dict(ckpt: dict) -> Dict[str, torch.Tensor]:

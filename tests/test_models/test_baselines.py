@@ -180,6 +180,11 @@ def test_family_parts():
         dict(type='Attention', proj_bias=False, sr_ratio=2), dict(type='Attention', proj_bias=False)])
     assert mixed.network[4][0].token_mixer.sr_ratio == 2
     assert mixed.state_dict().keys() == model.state_dict().keys()
+    # the norms around the downsampling convolutions freeze with their stage
+    frozen = CAFormer(arch='s18', frozen_stages=2)
+    assert not frozen.patch_embed.post_norm.weight.requires_grad
+    assert not frozen.network[1].pre_norm.weight.requires_grad and not frozen.norm2.weight.requires_grad
+    assert frozen.network[3].pre_norm.weight.requires_grad and frozen.norm4.weight.requires_grad
 
 
 @pytest.mark.parametrize('cls', list(FAMILIES))
@@ -221,3 +226,31 @@ def test_poolformerv2_fused_pooling_matches_the_formula_in_float64():
     assert max_rel_err(fused[1], plain[1]) <= 1e-10
     for name, g in fused[2].items():
         assert max_rel_err(g, plain[2][name]) <= 1e-10, name
+
+
+def test_timm_safetensors_and_the_converter(tmp_path):
+    """timm's Hugging Face files are safetensors: they load through ``init_cfg`` as its pickles do.
+    The converter maps sail-sg's file onto our names once (converting again changes nothing), and the
+    result loads into the backbone with only the output norms left as initialised."""
+    safetensors = pytest.importorskip('safetensors.torch')
+    from mmpoolformer.models.weights import convert_state_dict
+    theirs = randomize_weights(timm.create_model('convformer_s18')).eval()
+    safetensors.save_file(theirs.state_dict(), str(tmp_path / 'model.safetensors'))
+    ours = ConvFormer(arch='s18', out_norm_cfg=None,
+                      init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'model.safetensors')))
+    ours.init_weights()
+    x = torch.randn(1, 3, 61, 83)
+    with torch.no_grad():
+        for a, b in zip(ours.eval()(x), theirs.forward_intermediates(x, intermediates_only=True)):
+            assert max_rel_err(a, b) <= 1e-5
+
+    converted, dropped, layout = convert_state_dict(to_sail_layout(theirs.state_dict()))
+    assert layout == 'sail-sg/metaformer' and sorted(dropped) == sorted(
+        k for k in to_sail_layout(theirs.state_dict()) if k.startswith(('head.', 'norm.')))
+    again, dropped_again, _ = convert_state_dict(converted)
+    assert dropped_again == [] and again.keys() == converted.keys()
+    assert all(torch.equal(again[k], v) for k, v in converted.items())
+    result = ConvFormer(arch='s18').load_state_dict(converted, strict=False)
+    assert not result.unexpected_keys
+    assert sorted(result.missing_keys) == sorted(f'norm{i}.{p}' for i in (0, 2, 4, 6)
+                                                 for p in ('weight', 'bias'))

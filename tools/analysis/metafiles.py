@@ -24,8 +24,16 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from get_flops import count  # noqa: E402  (a sibling tool)
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-PAPER = dict(URL='https://arxiv.org/abs/2111.11418',
-             Title='MetaFormer Is Actually What You Need for Vision')
+# The paper, and its code, of each collection: PoolFormer's, or the sequel's for its families.
+PAPERS = {
+    'MetaFormer': dict(Paper=dict(URL='https://arxiv.org/abs/2111.11418',
+                                  Title='MetaFormer Is Actually What You Need for Vision'),
+                       Code={'URL': 'https://github.com/sail-sg/poolformer'}),
+    'MetaFormer Baselines': dict(Paper=dict(URL='https://arxiv.org/abs/2210.13452',
+                                            Title='MetaFormer Baselines for Vision'),
+                                 Code={'URL': 'https://github.com/sail-sg/metaformer'}),
+}
+BASELINES = ('PoolFormerV2', 'IdentityFormer', 'RandFormer', 'ConvFormer', 'CAFormer')
 
 # The paper's Tables 3 and 4 (1x COCO, ADE20K 40k); the hybrid backbones have no published dense result.
 PAPER_RESULTS = {
@@ -48,11 +56,11 @@ DEMO_RESULTS = {
     'fpn_poolformer_s12_shapes': {'mIoU': 87.4},
 }
 FOLDERS = {
-    'detection': dict(collection='MetaFormer detection (COCO)', dataset='COCO',
+    'detection': dict(collection='detection (COCO)', dataset='COCO',
                       resources='8x GPUs'),
-    'segmentation': dict(collection='MetaFormer segmentation (ADE20K)', dataset='ADE20K',
+    'segmentation': dict(collection='segmentation (ADE20K)', dataset='ADE20K',
                          resources='8x GPUs'),
-    'demo': dict(collection='MetaFormer demo (shapes)', dataset='Shapes', resources='2 CPU cores'),
+    'demo': dict(collection='demo (shapes)', dataset='Shapes', resources='2 CPU cores'),
 }
 
 
@@ -72,8 +80,7 @@ def input_shape(cfg) -> tuple:
 
 
 def architecture(cfg) -> list:
-    backbone = cfg.model.backbone.type.split('.')[-1]
-    parts = ['PoolFormer' if backbone == 'PoolFormer' else 'MetaFormer', 'FPN']
+    parts = [cfg.model.backbone.type.split('.')[-1], 'FPN']  # PoolFormer, MetaFormer, CAFormer, ...
     detector = cfg.model.type
     return parts + ([detector] if detector != 'EncoderDecoder' else ['Semantic FPN'])
 
@@ -113,7 +120,8 @@ def entry(folder: str, name: str, known: Optional[dict] = None) -> dict:
     }
     stem = osp.splitext(name)[0]
     results = PAPER_RESULTS.get(stem) or DEMO_RESULTS.get(stem)
-    model = {'Name': stem, 'In Collection': info['collection'], 'Config': path,
+    paper = 'MetaFormer Baselines' if architecture(cfg)[0] in BASELINES else 'MetaFormer'
+    model = {'Name': stem, 'In Collection': f'{paper} {info["collection"]}', 'Config': path,
              'Metadata': metadata}
     if results:  # one entry a task, as mmdet's metafiles
         tasks = ({'mIoU': 'Semantic Segmentation'} if cfg.default_scope == 'mmseg' else
@@ -133,10 +141,10 @@ def metafile(folder: str, recount: bool = True) -> str:
             known = {m['Name']: m for m in yaml.safe_load(f)['Models']}
     models = [entry(folder, name, None if recount else known.get(osp.splitext(name)[0], {}))
               for name in configs(folder)]
+    collections = sorted({m['In Collection'] for m in models})
     content = {
-        'Collections': [{'Name': info['collection'], 'Paper': PAPER,
-                         'Code': {'URL': 'https://github.com/sail-sg/poolformer'},
-                         'README': 'README.md'}],
+        'Collections': [{'Name': name, **PAPERS[name[:-len(info['collection']) - 1]],
+                         'README': 'README.md'} for name in collections],
         'Models': models,
     }
     source = 'the demo, measured' if folder == 'demo' else 'the paper'
