@@ -184,18 +184,20 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def det_checkpoint(tiny):
-    """A RetinaNet checkpoint written by our tools/train.py (1 epoch)."""
-    work_dir = tiny.root / 'det_1_epoch'
-    tiny.run(tiny.train_cmd(work_dir, '--cfg-options', 'train_cfg.max_epochs=1'))
+def det_checkpoint(tiny, tmp_path_factory):
+    """A RetinaNet checkpoint written by our tools/train.py (1 epoch); tests only read it."""
+    work_dir = once_for_all_workers(
+        tmp_path_factory, 'det_1_epoch',
+        lambda work_dir: tiny.run(tiny.train_cmd(work_dir, '--cfg-options', 'train_cfg.max_epochs=1')))
     return work_dir / 'epoch_1.pth'
 
 
 @pytest.fixture(scope='session')
-def seg_checkpoint(tiny):
-    """A Semantic FPN checkpoint written by our tools/train.py (2 iterations)."""
-    work_dir = tiny.root / 'seg_2_iters'
-    tiny.run(tiny.train_cmd(work_dir, config=tiny.seg_config))
+def seg_checkpoint(tiny, tmp_path_factory):
+    """A Semantic FPN checkpoint written by our tools/train.py (2 iterations); tests only read it."""
+    work_dir = once_for_all_workers(
+        tmp_path_factory, 'seg_2_iters',
+        lambda work_dir: tiny.run(tiny.train_cmd(work_dir, config=tiny.seg_config)))
     return work_dir / 'iter_2.pth'
 
 
