@@ -12,14 +12,22 @@ from .faults import TrainingStopped
 
 
 class ConfigOptions(DictAction):
-    """mmengine's ``--cfg-options`` parsing, refusing an item that is not ``KEY=VALUE`` by name (mmengine
-    fails on it with "not enough values to unpack")."""
+    """mmengine's ``--cfg-options`` parsing, refusing by name an item that is not ``KEY=VALUE`` (mmengine
+    fails on it with "not enough values to unpack") or whose value it cannot read (a ``dict(...)``
+    sends its parser into endless recursion)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         for item in values or []:
             if '=' not in item or item.startswith('='):
                 raise ValueError(f'{option_string}: expected KEY=VALUE items (e.g. '
                                  f'train_dataloader.batch_size=4), got {item!r}')
+            try:
+                self._parse_iterable(item.split('=', 1)[1])
+            except (RecursionError, AssertionError) as e:
+                raise ValueError(
+                    f'{option_string}: cannot read the value of {item!r}: a value is a number, a '
+                    f'string, None, a list [a,b] or a tuple (a,b), not a dict; set a dict\'s keys '
+                    f'one by one (KEY.SUB=VALUE), or in a config that inherits this one') from e
         super().__call__(parser, namespace, values, option_string)
 
 

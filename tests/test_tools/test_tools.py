@@ -142,6 +142,11 @@ def test_external_project_trains_with(tool, shapes, tmp_path):
      "--cfg-options trian_cfg.max_epochs: the config has no 'trian_cfg'; did you mean 'train_cfg'?"),
     ([sys.executable, 'tools/test.py', RETINANET_DEMO, 'x.pth', '--cfg-options',
       'model.backbone.init_cfg.checkpoint=x.pth'], '--cfg-options: init_cfg='),
+    ([sys.executable, 'tools/train.py', RETINANET_DEMO, '--cfg-options',
+      "model.backbone.init_cfg=dict(type='Pretrained',checkpoint='x.pth')"],
+     "--cfg-options: cannot read the value of \"model.backbone.init_cfg=dict(type='Pretrained',"
+     "checkpoint='x.pth')\": a value is a number, a string, None, a list [a,b] or a tuple (a,b), "
+     "not a dict"),
 ])
 def test_bad_command_lines_fail_with_one_line(argv, message):
     # (the environment's own noise aside: mmengine imports the deprecated pkg_resources, see pytest.ini)
