@@ -254,3 +254,19 @@ def test_timm_safetensors_and_the_converter(tmp_path):
     assert not result.unexpected_keys
     assert sorted(result.missing_keys) == sorted(f'norm{i}.{p}' for i in (0, 2, 4, 6)
                                                  for p in ('weight', 'bias'))
+
+
+def test_recomputed_blocks_give_the_same_gradients():
+    """``with_cp`` (and ``out_indices``) as for PoolFormer: the same outputs and gradients."""
+    torch.manual_seed(0)
+    plain = randomize_weights(CAFormer(arch='s18', out_indices=(1, 2))).train()
+    recomputed = CAFormer(arch='s18', out_indices=(1, 2), with_cp=True).train()
+    recomputed.load_state_dict(plain.state_dict())
+    assert not hasattr(plain, 'norm0') and len(plain.network) == 5  # stage 3 is not built
+    x = torch.randn(1, 3, 70, 58)
+    grads = []
+    for model in (plain, recomputed):
+        sum(o.square().mean() for o in model(x)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert max_rel_err(grads[1][name], g) <= 1e-5, name
