@@ -56,6 +56,11 @@ _SAIL_TO_OFFICIAL = [
      lambda m: f'network.{2 * int(m[1])}.{m[2]}.{m[3]}_scale_{m[4]}'),
     (re.compile(r'^stages\.(\d+)\.(\d+)\.'), lambda m: f'network.{2 * int(m[1])}.{m[2]}.'),
 ]
+# The layouts renamed onto ours, each recognised by its stem's convolution.
+_RENAMED_LAYOUTS = {
+    'stem.conv.weight': ('timm', _TIMM_TO_OFFICIAL),
+    'downsample_layers.0.conv.weight': ('sail-sg/metaformer', _SAIL_TO_OFFICIAL),
+}
 # Our pointwise layers are 1x1 convolutions; where a layout has them as linear layers, their
 # ``(out, in)`` weights gain the two unit dimensions.
 _POINTWISE = re.compile(r'\.(mlp\.fc[12]|token_mixer\.pwconv[12])\.weight$')
@@ -222,9 +227,9 @@ def convert_backbone_state_dict(
     has_classifier = any(k.startswith('head.') for k in state_dict)
 
     original = {}  # our name -> the checkpoint's, for reporting
-    if 'stem.conv.weight' in selected or 'downsample_layers.0.conv.weight' in selected:
-        layout, rules = (('timm', _TIMM_TO_OFFICIAL) if 'stem.conv.weight' in selected else
-                         ('sail-sg/metaformer', _SAIL_TO_OFFICIAL))
+    renamed_layout = next((v for k, v in _RENAMED_LAYOUTS.items() if k in selected), None)
+    if renamed_layout is not None:
+        layout, rules = renamed_layout
         renamed = OrderedDict()
         for k, v in selected.items():
             new = k

@@ -2,10 +2,10 @@
 and its weights changed, builds, and (one per task) trains a step and predicts on CPU."""
 import pytest
 import torch
-from mmdet.testing import demo_mm_inputs
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
 
+from test_detection import det_inputs
 from test_segmentation import seg_inputs
 
 from mmpoolformer import config_path, models
@@ -64,9 +64,7 @@ def test_train_step_and_prediction(name):
     cfg = load(name)
     torch.manual_seed(0)
     if cfg.default_scope == 'mmdet':
-        data = demo_mm_inputs(batch_size=2, image_shapes=[(3, 160, 224), (3, 137, 201)],
-                              num_items=[3, 1], num_classes=80,
-                              with_mask=name.startswith('detection/mask_rcnn'))
+        data = det_inputs(with_mask=name.startswith('detection/mask_rcnn'))
     else:
         cfg.model.data_preprocessor.size = (96, 128)  # the crop, small for a CPU test
         data = seg_inputs([(96, 128), (96, 128)])

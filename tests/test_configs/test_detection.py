@@ -41,6 +41,12 @@ def load(name):
     return Config.fromfile(config_path(f'detection/{name}.py'))
 
 
+def det_inputs(with_mask):
+    """Two synthetic COCO-style images of odd sizes, with boxes (and masks)."""
+    return demo_mm_inputs(batch_size=2, image_shapes=[(3, 160, 224), (3, 137, 201)],
+                          num_items=[3, 1], num_classes=80, with_mask=with_mask)
+
+
 def build_detector(cfg):
     init_default_scope('mmdet')
     cfg.model.backbone.init_cfg = None  # no download in tests
@@ -113,8 +119,7 @@ def test_train_step_and_prediction(name):
     model = build_detector(load(name))
     torch.manual_seed(0)
     with_mask = name.startswith('mask_rcnn')
-    data = demo_mm_inputs(batch_size=2, image_shapes=[(3, 160, 224), (3, 137, 201)],
-                          num_items=[3, 1], num_classes=80, with_mask=with_mask)
+    data = det_inputs(with_mask)
     model.train()
     losses = model(**model.data_preprocessor(data, training=True), mode='loss')
     loss, _ = model.parse_losses(losses)
