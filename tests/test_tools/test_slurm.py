@@ -18,24 +18,12 @@ def slurm_env(tiny, slurm):
                               MASTER_PORT=str(free_port())))
 
 
-def test_train_and_test_on_a_cpu_partition(tiny, slurm, tmp_path):
-    work_dir, env = tmp_path / 'work', slurm_env(tiny, slurm)
-    out = tiny.run([f'{REPO}/tools/slurm_train.sh', slurm.partition, 'train', str(tiny.config),
-                    str(work_dir), '--cfg-options', 'train_cfg.max_epochs=1'], env=env)
-    assert '--gres' not in out and '--ntasks=2' in out  # the srun line, as set -x prints it
-    assert 'distributed on CPU: gloo backend, 2 processes' in out
-    checkpoint = work_dir / 'epoch_1.pth'
-    assert len(read_checkpoint(str(checkpoint))['random_state']) == 2
-
-    out = tiny.run([f'{REPO}/tools/slurm_test.sh', slurm.partition, 'test', str(tiny.config),
-                    str(checkpoint), '--work-dir', str(tmp_path / 'test')], env=env)
-    assert 'coco/bbox_mAP: ' in out
-
-
-def test_a_job_told_to_stop_saves_and_requeued_resumes_by_itself_exactly(
+def test_a_job_told_to_stop_saves_requeued_resumes_by_itself_exactly_and_tests(
         tiny, slurm, dist_uninterrupted, tmp_path):
-    """sbatch --requeue; scancel --signal=TERM while process 0 is in iteration 3: both tasks save
-    iter_3.pth and the job ends with status 0. scontrol requeue: the job runs again and resumes."""
+    """sbatch --requeue of slurm_train.sh on a CPU partition (two tasks, no GPUs asked for);
+    scancel --signal=TERM while process 0 is in iteration 3: both tasks save iter_3.pth and the job
+    ends with status 0. scontrol requeue: the job runs again and resumes. slurm_test.sh then tests
+    the trained model. (One job for all of it: each run of the tools costs most of a minute.)"""
     marker, work_dir, log = tmp_path / 'paused', tmp_path / 'work', tmp_path / 'job.log'
     config = tiny.config_with('slurm_paused_in_iteration_3',
                               dict(type='PauseForSigterm', rank=0, iteration=3, marker=str(marker)))
@@ -52,6 +40,8 @@ def test_a_job_told_to_stop_saves_and_requeued_resumes_by_itself_exactly(
     slurm.command('scancel', '--signal=TERM', job)
     slurm.wait_for_job(job, ('COMPLETED', 'FAILED', 'CANCELLED'))
     assert slurm.command('scontrol', 'show', 'job', job).count('ExitCode=0:0') == 1, log.read_text()
+    assert '--gres' not in log.read_text() and '--ntasks=2' in log.read_text()  # srun, as set -x says
+    assert 'distributed on CPU: gloo backend, 2 processes' in log.read_text()
     saved = last_checkpoint(work_dir)
     assert saved == str(work_dir / 'iter_3.pth')
     assert f'SIGTERM: saved {saved} after iteration 3' in log.read_text()
@@ -63,3 +53,8 @@ def test_a_job_told_to_stop_saves_and_requeued_resumes_by_itself_exactly(
     assert f'restart 1: resuming from {saved}' in log.read_text()
     assert_same_training_state(work_dir / f'epoch_{tiny.epochs}.pth', dist_uninterrupted)
     assert os.listdir(work_dir).count('iter_3.pth') == 0  # superseded
+
+    out = tiny.run([f'{REPO}/tools/slurm_test.sh', slurm.partition, 'test', str(tiny.config),
+                    str(work_dir / f'epoch_{tiny.epochs}.pth'), '--work-dir', str(tmp_path / 'test')],
+                   env=slurm_env(tiny, slurm))
+    assert '--ntasks=2' in out and 'coco/bbox_mAP: ' in out
