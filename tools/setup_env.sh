@@ -79,8 +79,18 @@ else
     pip_ install -q --no-deps "$wheel"
 fi
 
-say "installing mmpoolformer (editable) with its dependencies and test extras"
-pip_ install -q -e "$REPO[tests]"
+# pip takes half a minute to find everything present, so the install is redone only when what it
+# reads changed: setup.py (dependencies), the version, or where the checkout is.
+stamp="$VENV/.mmpoolformer-installed"
+wanted=$(cat "$REPO/setup.py" "$REPO/mmpoolformer/version.py" <(echo "$REPO") | sha256sum | cut -d' ' -f1)
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]] && "$PY" -c "import importlib.metadata as m; m.version('mmpoolformer')" 2>/dev/null; then
+    say "mmpoolformer (editable) with its dependencies and test extras present"
+else
+    say "installing mmpoolformer (editable) with its dependencies and test extras"
+    rm -f "$stamp"
+    pip_ install -q -e "$REPO[tests]"
+    echo "$wanted" > "$stamp"
+fi
 
 "$PY" - <<'PY'
 import mmcv, mmcv.ops, mmdet, mmengine, mmseg, torch
