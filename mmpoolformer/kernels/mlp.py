@@ -92,26 +92,27 @@ class _NormMlpResidual(torch.autograd.Function):
             fused_act = act.onednn_post_op if plan.backend == 'onednn' and not any(
                 ctx.needs_input_grad) else None
             bufs = _Buffers(tx, w1.shape[0], dtype)
+            rows_x, rows_out = tx.flatten(0, 1), tout.flatten(0, 1)
+            rows_h = None if h_all is None else h_all.flatten(0, 1)
             copy_input = lambda i: tout[i].copy_(tx[i])  # noqa: E731 (a dropped sample's output)
-            for i, start, end in _chunks(tx, bufs.rows, scales, copy_input):
-                xc, scale = tx[i, start:end], scales[i]
-                nc = torch.addcmul(b[i], xc, a[i], out=bufs.normed(end - start))
+            for start, end, samples, scale in _chunks(tx, bufs.rows, scales, copy_input):
+                xc = rows_x[start:end]
+                nc = _normalize(rows_x, a, b, start, samples, bufs.normed(end - start))
                 if fused_act:  # inference: oneDNN applies the activation as it writes fc1's output
                     ac = torch.ops.mkldnn._linear_pointwise(nc, w1, b1, *fused_act)
                 else:
                     hc = _linear(plan.backend, nc, w1, b1, out=bufs.hidden(end - start)
-                                 if h_all is None else h_all[i, start:end])
+                                 if rows_h is None else rows_h[start:end])
                     ac = act.forward(hc, out=bufs.act(end - start))
+                oc = rows_out[start:end]
                 if plan.backend == 'blas' and dtype == x.dtype:
-                    oc = tout[i, start:end]
                     if b2 is None:
                         oc.copy_(xc)
                     else:
                         torch.add(xc, b2, alpha=scale, out=oc)
                     oc.addmm_(ac, w2.t(), alpha=scale)
                 else:
-                    torch.add(xc, _linear(plan.backend, ac, w2, b2), alpha=scale,
-                              out=tout[i, start:end])
+                    torch.add(xc, _linear(plan.backend, ac, w2, b2), alpha=scale, out=oc)
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, h_all)
         ctx.groups, ctx.act, ctx.scales, ctx.plan = groups, act, scales, plan
         return out
@@ -140,12 +141,17 @@ class _NormMlpResidual(torch.autograd.Function):
             w2_t = w2.t().contiguous() if plan.backend == 'onednn' else w2.t()
             w1_t = w1.t().contiguous() if plan.backend == 'onednn' else w1.t()
             bufs = _Buffers(tx, hidden, dtype)
+            rows_x, rows_g = tx.flatten(0, 1), tg.flatten(0, 1)
+            rows_gn = None if tgn is None else tgn.flatten(0, 1)
+            rows_h = None if h_all is None else h_all.flatten(0, 1)
             no_grad = lambda i: tgn is not None and tgn[i].zero_()  # noqa: E731 (a dropped sample)
-            for i, start, end in _chunks(tx, bufs.rows, scales, no_grad):
+            for start, end, samples, scale in _chunks(tx, bufs.rows, scales, no_grad):
                 k = end - start
-                gc = torch.mul(tg[i, start:end], scales[i], out=bufs.grad(k))
-                nc = torch.addcmul(b[i], tx[i, start:end], a[i], out=bufs.normed(k))
-                hc = h_all[i, start:end] if h_all is not None else _linear(
+                gc = rows_g[start:end]
+                if scale != 1 or gc.dtype != dtype:
+                    gc = torch.mul(gc, scale, out=bufs.grad(k))
+                nc = _normalize(rows_x, a, b, start, samples, bufs.normed(k))
+                hc = rows_h[start:end] if rows_h is not None else _linear(
                     plan.backend, nc, w1, b1, out=bufs.hidden(k))
                 if needs[5]:
                     _accumulate(gw2, gc.t(), act.forward(hc, out=bufs.act(k)))
@@ -159,7 +165,7 @@ class _NormMlpResidual(torch.autograd.Function):
                 if needs[4]:
                     gb1 += gh.sum(0)
                 if into_norm:
-                    _linear(plan.backend, gh, w1_t, out=tgn[i, start:end])
+                    _linear(plan.backend, gh, w1_t, out=rows_gn[start:end])
             grad_x = grad_norm_weight = grad_norm_bias = None
             if into_norm:
                 grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_group_norm_backward(
@@ -206,13 +212,40 @@ def _rows(hidden: int, dtype: torch.dtype) -> int:
 
 
 def _chunks(tx: torch.Tensor, rows: int, scales: List[float], on_dropped):
-    """``(sample, start, end)`` of every chunk of every kept sample; ``on_dropped(i)`` for the others."""
-    for i in range(tx.shape[0]):
+    """``(start, end, samples, scale)`` of every chunk of the ``(N * HW, C)`` token rows: its rows, the
+    samples whose tokens it holds as ``(sample, start, end)`` rows, and the factor of its output.
+
+    Where every sample has the same factor, chunks run across samples, about ``rows`` long and all of
+    one length: the products then get as many rows as the cache allows even where a sample has few
+    tokens (the last stages), and no short remainder per sample. Otherwise (stochastic depth in
+    training) each sample is chunked alone, and ``on_dropped(i)`` is called for a sample of factor 0.
+    """
+    n, hw = tx.shape[:2]
+    if len(set(scales)) == 1 and scales[0] != 0:
+        total = n * hw
+        count = -(-total // rows)
+        length = -(-total // count)
+        for start in range(0, total, length):
+            end = min(start + length, total)
+            samples = [(i, max(start, i * hw), min(end, (i + 1) * hw))
+                       for i in range(start // hw, (end - 1) // hw + 1)]
+            yield start, end, samples, scales[0]
+        return
+    for i in range(n):
         if scales[i] == 0:
             on_dropped(i)
             continue
-        for start in range(0, tx.shape[1], rows):
-            yield i, start, min(start + rows, tx.shape[1])
+        for start in range(i * hw, (i + 1) * hw, rows):
+            end = min(start + rows, (i + 1) * hw)
+            yield start, end, [(i, start, end)], scales[i]
+
+
+def _normalize(rows_x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, start: int, samples: list,
+               out: torch.Tensor) -> torch.Tensor:
+    """GroupNorm of a chunk's rows into ``out``: each sample's part with its own ``a * x + b``."""
+    for i, first, last in samples:
+        torch.addcmul(b[i], rows_x[first:last], a[i], out=out[first - start:last - start])
+    return out
 
 
 def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

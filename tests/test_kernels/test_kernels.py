@@ -35,12 +35,15 @@ def branch(dim=6, hidden=10, act=nn.GELU(), groups=1, affine=True, bias=True, dt
     return [norm, fc1, act, fc2, layer_scale.to(dtype).detach().requires_grad_()]
 
 
+@pytest.mark.parametrize('scales', [[2., 0., 1.], [1.5] * 3, [1.] * 3],
+                         ids=['per_sample', 'shared', 'one'])
 @pytest.mark.parametrize('act', [nn.GELU(), nn.GELU(approximate='tanh'), nn.ReLU(), nn.SiLU()],
                          ids=['gelu', 'gelu_tanh', 'relu', 'silu'])
-def test_mlp_kernel_gradients_are_exact(act, monkeypatch):
+def test_mlp_kernel_gradients_are_exact(act, scales, monkeypatch):
     """float64 ``gradcheck`` of the autograd function (BLAS products: oneDNN has no float64; its
-    plans are checked in fp32 below): three chunks per sample (the last one short), one dropped
-    sample."""
+    plans are checked in fp32 below). Factors per sample (stochastic depth): three chunks per sample
+    (the last one short), one dropped sample; one factor for all (1: no scaling at all): chunks of
+    15 rows across the 35-token samples."""
     backend = 'blas'
     monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 16 * 10 * 8)  # 16 rows of 10 float64
     norm, fc1, act, fc2, _ = branch(act=act)
@@ -49,7 +52,7 @@ def test_mlp_kernel_gradients_are_exact(act, monkeypatch):
     args = [a.detach().requires_grad_() for a in args]
 
     def fn(*args):
-        return _NormMlpResidual.apply(*args, 1, 1e-5, Activation(act), [2., 0., 1.],
+        return _NormMlpResidual.apply(*args, 1, 1e-5, Activation(act), scales,
                                       kernels.Plan(backend=backend))
 
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, fast_mode=True)
@@ -59,15 +62,19 @@ def test_mlp_kernel_gradients_are_exact(act, monkeypatch):
 @pytest.mark.parametrize('groups, affine, bias', [(1, True, True), (3, True, True), (2, False, False)],
                          ids=['gn1', 'gn3', 'no_affine_no_bias'])
 @pytest.mark.parametrize('frozen', [False, True], ids=['', 'fc1_frozen'])
-def test_mlp_kernel_equals_the_branch_as_written(groups, affine, bias, frozen, backend, monkeypatch):
+@pytest.mark.parametrize('factors', [(2., .5), None], ids=['per_sample', 'none'])
+def test_mlp_kernel_equals_the_branch_as_written(groups, affine, bias, frozen, factors, backend,
+                                                 monkeypatch):
     """fp32 against the modules in float64: outputs and the gradients of every tensor taking part,
-    over several chunks; a frozen parameter gets no gradient and changes nothing else."""
+    over several chunks (within each sample where samples have factors of their own, across samples
+    otherwise); a frozen parameter gets no gradient and changes nothing else."""
     monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 100 * 24 * 4)
     modules = branch(dim=12, hidden=24, groups=groups, affine=affine, bias=bias, dtype=torch.float32)
     ref_modules = [copy.deepcopy(m).double() if isinstance(m, nn.Module) else m for m in modules]
     ref_modules[-1] = modules[-1].detach().double().requires_grad_()
     x = torch.randn(2, 12, 23, 17, requires_grad=True)
-    factors = torch.tensor([2., 0.5]).view(2, 1, 1, 1)
+    if factors is not None:
+        factors = torch.tensor(factors).view(2, 1, 1, 1)
 
     def trained(norm, fc1, act, fc2, ls):
         fc1.weight.requires_grad_(not frozen)
@@ -77,7 +84,7 @@ def test_mlp_kernel_equals_the_branch_as_written(groups, affine, bias, frozen, b
     params, ref_params = trained(*modules), trained(*ref_modules)
     with kernels.forced(kernels.Plan(backend=backend)):
         y = kernels.norm_mlp_residual(x, *modules, factors, plain=lambda x: pytest.fail('plain'))
-    ref = plain_mlp_residual(x.double(), *ref_modules, factors.double())
+    ref = plain_mlp_residual(x.double(), *ref_modules, None if factors is None else factors.double())
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad(y, [x] + params, g)
     ref_grads = torch.autograd.grad(ref, [x] + ref_params, g.double())
