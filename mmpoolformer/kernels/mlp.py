@@ -34,31 +34,64 @@ RECOMPUTE_HIDDEN_UP_TO = 128
 
 
 class Activation:
-    """An activation as the kernel needs it: into a given buffer, and its backward in place."""
+    """An activation as the kernel needs it: into a given buffer, and its backward in place.
+
+    ``params`` are its learned tensors (StarReLU's scale and bias), which the kernel takes as inputs
+    and hands back to ``forward`` / ``backward`` as it received them; ``backward`` adds their
+    gradients into ``grads`` (None where one is not needed).
+    """
 
     def __init__(self, module: nn.Module):
+        from ..models.layers import StarReLU  # (the architecture's; the models import the kernels)
         self.onednn_post_op = None  # (attr, scalars, algorithm) of oneDNN's fused activation
-        if type(module) is nn.GELU:
+        self.params = ()
+        kind = type(module)
+        if kind is nn.GELU:
             approximate = module.approximate
             self.onednn_post_op = ('gelu', [], approximate)
-            self.forward = lambda h, out: torch.ops.aten.gelu.out(h, approximate=approximate, out=out)
-            self.backward = lambda g, h: torch.ops.aten.gelu_backward.grad_input(
+            self.forward = lambda h, out, params: torch.ops.aten.gelu.out(
+                h, approximate=approximate, out=out)
+            self.backward = lambda g, h, *unused: torch.ops.aten.gelu_backward.grad_input(
                 g, h, approximate=approximate, grad_input=g)
-        elif type(module) is nn.ReLU:
+        elif kind is nn.ReLU:
             self.onednn_post_op = ('relu', [], '')
-            self.forward = lambda h, out: torch.clamp_min(h, 0, out=out)
-            self.backward = lambda g, h: torch.ops.aten.threshold_backward.grad_input(
+            self.forward = lambda h, out, params: torch.clamp_min(h, 0, out=out)
+            self.backward = lambda g, h, *unused: torch.ops.aten.threshold_backward.grad_input(
                 g, h, 0, grad_input=g)
-        elif type(module) is nn.SiLU:
+        elif kind is nn.SiLU:
             self.onednn_post_op = ('swish', [], '')
-            self.forward = lambda h, out: torch.ops.aten.silu.out(h, out=out)
-            self.backward = lambda g, h: torch.ops.aten.silu_backward.grad_input(g, h, grad_input=g)
+            self.forward = lambda h, out, params: torch.ops.aten.silu.out(h, out=out)
+            self.backward = lambda g, h, *unused: torch.ops.aten.silu_backward.grad_input(
+                g, h, grad_input=g)
+        elif kind is StarReLU:
+            self.params = (module.scale, module.bias)
+            self.forward, self.backward = _star_relu_forward, _star_relu_backward
         else:
-            raise TypeError(f'no fused kernel for activation {type(module).__name__}')
+            raise TypeError(f'no fused kernel for activation {kind.__name__}')
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
-        return type(module) in (nn.GELU, nn.ReLU, nn.SiLU)
+        from ..models.layers import StarReLU
+        return type(module) in (nn.GELU, nn.ReLU, nn.SiLU, StarReLU)
+
+
+def _star_relu_forward(h, out, params):
+    """``scale * relu(h) ** 2 + bias``, in ``out``."""
+    scale, bias = params
+    return torch.clamp_min(h, 0, out=out).square_().mul_(scale).add_(bias)
+
+
+def _star_relu_backward(g, h, params, grads, scratch):
+    """``g * 2 * scale * relu(h)`` in ``g``; ``sum(g * relu(h) ** 2)`` and ``sum(g)`` into ``grads``."""
+    scale, _ = params
+    grad_scale, grad_bias = grads
+    if grad_bias is not None:
+        grad_bias += g.sum(dtype=grad_bias.dtype)
+    relu = torch.clamp_min(h, 0, out=scratch)
+    g.mul_(relu)
+    if grad_scale is not None:
+        grad_scale += torch.dot(g.flatten(), relu.flatten())
+    return g.mul_(scale).mul_(2)
 
 
 def _linear(backend: str, x, weight, bias=None, out=None):
@@ -77,13 +110,15 @@ class _NormMlpResidual(torch.autograd.Function):
     """On channels-last ``(N, C, H, W)`` maps; ``scales`` is a list of N per-sample factors."""
 
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, groups, eps, act, scales, plan):
+    def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, groups, eps, act, scales, plan,
+                *act_params):
         with torch.autocast(x.device.type, enabled=False):
             dtype = plan.dtype or x.dtype
             n, c = x.shape[:2]
             mean, rstd = group_stats(x, groups, eps)
             a, b = affine(mean, rstd, norm_weight, norm_bias, c)
             w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (w1, b1, w2, b2))
+            act_params = tuple(t.to(dtype) for t in act_params)
             out = torch.empty_like(x, memory_format=torch.channels_last)
             tx, tout = tokens(x), tokens(out)
             h_all = None
@@ -103,7 +138,7 @@ class _NormMlpResidual(torch.autograd.Function):
                 else:
                     hc = _linear(plan.backend, nc, w1, b1, out=bufs.hidden(end - start)
                                  if rows_h is None else rows_h[start:end])
-                    ac = act.forward(hc, out=bufs.act(end - start))
+                    ac = act.forward(hc, bufs.act(end - start), act_params)
                 oc = rows_out[start:end]
                 if plan.backend == 'blas' and dtype == x.dtype:
                     if b2 is None:
@@ -113,13 +148,13 @@ class _NormMlpResidual(torch.autograd.Function):
                     oc.addmm_(ac, w2.t(), alpha=scale)
                 else:
                     torch.add(xc, _linear(plan.backend, ac, w2, b2), alpha=scale, out=oc)
-        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, h_all)
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, h_all, *act_params)
         ctx.groups, ctx.act, ctx.scales, ctx.plan = groups, act, scales, plan
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, h_all = ctx.saved_tensors
+        x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, h_all, *act_params = ctx.saved_tensors
         needs = ctx.needs_input_grad
         plan, act, scales = ctx.plan, ctx.act, ctx.scales
         dtype, hidden = w1.dtype, w1.shape[0]
@@ -133,8 +168,10 @@ class _NormMlpResidual(torch.autograd.Function):
             gb1 = torch.zeros(hidden, **acc) if needs[4] else None
             gw2 = torch.zeros(w2.shape, **acc) if needs[5] else None
             gb2 = torch.zeros(c, **acc) if needs[6] else None
+            grad_act = [torch.zeros(t.shape, **acc) if need else None
+                        for t, need in zip(act_params, needs[12:])]
             into_norm = any(needs[:3])
-            into_hidden = into_norm or needs[3] or needs[4]
+            into_hidden = into_norm or needs[3] or needs[4] or any(needs[12:])
             grad_normed = torch.empty_like(x, memory_format=torch.channels_last) if into_norm else None
             tgn = None if grad_normed is None else tokens(grad_normed)
             # the products that carry the gradient back, as (out, in) weights for oneDNN
@@ -154,12 +191,13 @@ class _NormMlpResidual(torch.autograd.Function):
                 hc = rows_h[start:end] if rows_h is not None else _linear(
                     plan.backend, nc, w1, b1, out=bufs.hidden(k))
                 if needs[5]:
-                    _accumulate(gw2, gc.t(), act.forward(hc, out=bufs.act(k)))
+                    _accumulate(gw2, gc.t(), act.forward(hc, bufs.act(k), act_params))
                 if needs[6]:
                     gb2 += gc.sum(0)
                 if not into_hidden:
                     continue
-                gh = act.backward(_linear(plan.backend, gc, w2_t, out=bufs.act(k)), hc)
+                gh = act.backward(_linear(plan.backend, gc, w2_t, out=bufs.act(k)), hc, act_params,
+                                  grad_act, bufs.scratch(k))
                 if needs[3]:
                     _accumulate(gw1, gh.t(), nc)
                 if needs[4]:
@@ -178,7 +216,7 @@ class _NormMlpResidual(torch.autograd.Function):
         param_dtype = (norm_weight if norm_weight is not None else x).dtype
         cast = lambda t: None if t is None else t.to(param_dtype)  # noqa: E731
         return (grad_x, grad_norm_weight, grad_norm_bias, cast(gw1), cast(gb1), cast(gw2), cast(gb2),
-                None, None, None, None, None)
+                None, None, None, None, None, *map(cast, grad_act))
 
 
 class _Buffers:
@@ -205,6 +243,9 @@ class _Buffers:
 
     def act(self, k):
         return self._get('act', self.hidden_dim, k)
+
+    def scratch(self, k):
+        return self._get('scratch', self.hidden_dim, k)
 
 
 def _rows(hidden: int, dtype: torch.dtype) -> int:
@@ -275,7 +316,7 @@ def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.
     kernel_act = Activation(act)
     scales = [1.] * x.shape[0] if factors is None else factors.flatten().tolist()
     params = [p for p in (norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-                          layer_scale) if p is not None]
+                          layer_scale, *kernel_act.params) if p is not None]
 
     def compute(plan, x):
         if not plan.fused:
@@ -286,7 +327,8 @@ def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.
             b2 = None if b2 is None else b2 * layer_scale
         x = x.contiguous(memory_format=torch.channels_last)
         return _NormMlpResidual.apply(x, norm.weight, norm.bias, fc1.weight.flatten(1), fc1.bias, w2,
-                                      b2, norm.num_groups, norm.eps, kernel_act, scales, plan)
+                                      b2, norm.num_groups, norm.eps, kernel_act, scales, plan,
+                                      *kernel_act.params)
 
     key = ('mlp', fc1.in_channels, fc1.out_channels, type(act).__name__)
     return dispatch.run(key, fused + [dispatch.PLAIN], compute, x, params)

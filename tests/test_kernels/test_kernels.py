@@ -10,8 +10,12 @@ from mmpoolformer import kernels
 from mmpoolformer.kernels import mlp as mlp_kernel
 from mmpoolformer.kernels.mlp import _NormMlpResidual, Activation
 from mmpoolformer.kernels.pooling import _NormPoolResidual
+from mmpoolformer.models.layers import StarReLU
 
 BACKENDS = kernels.dispatch.backends(torch.device('cpu'), torch.float32)
+# every activation the MLP kernel computes; StarReLU away from its initial scale 1 and bias 0
+ACTIVATIONS = dict(gelu=nn.GELU(), gelu_tanh=nn.GELU(approximate='tanh'), relu=nn.ReLU(),
+                   silu=nn.SiLU(), star_relu=StarReLU(0.8, -0.1))
 
 
 def max_rel_err(a, b):
@@ -37,8 +41,7 @@ def branch(dim=6, hidden=10, act=nn.GELU(), groups=1, affine=True, bias=True, dt
 
 @pytest.mark.parametrize('scales', [[2., 0., 1.], [1.5] * 3, [1.] * 3],
                          ids=['per_sample', 'shared', 'one'])
-@pytest.mark.parametrize('act', [nn.GELU(), nn.GELU(approximate='tanh'), nn.ReLU(), nn.SiLU()],
-                         ids=['gelu', 'gelu_tanh', 'relu', 'silu'])
+@pytest.mark.parametrize('act', ACTIVATIONS.values(), ids=ACTIVATIONS.keys())
 def test_mlp_kernel_gradients_are_exact(act, scales, monkeypatch):
     """float64 ``gradcheck`` of the autograd function (BLAS products: oneDNN has no float64; its
     plans are checked in fp32 below). Factors per sample (stochastic depth): three chunks per sample
@@ -46,14 +49,15 @@ def test_mlp_kernel_gradients_are_exact(act, scales, monkeypatch):
     15 rows across the 35-token samples."""
     backend = 'blas'
     monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 16 * 10 * 8)  # 16 rows of 10 float64
-    norm, fc1, act, fc2, _ = branch(act=act)
+    norm, fc1, act, fc2, _ = branch(act=copy.deepcopy(act).double())
     x = torch.randn(3, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    args = [x, norm.weight, norm.bias, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias]
+    args = [x, norm.weight, norm.bias, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias,
+            *act.parameters()]
     args = [a.detach().requires_grad_() for a in args]
 
     def fn(*args):
-        return _NormMlpResidual.apply(*args, 1, 1e-5, Activation(act), scales,
-                                      kernels.Plan(backend=backend))
+        return _NormMlpResidual.apply(*args[:7], 1, 1e-5, Activation(act), scales,
+                                      kernels.Plan(backend=backend), *args[7:])
 
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, fast_mode=True)
 
@@ -91,6 +95,32 @@ def test_mlp_kernel_equals_the_branch_as_written(groups, affine, bias, frozen, f
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert max_rel_err(y, ref) <= 1e-6
     assert len(grads) == len(ref_grads) == 1 + 2 * affine + 2 * (1 + bias) + 1 - frozen
+    for a, b in zip(grads, ref_grads):
+        assert max_rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_mlp_kernel_with_star_relu_equals_the_branch_as_written(backend, monkeypatch):
+    """The MetaFormer Baselines' MLP (PoolFormerV2's in stages 0-1): GroupNorm without a bias, fc1 and
+    fc2 without biases, StarReLU; fp32 against the modules in float64, the activation's learned scale
+    and bias among the gradients."""
+    monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 100 * 24 * 4)
+    norm, fc1, act, fc2, _ = branch(dim=12, hidden=24, act=StarReLU(0.8, -0.1), bias=False,
+                                    dtype=torch.float32)
+    norm.bias = None
+    modules = (norm, fc1, act, fc2)
+    refs = [copy.deepcopy(m).double() for m in modules]
+    x = torch.randn(2, 12, 23, 17, requires_grad=True)
+    with kernels.forced(kernels.Plan(backend=backend)):
+        y = kernels.norm_mlp_residual(x, *modules, None, None, plain=lambda x: pytest.fail('plain'))
+    xd = x.detach().double().requires_grad_()
+    ref = xd + refs[3](refs[2](refs[1](refs[0](xd))))
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    params = [p for m in modules for p in m.parameters()]
+    assert len(params) == 5  # norm.weight, fc1.weight, scale, bias, fc2.weight
+    grads = torch.autograd.grad(y, [x] + params, g)
+    ref_grads = torch.autograd.grad(ref, [xd] + [p for m in refs for p in m.parameters()], g.double())
+    assert max_rel_err(y, ref) <= 1e-6
     for a, b in zip(grads, ref_grads):
         assert max_rel_err(a, b) <= 1e-5
 
@@ -136,8 +166,7 @@ def test_the_kernels_step_aside_for_what_they_do_not_compute():
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
-@pytest.mark.parametrize('act', [nn.GELU(), nn.GELU(approximate='tanh'), nn.ReLU(), nn.SiLU()],
-                         ids=['gelu', 'gelu_tanh', 'relu', 'silu'])
+@pytest.mark.parametrize('act', ACTIVATIONS.values(), ids=ACTIVATIONS.keys())
 def test_mlp_kernel_in_inference_equals_the_branch_as_written(act, backend, monkeypatch):
     """Without autograd the kernel keeps nothing, and oneDNN applies the activation itself."""
     monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 100 * 24 * 4)

@@ -199,9 +199,23 @@ def test_one_training_step(cls):
     assert torch.isfinite(loss)
 
 
-def test_poolformerv2_fused_pooling_matches_the_formula_in_float64():
+def autograd_nodes(tensor) -> set:
+    """The names of the autograd functions that computed ``tensor``."""
+    names, todo, seen = set(), [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_poolformerv2_fused_branches_match_the_formula_in_float64():
     """Stages 0-1 of PoolFormerV2 (bias-free GroupNorm, no LayerScale, no ResScale) take the fused
-    pooling branch; it computes outputs and every gradient as written."""
+    pooling and MLP (StarReLU, no biases) branches; they compute outputs and every gradient as
+    written."""
     torch.manual_seed(0)
     model = randomize_weights(PoolFormerV2(arch='s12', out_indices=(0, 1))).double().train()
     x = torch.randn(2, 3, 45, 39, dtype=torch.float64)
@@ -216,6 +230,9 @@ def test_poolformerv2_fused_pooling_matches_the_formula_in_float64():
         return outs, xi.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     fused, plain = run(Plan()), run(PLAIN)
+    kernels_in_graph = autograd_nodes(fused[0][1])
+    assert {'_NormPoolResidualBackward', '_NormMlpResidualBackward'} <= kernels_in_graph
+    assert not {'_NormPoolResidualBackward', '_NormMlpResidualBackward'} & autograd_nodes(plain[0][1])
     for a, b in zip(fused[0], plain[0]):
         assert max_rel_err(a, b) <= 1e-10
     assert max_rel_err(fused[1], plain[1]) <= 1e-10
