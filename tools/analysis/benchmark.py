@@ -1,13 +1,16 @@
-"""Time our PoolFormer backbone against timm's and mmpretrain's, and our detectors and segmentors.
+"""Time our backbones against timm's and mmpretrain's, and our detectors and segmentors.
 
-    python tools/analysis/benchmark.py                       # S12, batch 2, 512x512, this machine
+    python tools/analysis/benchmark.py                       # PoolFormer-S12, batch 2, 512x512
     python tools/analysis/benchmark.py --amp                 # the same under bf16 autocast
     python tools/analysis/benchmark.py --arch m36 --device cuda --json bench.json
+    python tools/analysis/benchmark.py --family convformer   # a MetaFormer Baselines family (S18)
     python tools/analysis/benchmark.py --impls ours ours+cp --configs \\
         configs/detection/retinanet_poolformer_s12.py configs/segmentation/fpn_poolformer_s12.py
 
 Backbones: every implementation gets the same weights (timm's, mapped by our converter) and the same
-input, and must produce the same four normalised stage maps before any time is reported. Runs
+input, and must produce the same four normalised stage maps before any time is reported (timm's
+``features_only`` model gets our output norms). The MetaFormer Baselines families (``--family``) are
+compared with timm's only: mmpretrain has none of them. Runs
 alternate between implementations; the table gives medians. "train" is forward plus backward of the
 four maps; peak memory is that of one training step above what the model and input already hold
 (CUDA: the allocator's peak; CPU: the peak resident size of a fresh process during its second step,
@@ -24,6 +27,7 @@ Configs: one training iteration (``train_step``: preprocessing, forward, backwar
 one inference (``test_step``) of the whole model on synthetic inputs of the config's training size.
 """
 import argparse
+import copy
 import json
 import os
 import platform
@@ -37,16 +41,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmpoolformer import kernels
-from mmpoolformer.models import PoolFormer
+from mmpoolformer.models import CAFormer, ConvFormer, PoolFormer, PoolFormerV2
 from mmpoolformer.models.weights import convert_backbone_state_dict
 from mmpoolformer.testing import randomize_weights
 
 IMPLS = ('ours', 'ours+cp', 'timm', 'mmpretrain')
+# our backbone classes by timm's model-name prefix
+FAMILIES = {'poolformer': PoolFormer, 'poolformerv2': PoolFormerV2, 'convformer': ConvFormer,
+            'caformer': CAFormer}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--arch', default='s12', choices=sorted(PoolFormer.arch_zoo))
+    parser.add_argument('--family', default='poolformer', choices=sorted(FAMILIES))
+    parser.add_argument('--arch', help="the family's size (default: its smallest, s12 or s18)")
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--size', type=int, nargs=2, default=(512, 512), metavar=('H', 'W'))
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -65,6 +73,10 @@ def parse_args(argv=None):
     parser.add_argument('--json', help='also write the results here')
     parser.add_argument('--memory-worker', help=argparse.SUPPRESS)  # internal: one impl, one step
     args = parser.parse_args(argv)
+    zoo = FAMILIES[args.family].arch_zoo
+    args.arch = args.arch or next(iter(zoo))
+    if args.arch not in zoo:
+        parser.error(f'--arch {args.arch}: {args.family} has {", ".join(zoo)}')
     if args.amp == 'auto':
         args.amp = 'fp16' if args.device.startswith('cuda') else 'bf16'
     if args.batch < 1 or args.repeats < 1 or min(args.size) < 32:
@@ -74,8 +86,8 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------- implementations
 class TimmWithNorms(nn.Module):
-    """timm's ``features_only`` PoolFormer plus the output norms the official dense models (ours and
-    mmpretrain's) apply, so that all three compute the same maps."""
+    """timm's ``features_only`` model plus the output norms the official dense models (ours and
+    mmpretrain's) apply, so that all compute the same maps."""
 
     def __init__(self, features: nn.Module, norms: nn.ModuleList):
         super().__init__()
@@ -85,19 +97,25 @@ class TimmWithNorms(nn.Module):
         return tuple(norm(f) for norm, f in zip(self.norms, self.features(x)))
 
 
-def build(impl: str, arch: str) -> nn.Module:
+def build(impl: str, family: str, arch: str) -> nn.Module:
+    ours = FAMILIES[family](arch, with_cp=impl == 'ours+cp')
     if impl.startswith('ours'):
-        return PoolFormer(arch, with_cp=impl == 'ours+cp')
+        return ours
     if impl == 'timm':
         import timm
-        features = timm.create_model(f'poolformer_{arch}', features_only=True)
-        dims = PoolFormer.arch_zoo[arch]['embed_dims']
-        return TimmWithNorms(features, nn.ModuleList(nn.GroupNorm(1, d) for d in dims))
+        features = timm.create_model(f'{family}_{arch}', features_only=True)
+        return TimmWithNorms(features, nn.ModuleList(copy.deepcopy(getattr(ours, name))
+                                                     for name in OUT_NORMS))
     from mmpretrain.models.backbones import PoolFormer as MMPretrainPoolFormer
     return MMPretrainPoolFormer(arch, out_indices=(0, 2, 4, 6), frozen_stages=-1)
 
 
-def available(impl: str) -> bool:
+OUT_NORMS = ('norm0', 'norm2', 'norm4', 'norm6')  # ours, emitting stages 0-3 (official layout)
+
+
+def available(impl: str, family: str) -> bool:
+    if impl == 'mmpretrain' and family != 'poolformer':
+        return False
     module = {'timm': 'timm', 'mmpretrain': 'mmpretrain'}.get(impl)
     if module is None:
         return True
@@ -108,9 +126,9 @@ def available(impl: str) -> bool:
         return False
 
 
-def shared_weights(arch: str, seed: int = 0) -> dict:
+def shared_weights(family: str, arch: str, seed: int = 0) -> dict:
     """Official-layout weights far from their init, so that every block matters to the check."""
-    return randomize_weights(PoolFormer(arch), seed).state_dict()
+    return randomize_weights(FAMILIES[family](arch), seed).state_dict()
 
 
 def load_weights(model: nn.Module, impl: str, official: dict) -> None:
@@ -122,12 +140,11 @@ def load_weights(model: nn.Module, impl: str, official: dict) -> None:
     converted, _, _ = convert_backbone_state_dict(timm_sd)
     by_storage = {v.data_ptr(): k for k, v in timm_sd.items()}
     to_timm = {ours: by_storage[v.data_ptr()] for ours, v in converted.items()}
-    model.features.load_state_dict(
-        {to_timm[k].replace('stages.', 'stages_', 1): v for k, v in official.items() if k in to_timm},
-        strict=True)
-    for i, norm in enumerate(model.norms):
-        norm.load_state_dict({'weight': official[f'norm{2 * i}.weight'],
-                              'bias': official[f'norm{2 * i}.bias']})
+    model.features.load_state_dict(  # (timm's linear layers are our 1x1 convolutions)
+        {to_timm[k].replace('stages.', 'stages_', 1): v.reshape(timm_sd[to_timm[k]].shape)
+         for k, v in official.items() if k in to_timm}, strict=True)
+    for name, norm in zip(OUT_NORMS, model.norms):
+        norm.load_state_dict({k: official[f'{name}.{k}'] for k in norm.state_dict()})
 
 
 # ---------------------------------------------------------------------------------- measurements
@@ -184,7 +201,7 @@ def peak_step_memory(impl, args) -> list:
     the step and with them kept (see the module docstring)."""
     if args.device.startswith('cuda'):
         device = torch.device(args.device)
-        model = build(impl, args.arch).to(device)
+        model = build(impl, args.family, args.arch).to(device)
         model.train()
         x = torch.randn(args.batch, 3, *args.size, device=device)
         train_step(model, x, args.amp)  # as on CPU: measure the second step
@@ -200,7 +217,8 @@ def peak_step_memory(impl, args) -> list:
             peaks.append(torch.cuda.max_memory_allocated(device) - base)
         return peaks
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='65536')
-    cmd = [sys.executable, os.path.abspath(__file__), '--memory-worker', impl, '--arch', args.arch,
+    cmd = [sys.executable, os.path.abspath(__file__), '--memory-worker', impl, '--family',
+           args.family, '--arch', args.arch,
            '--batch', str(args.batch), '--size', *map(str, args.size), '--device', args.device]
     if args.threads:
         cmd += ['--threads', str(args.threads)]
@@ -218,7 +236,7 @@ def _status_bytes(field: str) -> int:
 
 
 def memory_worker(args) -> None:
-    model = build(args.memory_worker, args.arch)
+    model = build(args.memory_worker, args.family, args.arch)
     model.train()
     x = torch.randn(args.batch, 3, *args.size)
     train_step(model, x, args.amp)  # one-time allocations (thread pools, GEMM buffers) happen here
@@ -234,14 +252,14 @@ def memory_worker(args) -> None:
 
 
 def bench_backbones(args, device) -> list:
-    impls = [i for i in args.impls if available(i)]
+    impls = [i for i in args.impls if available(i, args.family)]
     skipped = sorted(set(args.impls) - set(impls))
     if skipped:
-        print(f'not installed, skipped: {skipped}')
-    official = shared_weights(args.arch)
+        print(f'not installed or without {args.family}, skipped: {skipped}')
+    official = shared_weights(args.family, args.arch)
     models = {}
     for impl in impls:
-        model = build(impl, args.arch)
+        model = build(impl, args.family, args.arch)
         load_weights(model, impl, official)
         model.to(device).train()  # not chained: mmpretrain's train() returns None
         models[impl] = model
@@ -269,7 +287,11 @@ def bench_backbones(args, device) -> list:
         for row in rows:
             peaks = peak_step_memory(row['impl'], args)
             row['train_peak_mib'], row['train_peak_kept_grads_mib'] = (p / 2**20 for p in peaks)
-    floor = product_floor(models.get('ours') or build('ours', args.arch).to(device), x, args, device)
+    ours = models.get('ours') or build('ours', args.family, args.arch).to(device)
+    if any(isinstance(m, nn.Linear) for m in ours.modules()):  # attention: products not timed here
+        print('floor: not measured (it times convolutions only, and attention multiplies otherwise)')
+        return rows
+    floor = product_floor(ours, x, args, device)
     rows.append(dict(impl='floor', forward_s=floor[0], train_s=floor[1],
                      train_images_per_s=args.batch / floor[1], max_rel_err=float('nan')))
     return rows
@@ -300,14 +322,16 @@ def conv_times(conv, shape, dtype, input_grad, device, repeats=5):
     """(forward, backward) seconds of ``conv`` on an input of ``shape``, each the faster of oneDNN
     (or cuDNN) and, for 1x1, the BLAS product over tokens."""
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    w, b = conv.weight.detach().to(dtype), conv.bias.detach().to(dtype)
-    y = F.conv2d(x, w, b, conv.stride, conv.padding)
+    w = conv.weight.detach().to(dtype)
+    b = None if conv.bias is None else conv.bias.detach().to(dtype)
+    geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    y = F.conv2d(x, w, b, *geometry)
     g = torch.randn_like(y)
     args = (conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups)
-    forward = {'conv': lambda: F.conv2d(x, w, b, conv.stride, conv.padding)}
+    forward = {'conv': lambda: F.conv2d(x, w, b, *geometry)}
     backward = {'conv': lambda: torch.ops.aten.convolution_backward(
-        g, x, w, [w.shape[0]], *args, [input_grad, True, True])}
-    if conv.kernel_size == (1, 1):
+        g, x, w, None if b is None else [w.shape[0]], *args, [input_grad, True, b is not None])}
+    if conv.kernel_size == (1, 1) and conv.groups == 1:
         tokens, grads = (t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in (x, g))
         w2 = w.flatten(1)
 
@@ -315,9 +339,11 @@ def conv_times(conv, shape, dtype, input_grad, device, repeats=5):
             if input_grad:
                 torch.mm(grads, w2)
             torch.mm(grads.t(), tokens)
-            grads.sum(0)
+            if b is not None:
+                grads.sum(0)
 
-        forward['blas'] = lambda: torch.addmm(b, tokens, w2.t())
+        forward['blas'] = lambda: torch.mm(tokens, w2.t()) if b is None else torch.addmm(
+            b, tokens, w2.t())
         backward['blas'] = blas_backward
     return tuple(min(median_time(fn, device, repeats) for fn in fns.values())
                  for fns in (forward, backward))
@@ -392,7 +418,7 @@ def machine(device) -> dict:
 
 def print_backbones(rows, args):
     precision = f'{args.amp} autocast' if args.amp else 'fp32'
-    print(f'\nPoolFormer-{args.arch.upper()} backbone, batch {args.batch}, '
+    print(f'\n{FAMILIES[args.family].__name__}-{args.arch.upper()} backbone, batch {args.batch}, '
           f'{args.size[0]}x{args.size[1]}, {precision}; median of {args.repeats}')
     peers = [r for r in rows if r['impl'] in ('timm', 'mmpretrain')]
     best = {k: min(r[k] for r in peers) for k in ('forward_s', 'train_s')} if peers else None
@@ -434,8 +460,8 @@ def main(argv=None):
     if args.memory_worker:
         return memory_worker(args)
     device = torch.device(args.device)
-    results = dict(machine=machine(device), arch=args.arch, batch=args.batch, size=list(args.size),
-                   amp=args.amp)
+    results = dict(machine=machine(device), family=args.family, arch=args.arch, batch=args.batch,
+                   size=list(args.size), amp=args.amp)
     results['backbones'] = bench_backbones(args, device)
     print_backbones(results['backbones'], args)
     if args.configs:
