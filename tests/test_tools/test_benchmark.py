@@ -1,0 +1,47 @@
+"""tools/analysis/benchmark.py, at a size that runs in seconds: it checks that the implementations
+agree before it times them, and reports every row, the floor and the machine."""
+import importlib.util
+import json
+import os.path as osp
+
+import pytest
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+QUICK = ['--size', '64', '64', '--repeats', '1', '--warmup', '0', '--no-memory']
+
+
+@pytest.fixture(scope='module')
+def benchmark():
+    spec = importlib.util.spec_from_file_location(
+        'benchmark', osp.join(REPO, 'tools', 'analysis', 'benchmark.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize('family, arch, impls', [
+    ('poolformer', 's12', ['ours', 'ours+cp', 'timm', 'mmpretrain']),
+    ('poolformerv2', 's12', ['ours', 'ours+cp', 'timm']),  # mmpretrain has no Baselines
+])
+def test_reports_every_implementation_the_floor_and_the_machine(benchmark, family, arch, impls,
+                                                                tmp_path, capsys):
+    for peer in ('timm', 'mmpretrain')[:len(impls) - 2]:  # (test extras)
+        pytest.importorskip(peer)
+    out = tmp_path / 'bench.json'
+    benchmark.main(['--family', family, *QUICK, '--json', str(out)])
+    result = json.loads(out.read_text())
+    assert (result['family'], result['arch'], result['size']) == (family, arch, [64, 64])
+    rows = {row['impl']: row for row in result['backbones']}
+    assert list(rows) == impls + ['floor']
+    for impl in impls:  # the same maps (checked in fp32 before timing), timed
+        assert rows[impl]['max_rel_err'] <= 1e-4 and rows[impl]['train_s'] > rows[impl]['forward_s'] > 0
+    assert 0 < rows['floor']['forward_s'] < rows['floor']['train_s']
+    assert set(result['machine']['cpu_flags']) <= {'avx2', 'avx512f', 'avx512_bf16', 'avx512_fp16',
+                                                   'amx_bf16', 'amx_fp16'}
+    assert f'{benchmark.FAMILIES[family].__name__}-{arch.upper()} backbone' in capsys.readouterr().out
+
+
+def test_an_arch_of_another_family_is_refused_with_the_family_s(benchmark, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(['--family', 'convformer', '--arch', 's12'])
+    assert '--arch s12: convformer has s18, s36, m36, b36' in capsys.readouterr().err
