@@ -5,7 +5,7 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
 
-from test_detection import det_inputs
+from test_detection import assert_trains_one_step, det_inputs
 from test_segmentation import seg_inputs
 
 from mmpoolformer import config_path, models
@@ -69,13 +69,7 @@ def test_train_step_and_prediction(name):
         cfg.model.data_preprocessor.size = (96, 128)  # the crop, small for a CPU test
         data = seg_inputs([(96, 128), (96, 128)])
     model = build(cfg)
-    model.train()
-    losses = model(**model.data_preprocessor(data, training=True), mode='loss')
-    loss, _ = model.parse_losses(losses)
-    assert torch.isfinite(loss)
-    loss.backward()
-    idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert idle == []  # DDP needs no find_unused_parameters
+    assert_trains_one_step(model, data)
     model.eval()
     with torch.no_grad():
         assert len(model.test_step(data)) == 2

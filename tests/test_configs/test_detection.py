@@ -113,6 +113,18 @@ def test_parameters(name):
     assert abs(n_params / 1e6 - MODEL_PARAMS[name]) <= 0.1, n_params
 
 
+def assert_trains_one_step(model, data):
+    """A finite loss, and a gradient for every parameter: all take part, so DDP needs no
+    find_unused_parameters."""
+    model.train()
+    losses = model(**model.data_preprocessor(data, training=True), mode='loss')
+    loss, _ = model.parse_losses(losses)
+    assert torch.isfinite(loss)
+    loss.backward()
+    idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert idle == []
+
+
 # The S24 and S36 configs differ from S12's in depth only: their parameters are counted above.
 @pytest.mark.parametrize('name', sorted(n for n in MODEL_PARAMS if n.endswith('s12')))
 def test_train_step_and_prediction(name):
@@ -120,14 +132,7 @@ def test_train_step_and_prediction(name):
     torch.manual_seed(0)
     with_mask = name.startswith('mask_rcnn')
     data = det_inputs(with_mask)
-    model.train()
-    losses = model(**model.data_preprocessor(data, training=True), mode='loss')
-    loss, _ = model.parse_losses(losses)
-    assert torch.isfinite(loss)
-    loss.backward()
-    # every parameter takes part, so DDP needs no find_unused_parameters
-    idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert idle == []
+    assert_trains_one_step(model, data)
 
     model.eval()
     with torch.no_grad():

@@ -7,6 +7,7 @@ from mmengine.registry import init_default_scope
 from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
+from test_detection import assert_trains_one_step
 
 from mmpoolformer import config_path
 from mmpoolformer.models.metaformer import HYBRID_RELEASES
@@ -111,13 +112,7 @@ def test_train_step_and_prediction(arch):
         backbone = sum(p.numel() for p in model.backbone.parameters())
         assert backbone == 11_403_200 + (PPAA_EXTRA if arch == 'ppaa' else 0)
 
-    data = seg_inputs([(96, 128), (96, 128)])
-    model.train()
-    loss, _ = model.parse_losses(model(**model.data_preprocessor(data, training=True), mode='loss'))
-    assert torch.isfinite(loss)
-    loss.backward()
-    idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert idle == []
+    assert_trains_one_step(model, seg_inputs([(96, 128), (96, 128)]))
 
     model.eval()
     with torch.no_grad():
