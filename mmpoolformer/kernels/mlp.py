@@ -168,10 +168,11 @@ class _NormMlpResidual(torch.autograd.Function):
             gb1 = torch.zeros(hidden, **acc) if needs[4] else None
             gw2 = torch.zeros(w2.shape, **acc) if needs[5] else None
             gb2 = torch.zeros(c, **acc) if needs[6] else None
+            act_needs = needs[12:]  # the activation's tensors come after forward's 12 inputs
             grad_act = [torch.zeros(t.shape, **acc) if need else None
-                        for t, need in zip(act_params, needs[12:])]
+                        for t, need in zip(act_params, act_needs)]
             into_norm = any(needs[:3])
-            into_hidden = into_norm or needs[3] or needs[4] or any(needs[12:])
+            into_hidden = into_norm or needs[3] or needs[4] or any(act_needs)
             grad_normed = torch.empty_like(x, memory_format=torch.channels_last) if into_norm else None
             tgn = None if grad_normed is None else tokens(grad_normed)
             # the products that carry the gradient back, as (out, in) weights for oneDNN

@@ -98,16 +98,16 @@ class TimmWithNorms(nn.Module):
 
 
 def build(impl: str, family: str, arch: str) -> nn.Module:
+    if impl == 'mmpretrain':
+        from mmpretrain.models.backbones import PoolFormer as MMPretrainPoolFormer
+        return MMPretrainPoolFormer(arch, out_indices=(0, 2, 4, 6), frozen_stages=-1)
     ours = FAMILIES[family](arch, with_cp=impl == 'ours+cp')
-    if impl.startswith('ours'):
-        return ours
-    if impl == 'timm':
+    if impl == 'timm':  # with our output norms
         import timm
         features = timm.create_model(f'{family}_{arch}', features_only=True)
         return TimmWithNorms(features, nn.ModuleList(copy.deepcopy(getattr(ours, name))
                                                      for name in OUT_NORMS))
-    from mmpretrain.models.backbones import PoolFormer as MMPretrainPoolFormer
-    return MMPretrainPoolFormer(arch, out_indices=(0, 2, 4, 6), frozen_stages=-1)
+    return ours
 
 
 OUT_NORMS = ('norm0', 'norm2', 'norm4', 'norm6')  # ours, emitting stages 0-3 (official layout)
