@@ -5,7 +5,7 @@ A module of ``models/`` that can compute its residual branch faster than as writ
 its plain formulation. The kernel picks, once per kind of input, the fastest of its plans on the
 device at hand, the plain formulation always among them (``dispatch``).
 
-- ``mlp``: GroupNorm, fc1, activation, fc2, scale and residual in token chunks;
+- ``mlp``: GroupNorm or channel LayerNorm, fc1, activation, fc2, scales and residual in token chunks;
 - ``pooling``: GroupNorm, pooling, scale and residual as one interpolation;
 - ``conv``: the stem and downsampling convolutions under autocast;
 - ``group_norm``: the statistics and the per-sample affine map the others share.

@@ -1,8 +1,10 @@
-"""The MLP branch of a block, ``x + s * fc2(act(fc1(GN(x))))``, fused and computed in token chunks.
+"""The MLP branch of a block, ``r * x + s * fc2(act(fc1(norm(x))))``, fused and computed in token chunks.
 
 Unfused, this branch writes and reads back four maps per block (the normalised map, the hidden map, its
 activation, the branch output), three of them four times as wide as the block, before the residual
-add reads ``x`` again. Here each sample's tokens go through in chunks of a few megabytes of hidden
+add reads ``x`` again. The norm is GroupNorm (PoolFormer, PoolFormerV2) or channel LayerNorm
+(ConvFormer, CAFormer): :class:`GroupNormRows` and :class:`LayerNormRows` say how each normalises a
+chunk of token rows and carries its gradient back. Here each sample's tokens go through in chunks of a few megabytes of hidden
 activations: a chunk is normalised, multiplied, activated, multiplied and added to its residual while
 it is still in cache, and only the output is written. The products are the same matrix products as in
 the plain formulation, over the channels-last token view; with oneDNN in inference, the activation is
@@ -11,11 +13,12 @@ applied by the first product as it writes.
 Backward goes through the same chunks. Only ``x`` and (in blocks wider than
 :data:`RECOMPUTE_HIDDEN_UP_TO` channels) the hidden map ``h`` are kept; the normalised map, the
 activation and any ``h`` not kept are recomputed per chunk, and the weight gradients accumulate chunk by
-chunk. What reaches the norm's input is the one full-size gradient, handed to PyTorch's own GroupNorm
-backward.
+chunk. A LayerNorm's backward is per token and runs in the chunks too; GroupNorm's needs the whole
+map's gradient, which the chunks gather for PyTorch's own GroupNorm backward.
 
 ``s`` is a per-channel scale folded into fc2 by the caller (LayerScale) times a per-sample factor
-(stochastic depth: 0 for a dropped sample, whose tokens are then copied, ``1 / keep`` otherwise).
+(stochastic depth: 0 for a dropped sample, whose output is then its residual, ``1 / keep``
+otherwise); ``r`` is ResScale's per-channel factor on the residual, or none.
 """
 from typing import Callable, List, Optional
 
@@ -106,17 +109,89 @@ def _linear(backend: str, x, weight, bias=None, out=None):
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
+class GroupNormRows:
+    """GroupNorm for the kernel: statistics over each whole sample, computed before the chunks; each
+    chunk then applies the per-sample affine map. Its backward needs the gradient of the whole
+    normalised map, which the chunks gather for PyTorch's GroupNorm backward."""
+    per_row = False
+
+    def __init__(self, module: nn.GroupNorm):
+        self.groups, self.eps = module.num_groups, module.eps
+
+    def statistics(self, x):
+        return group_stats(x, self.groups, self.eps)
+
+    def coefficients(self, stats, weight, bias, channels):
+        return affine(*stats, weight, bias, channels)
+
+    def normalize(self, rows_x, start, end, samples, coefficients, out):
+        """The chunk's rows normalised into ``out``: each sample's part with its own ``a * x + b``."""
+        a, b = coefficients
+        for i, first, last in samples:
+            torch.addcmul(b[i], rows_x[first:last], a[i], out=out[first - start:last - start])
+        return out, None
+
+    def backward(self, grad_normed, x, stats, weight, needs):
+        """Gradients of ``x``, the weight and the bias from the whole normalised map's."""
+        n, c = x.shape[:2]
+        mean, rstd = (t.to(x.dtype) for t in stats)
+        return torch.ops.aten.native_group_norm_backward(
+            grad_normed, x, mean, rstd, weight, n, c, x[0, 0].numel(), self.groups, list(needs))
+
+
+class LayerNormRows:
+    """Channel LayerNorm for the kernel: each token row is normalised on its own, so forward and
+    backward both run chunk by chunk (its statistics are recomputed in backward, not kept)."""
+    per_row = True
+
+    def __init__(self, module: nn.LayerNorm):
+        self.eps = module.eps
+
+    def statistics(self, x):
+        return None, None
+
+    def coefficients(self, stats, weight, bias, channels):
+        return weight, bias
+
+    def normalize(self, rows_x, start, end, samples, coefficients, out):
+        """The chunk's rows normalised into ``out``, with their ``(mean, rstd)`` for backward."""
+        weight, bias = coefficients
+        rows = rows_x[start:end]
+        mean, rstd = rows.new_empty(len(rows), 1), rows.new_empty(len(rows), 1)
+        # low-precision products: normalised in the input's precision, then rounded
+        normed = out if out.dtype == rows.dtype else torch.empty_like(rows)
+        torch.ops.aten.native_layer_norm.out(rows, rows.shape[1:], weight, bias, self.eps,
+                                             out0=normed, out1=mean, out2=rstd)
+        return out if normed is out else out.copy_(normed), (mean, rstd)
+
+    def backward_rows(self, grad_normed, rows, row_stats, weight, bias, needs):
+        """Gradients of a chunk's rows, and its share of the weight's and bias's."""
+        return torch.ops.aten.native_layer_norm_backward(grad_normed, rows, rows.shape[1:], *row_stats,
+                                                         weight, bias, list(needs))
+
+
+def norm_rows(module: nn.Module):
+    """The kernel's view of a block norm, or None where the kernel has none."""
+    from ..models.layers import LayerNorm2d  # (the architecture's; the models import the kernels)
+    if isinstance(module, nn.GroupNorm):
+        return GroupNormRows(module)
+    if type(module) is LayerNorm2d:
+        return LayerNormRows(module)
+    return None
+
+
 class _NormMlpResidual(torch.autograd.Function):
-    """On channels-last ``(N, C, H, W)`` maps; ``scales`` is a list of N per-sample factors."""
+    """On channels-last ``(N, C, H, W)`` maps; ``scales`` is a list of N per-sample factors of the
+    branch, ``res_scale`` the ``(C, )`` factor of the residual or None."""
 
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, groups, eps, act, scales, plan,
+    def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, res_scale, norm, act, scales, plan,
                 *act_params):
         with torch.autocast(x.device.type, enabled=False):
             dtype = plan.dtype or x.dtype
             n, c = x.shape[:2]
-            mean, rstd = group_stats(x, groups, eps)
-            a, b = affine(mean, rstd, norm_weight, norm_bias, c)
+            mean, rstd = norm.statistics(x)
+            coefficients = norm.coefficients((mean, rstd), norm_weight, norm_bias, c)
             w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (w1, b1, w2, b2))
             act_params = tuple(t.to(dtype) for t in act_params)
             out = torch.empty_like(x, memory_format=torch.channels_last)
@@ -129,10 +204,11 @@ class _NormMlpResidual(torch.autograd.Function):
             bufs = _Buffers(tx, w1.shape[0], dtype)
             rows_x, rows_out = tx.flatten(0, 1), tout.flatten(0, 1)
             rows_h = None if h_all is None else h_all.flatten(0, 1)
-            copy_input = lambda i: tout[i].copy_(tx[i])  # noqa: E731 (a dropped sample's output)
-            for start, end, samples, scale in _chunks(tx, bufs.rows, scales, copy_input):
+            dropped = lambda i: _residual(tx[i], res_scale, out=tout[i])  # noqa: E731
+            for start, end, samples, scale in _chunks(tx, bufs.rows, scales, dropped):
                 xc = rows_x[start:end]
-                nc = _normalize(rows_x, a, b, start, samples, bufs.normed(end - start))
+                nc, _ = norm.normalize(rows_x, start, end, samples, coefficients,
+                                       bufs.normed(end - start))
                 if fused_act:  # inference: oneDNN applies the activation as it writes fc1's output
                     ac = torch.ops.mkldnn._linear_pointwise(nc, w1, b1, *fused_act)
                 else:
@@ -141,26 +217,25 @@ class _NormMlpResidual(torch.autograd.Function):
                     ac = act.forward(hc, bufs.act(end - start), act_params)
                 oc = rows_out[start:end]
                 if plan.backend == 'blas' and dtype == x.dtype:
-                    if b2 is None:
-                        oc.copy_(xc)
-                    else:
-                        torch.add(xc, b2, alpha=scale, out=oc)
-                    oc.addmm_(ac, w2.t(), alpha=scale)
+                    _residual(xc, res_scale, b2, scale, out=oc).addmm_(ac, w2.t(), alpha=scale)
                 else:
-                    torch.add(xc, _linear(plan.backend, ac, w2, b2), alpha=scale, out=oc)
-        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, h_all, *act_params)
-        ctx.groups, ctx.act, ctx.scales, ctx.plan = groups, act, scales, plan
+                    torch.add(_residual(xc, res_scale), _linear(plan.backend, ac, w2, b2),
+                              alpha=scale, out=oc)
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, h_all, res_scale,
+                              *act_params)
+        ctx.norm, ctx.act, ctx.scales, ctx.plan = norm, act, scales, plan
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, h_all, *act_params = ctx.saved_tensors
+        x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, h_all, res_scale, *act_params = \
+            ctx.saved_tensors
         needs = ctx.needs_input_grad
-        plan, act, scales = ctx.plan, ctx.act, ctx.scales
+        plan, norm, act, scales = ctx.plan, ctx.norm, ctx.act, ctx.scales
         dtype, hidden = w1.dtype, w1.shape[0]
-        n, c = x.shape[:2]
+        c = x.shape[1]
         with torch.autocast(x.device.type, enabled=False):
-            a, b = affine(mean, rstd, norm_weight, norm_bias, c)
+            coefficients = norm.coefficients((mean, rstd), norm_weight, norm_bias, c)
             grad = grad.contiguous(memory_format=torch.channels_last)
             tx, tg = tokens(x), tokens(grad)
             acc = dict(dtype=torch.promote_types(dtype, torch.float32), device=x.device)
@@ -173,22 +248,30 @@ class _NormMlpResidual(torch.autograd.Function):
                         for t, need in zip(act_params, act_needs)]
             into_norm = any(needs[:3])
             into_hidden = into_norm or needs[3] or needs[4] or any(act_needs)
-            grad_normed = torch.empty_like(x, memory_format=torch.channels_last) if into_norm else None
-            tgn = None if grad_normed is None else tokens(grad_normed)
+            # where the chunks write: the norm's input gradient (a per-row norm), or its output's
+            grad_rows = torch.empty_like(x, memory_format=torch.channels_last) if into_norm else None
+            rows_gr = None if grad_rows is None else tokens(grad_rows).flatten(0, 1)
+            grad_norm_weight, grad_norm_bias = (
+                torch.zeros(t.shape, **acc) if norm.per_row and need else None
+                for t, need in zip((norm_weight, norm_bias), needs[1:3]))
             # the products that carry the gradient back, as (out, in) weights for oneDNN
             w2_t = w2.t().contiguous() if plan.backend == 'onednn' else w2.t()
             w1_t = w1.t().contiguous() if plan.backend == 'onednn' else w1.t()
             bufs = _Buffers(tx, hidden, dtype)
             rows_x, rows_g = tx.flatten(0, 1), tg.flatten(0, 1)
-            rows_gn = None if tgn is None else tgn.flatten(0, 1)
             rows_h = None if h_all is None else h_all.flatten(0, 1)
-            no_grad = lambda i: tgn is not None and tgn[i].zero_()  # noqa: E731 (a dropped sample)
-            for start, end, samples, scale in _chunks(tx, bufs.rows, scales, no_grad):
+
+            def dropped(i):  # the branch has no gradient: the residual's alone, added below
+                if rows_gr is not None:
+                    rows_gr[i * tx.shape[1]:(i + 1) * tx.shape[1]].zero_()
+
+            for start, end, samples, scale in _chunks(tx, bufs.rows, scales, dropped):
                 k = end - start
                 gc = rows_g[start:end]
                 if scale != 1 or gc.dtype != dtype:
                     gc = torch.mul(gc, scale, out=bufs.grad(k))
-                nc = _normalize(rows_x, a, b, start, samples, bufs.normed(k))
+                nc, row_stats = norm.normalize(rows_x, start, end, samples, coefficients,
+                                               bufs.normed(k))
                 hc = rows_h[start:end] if rows_h is not None else _linear(
                     plan.backend, nc, w1, b1, out=bufs.hidden(k))
                 if needs[5]:
@@ -203,21 +286,50 @@ class _NormMlpResidual(torch.autograd.Function):
                     _accumulate(gw1, gh.t(), nc)
                 if needs[4]:
                     gb1 += gh.sum(0)
-                if into_norm:
-                    _linear(plan.backend, gh, w1_t, out=rows_gn[start:end])
-            grad_x = grad_norm_weight = grad_norm_bias = None
-            if into_norm:
-                grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_group_norm_backward(
-                    grad_normed, x, mean.to(x.dtype), rstd.to(x.dtype), norm_weight, n, c,
-                    tx.shape[1], ctx.groups, list(needs[:3]))
-                if needs[0]:
+                if not into_norm:
+                    continue
+                if not norm.per_row:
+                    _linear(plan.backend, gh, w1_t, out=rows_gr[start:end])
+                    continue
+                grad_normed = _linear(plan.backend, gh, w1_t, out=bufs.grad_normed(k))
+                rows = rows_x[start:end]
+                gx, gw, gb = norm.backward_rows(grad_normed, rows, row_stats, norm_weight, norm_bias,
+                                                needs[:3])
+                rows_gr[start:end] = gx
+                for total, part in ((grad_norm_weight, gw), (grad_norm_bias, gb)):
+                    if total is not None:
+                        total += part
+            grad_x = grad_rows
+            if into_norm and not norm.per_row:
+                grad_x, grad_norm_weight, grad_norm_bias = norm.backward(grad_rows, x, (mean, rstd),
+                                                                         norm_weight, needs[:3])
+            # the residual: d/dx (r * x) = r, d/dr = sum(grad * x) per channel
+            grad_res_scale = None
+            if needs[7]:
+                grad_res_scale = (grad * x).sum((0, 2, 3))
+            if needs[0]:  # (then into_norm, and grad_x holds the branch's part)
+                if res_scale is None:
                     grad_x += grad
-            elif needs[0]:
-                grad_x = grad.clone()
+                else:
+                    grad_x.addcmul_(grad, res_scale.view(-1, 1, 1).to(grad.dtype))
         param_dtype = (norm_weight if norm_weight is not None else x).dtype
         cast = lambda t: None if t is None else t.to(param_dtype)  # noqa: E731
-        return (grad_x, grad_norm_weight, grad_norm_bias, cast(gw1), cast(gb1), cast(gw2), cast(gb2),
-                None, None, None, None, None, *map(cast, grad_act))
+        return (grad_x if needs[0] else None, cast(grad_norm_weight), cast(grad_norm_bias), cast(gw1),
+                cast(gb1), cast(gw2), cast(gb2), cast(grad_res_scale), None, None, None, None,
+                *map(cast, grad_act))
+
+
+def _residual(xc: torch.Tensor, res_scale: Optional[torch.Tensor], bias=None, scale: float = 1.,
+              out=None) -> torch.Tensor:
+    """``res_scale * xc + scale * bias`` (into ``out``; without ``out`` and bias, ``xc`` itself where
+    there is no ResScale)."""
+    if res_scale is None:
+        if bias is not None:
+            return torch.add(xc, bias, alpha=scale, out=out)
+        return xc if out is None else out.copy_(xc)
+    if bias is not None:
+        return torch.addcmul(bias * scale, xc, res_scale, out=out)
+    return torch.mul(xc, res_scale, out=out)
 
 
 class _Buffers:
@@ -227,10 +339,10 @@ class _Buffers:
         self.rows, self.c, self.hidden_dim = _rows(hidden, dtype), tx.shape[2], hidden
         self.tx, self.dtype, self._bufs = tx, dtype, {}
 
-    def _get(self, name, width, k):
+    def _get(self, name, width, k, dtype=None):
         buf = self._bufs.get(name)
         if buf is None:
-            buf = self._bufs[name] = self.tx.new_empty((self.rows, width), dtype=self.dtype)
+            buf = self._bufs[name] = self.tx.new_empty((self.rows, width), dtype=dtype or self.dtype)
         return buf[:k]
 
     def normed(self, k):
@@ -238,6 +350,9 @@ class _Buffers:
 
     def grad(self, k):
         return self._get('grad', self.c, k)
+
+    def grad_normed(self, k):  # in the input's precision: what a per-row norm's backward takes
+        return self._get('grad_normed', self.c, k, self.tx.dtype)
 
     def hidden(self, k):
         return self._get('hidden', self.hidden_dim, k)
@@ -282,14 +397,6 @@ def _chunks(tx: torch.Tensor, rows: int, scales: List[float], on_dropped):
             yield start, end, [(i, start, end)], scales[i]
 
 
-def _normalize(rows_x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, start: int, samples: list,
-               out: torch.Tensor) -> torch.Tensor:
-    """GroupNorm of a chunk's rows into ``out``: each sample's part with its own ``a * x + b``."""
-    for i, first, last in samples:
-        torch.addcmul(b[i], rows_x[first:last], a[i], out=out[first - start:last - start])
-    return out
-
-
 def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``total += a @ b``, in ``total``'s (fp32) precision."""
     if a.dtype == total.dtype:
@@ -298,26 +405,33 @@ def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         total += torch.mm(a, b)
 
 
+
 def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.Module,
                       fc2: nn.Conv2d, layer_scale: Optional[torch.Tensor],
-                      factors: Optional[torch.Tensor], plain: Callable) -> torch.Tensor:
-    """``x + factors * layer_scale * fc2(act(fc1(norm(x))))``, by the fastest plan for this input.
+                      res_scale: Optional[torch.Tensor], factors: Optional[torch.Tensor],
+                      plain: Callable) -> torch.Tensor:
+    """``res_scale * x + factors * layer_scale * fc2(act(fc1(norm(x))))``, by the fastest plan for
+    this input.
 
-    ``fc1`` / ``fc2`` are 1x1 convolutions, ``factors`` the ``(N, 1, 1, 1)`` per-sample factors of
-    stochastic depth (None: all one) and ``plain(x)`` the same branch as the modules compute it, which
-    is taken where the kernel does not apply (another norm or activation, dropout, fp16 or other
-    dtypes) and wherever it is faster.
+    ``norm`` is a GroupNorm or a channel LayerNorm, ``fc1`` / ``fc2`` are 1x1 convolutions,
+    ``layer_scale`` and ``res_scale`` per-channel vectors or None, ``factors`` the ``(N, 1, 1, 1)``
+    per-sample factors of stochastic depth (None: all one) and ``plain(x)`` the same branch as the
+    modules compute it, which is taken where the kernel does not apply (another norm or activation,
+    dropout, fp16 or other dtypes) and wherever it is faster.
     """
-    if dispatch.tracing() or not (isinstance(norm, nn.GroupNorm) and Activation.supports(act)
-            and x.dtype in (torch.float32, torch.float64) and x.dim() == 4):
+    rows = norm_rows(norm)
+    if dispatch.tracing() or rows is None or not Activation.supports(act) or not (
+            x.dtype in (torch.float32, torch.float64) and x.dim() == 4):
         return plain(x)
     dtypes = [d for d in dispatch.product_dtypes(x.device, x.dtype) if d != torch.float16]
     fused = [Plan(backend=backend, dtype=dtype) for dtype in dtypes
              for backend in dispatch.backends(x.device, dtype)]
     kernel_act = Activation(act)
     scales = [1.] * x.shape[0] if factors is None else factors.flatten().tolist()
-    params = [p for p in (norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-                          layer_scale, *kernel_act.params) if p is not None]
+    norm_weight = getattr(norm, 'weight', None)
+    norm_bias = getattr(norm, 'bias', None)
+    params = [p for p in (norm_weight, norm_bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+                          layer_scale, res_scale, *kernel_act.params) if p is not None]
 
     def compute(plan, x):
         if not plan.fused:
@@ -327,9 +441,10 @@ def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.
             w2 = w2 * layer_scale[:, None]
             b2 = None if b2 is None else b2 * layer_scale
         x = x.contiguous(memory_format=torch.channels_last)
-        return _NormMlpResidual.apply(x, norm.weight, norm.bias, fc1.weight.flatten(1), fc1.bias, w2,
-                                      b2, norm.num_groups, norm.eps, kernel_act, scales, plan,
+        return _NormMlpResidual.apply(x, norm_weight, norm_bias, fc1.weight.flatten(1), fc1.bias, w2,
+                                      b2, res_scale, rows, kernel_act, scales, plan,
                                       *kernel_act.params)
 
-    key = ('mlp', fc1.in_channels, fc1.out_channels, type(act).__name__)
+    key = ('mlp', type(norm).__name__, fc1.in_channels, fc1.out_channels, type(act).__name__,
+           'res_scale' if res_scale is not None else 'residual')
     return dispatch.run(key, fused + [dispatch.PLAIN], compute, x, params)

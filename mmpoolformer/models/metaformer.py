@@ -104,9 +104,9 @@ class PositionEmbedding(nn.Module):
 class Mlp(nn.Module):
     """The channel MLP of a block: two 1x1 convolutions around an activation.
 
-    As a residual branch after a GroupNorm it has a fused kernel (``kernels.mlp``: norm, products,
-    activation, scale and residual in token chunks over the channels-last map, which keeps only the
-    block's input and hidden map for backward).
+    As a residual branch after a GroupNorm or a channel LayerNorm it has a fused kernel
+    (``kernels.mlp``: norm, products, activation, scales and residual in token chunks over the
+    channels-last map, which keeps only the block's input and hidden map for backward).
     """
 
     def __init__(self, dim, hidden_dim, act_cfg, drop=0., bias=True):
@@ -119,11 +119,12 @@ class Mlp(nn.Module):
     def forward(self, x):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
-    def fused_residual(self, x, norm, layer_scale, factors, plain):
+    def fused_residual(self, x, norm, layer_scale, res_scale, factors, plain):
         """See :meth:`MetaFormerBlock.residual`."""
         if isinstance(self.drop, nn.Dropout):
             return plain(x)
-        return norm_mlp_residual(x, norm, self.fc1, self.act, self.fc2, layer_scale, factors, plain)
+        return norm_mlp_residual(x, norm, self.fc1, self.act, self.fc2, layer_scale, res_scale,
+                                 factors, plain)
 
 
 class MetaFormerBlock(nn.Module):
@@ -184,10 +185,10 @@ class MetaFormerBlock(nn.Module):
         """``res_scale * x + drop_path(layer_scale * branch(norm(x)))``.
 
         A branch that can compute this faster than as written, fused with the norm and the residual
-        add, has a method ``fused_residual(x, norm, layer_scale, factors, plain)``: ``factors`` are
-        stochastic depth's per-sample factors for this step (or None), ``plain(x)`` is this formula as
-        written, which the branch returns wherever its kernel does not apply or does not pay. The
-        fused kernels add the plain residual, so a block with ResScale computes as written.
+        add, has a method ``fused_residual(x, norm, layer_scale, res_scale, factors, plain)``:
+        ``factors`` are stochastic depth's per-sample factors for this step (or None), ``plain(x)`` is
+        this formula as written, which the branch returns wherever its kernel does not apply or does
+        not pay.
         """
         factors = self.drop_path.factors(x)
 
@@ -199,9 +200,9 @@ class MetaFormerBlock(nn.Module):
             return (x if res_scale is None else x * res_scale.view(-1, 1, 1)) + y
 
         fused = getattr(branch, 'fused_residual', None)
-        if fused is None or res_scale is not None:
+        if fused is None:
             return plain(x)
-        return fused(x, norm, layer_scale, factors, plain)
+        return fused(x, norm, layer_scale, res_scale, factors, plain)
 
 
 _ARCH_KEYS = {'depths', 'embed_dims', 'mlp_ratios', 'layer_scale_init_value', 'res_scale_init_values'}

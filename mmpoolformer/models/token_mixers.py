@@ -67,9 +67,12 @@ class Pooling(nn.Module):
     def forward(self, x):
         return self.pool(x) - x
 
-    def fused_residual(self, x, norm, layer_scale, factors, plain):
+    def fused_residual(self, x, norm, layer_scale, res_scale, factors, plain):
         """After a GroupNorm the branch needs the norm's statistics only (``kernels.pooling``); see
-        :meth:`~mmpoolformer.models.MetaFormerBlock.residual`."""
+        :meth:`~mmpoolformer.models.MetaFormerBlock.residual`. With ResScale (the Baselines' last
+        stages, whose maps are small) it computes as written."""
+        if res_scale is not None:
+            return plain(x)
         return norm_pool_residual(x, norm, self.pool_size, layer_scale, factors, plain)
 
     def extra_repr(self) -> str:

@@ -1,5 +1,6 @@
 """The fused kernels against their plain formulation: exact gradients (float64 ``gradcheck``), the
-chunking, every activation and norm they accept, frozen parameters, dropped samples, bf16 products."""
+chunking, every activation and norm they accept, ResScale, frozen parameters, dropped samples, bf16
+products."""
 import copy
 
 import pytest
@@ -8,9 +9,9 @@ import torch.nn as nn
 
 from mmpoolformer import kernels
 from mmpoolformer.kernels import mlp as mlp_kernel
-from mmpoolformer.kernels.mlp import _NormMlpResidual, Activation
+from mmpoolformer.kernels.mlp import _NormMlpResidual, Activation, norm_rows
 from mmpoolformer.kernels.pooling import _NormPoolResidual
-from mmpoolformer.models.layers import StarReLU
+from mmpoolformer.models.layers import LayerNorm2d, StarReLU
 
 BACKENDS = kernels.dispatch.backends(torch.device('cpu'), torch.float32)
 # every activation the MLP kernel computes; StarReLU away from its initial scale 1 and bias 0
@@ -22,14 +23,19 @@ def max_rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def plain_mlp_residual(x, norm, fc1, act, fc2, layer_scale, factors):
+def plain_mlp_residual(x, norm, fc1, act, fc2, layer_scale, factors, res_scale=None):
     y = fc2(act(fc1(norm(x)))) * layer_scale.view(-1, 1, 1)
-    return x + (y if factors is None else y * factors)
+    residual = x if res_scale is None else x * res_scale.view(-1, 1, 1)
+    return residual + (y if factors is None else y * factors)
 
 
 def branch(dim=6, hidden=10, act=nn.GELU(), groups=1, affine=True, bias=True, dtype=torch.float64):
+    """Norm, fc1, act, fc2 and LayerScale of an MLP branch; ``groups=None``: channel LayerNorm."""
     torch.manual_seed(0)
-    norm = nn.GroupNorm(groups, dim, affine=affine)
+    if groups is None:
+        norm = LayerNorm2d(dim, eps=1e-6, elementwise_affine=affine, bias=affine)
+    else:
+        norm = nn.GroupNorm(groups, dim, affine=affine)
     if affine:
         nn.init.normal_(norm.weight, 1, 0.3)
         nn.init.normal_(norm.bias, 0, 0.3)
@@ -39,36 +45,61 @@ def branch(dim=6, hidden=10, act=nn.GELU(), groups=1, affine=True, bias=True, dt
     return [norm, fc1, act, fc2, layer_scale.to(dtype).detach().requires_grad_()]
 
 
-@pytest.mark.parametrize('scales', [[2., 0., 1.], [1.5] * 3, [1.] * 3],
-                         ids=['per_sample', 'shared', 'one'])
-@pytest.mark.parametrize('act', ACTIVATIONS.values(), ids=ACTIVATIONS.keys())
-def test_mlp_kernel_gradients_are_exact(act, scales, monkeypatch):
-    """float64 ``gradcheck`` of the autograd function (BLAS products: oneDNN has no float64; its
-    plans are checked in fp32 below). Factors per sample (stochastic depth): three chunks per sample
-    (the last one short), one dropped sample; one factor for all (1: no scaling at all): chunks of
-    15 rows across the 35-token samples."""
-    backend = 'blas'
-    monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 16 * 10 * 8)  # 16 rows of 10 float64
-    norm, fc1, act, fc2, _ = branch(act=copy.deepcopy(act).double())
+def random_res_scale(dim, dtype):
+    return (torch.rand(dim, dtype=dtype, generator=torch.Generator().manual_seed(2)) + 0.5
+            ).requires_grad_()
+
+
+SCALES = dict(per_sample=[2., 0., 1.], shared=[1.5] * 3, one=[1.] * 3)
+
+
+def gradcheck_mlp_kernel(norm, fc1, act, fc2, scales, res_scale=None):
+    """float64 ``gradcheck`` of the autograd function with BLAS products (oneDNN has no float64; its
+    plans are checked in fp32 below): per-sample factors give three chunks per sample (the last one
+    short) and one dropped sample; one factor for all (1: no scaling at all), chunks of 16 rows
+    across the 35-token samples."""
     x = torch.randn(3, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     args = [x, norm.weight, norm.bias, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias,
-            *act.parameters()]
-    args = [a.detach().requires_grad_() for a in args]
+            res_scale, *act.parameters()]
+    grad_args = [a.detach().requires_grad_() if a is not None else None for a in args]
 
     def fn(*args):
-        return _NormMlpResidual.apply(*args[:7], 1, 1e-5, Activation(act), scales,
-                                      kernels.Plan(backend=backend), *args[7:])
+        return _NormMlpResidual.apply(*args[:8], norm_rows(norm), Activation(act), scales,
+                                      kernels.Plan(backend='blas'), *args[8:])
 
-    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, fast_mode=True)
+    assert torch.autograd.gradcheck(fn, grad_args, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+@pytest.mark.parametrize('scales', SCALES.values(), ids=SCALES.keys())
+@pytest.mark.parametrize('act', ACTIVATIONS.values(), ids=ACTIVATIONS.keys())
+def test_mlp_kernel_gradients_are_exact(act, scales, monkeypatch):
+    monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 16 * 10 * 8)  # 16 rows of 10 float64
+    norm, fc1, act, fc2, _ = branch(act=copy.deepcopy(act).double())
+    gradcheck_mlp_kernel(norm, fc1, act, fc2, scales)
+
+
+@pytest.mark.parametrize('scales', SCALES.values(), ids=SCALES.keys())
+@pytest.mark.parametrize('res_scale', [False, True], ids=['', 'res_scale'])
+@pytest.mark.parametrize('groups', [1, None], ids=['group_norm', 'layer_norm'])
+def test_mlp_kernel_gradients_are_exact_with_either_norm_and_res_scale(groups, res_scale, scales,
+                                                                      monkeypatch):
+    """The MetaFormer Baselines' MLPs: channel LayerNorm (ConvFormer, CAFormer) or GroupNorm
+    (PoolFormerV2), StarReLU, and ResScale on the residual (their last two stages)."""
+    monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 16 * 10 * 8)
+    norm, fc1, act, fc2, _ = branch(act=StarReLU(0.8, -0.1).double(), groups=groups)
+    gradcheck_mlp_kernel(norm, fc1, act, fc2, scales,
+                         random_res_scale(6, torch.float64) if res_scale else None)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
-@pytest.mark.parametrize('groups, affine, bias', [(1, True, True), (3, True, True), (2, False, False)],
-                         ids=['gn1', 'gn3', 'no_affine_no_bias'])
+@pytest.mark.parametrize('groups, affine, bias', [(1, True, True), (3, True, True), (2, False, False),
+                                                  (None, True, True), (None, False, False)],
+                         ids=['gn1', 'gn3', 'gn_no_affine_no_bias', 'ln', 'ln_no_affine_no_bias'])
 @pytest.mark.parametrize('frozen', [False, True], ids=['', 'fc1_frozen'])
 @pytest.mark.parametrize('factors', [(2., .5), None], ids=['per_sample', 'none'])
-def test_mlp_kernel_equals_the_branch_as_written(groups, affine, bias, frozen, factors, backend,
-                                                 monkeypatch):
+@pytest.mark.parametrize('res_scale', [False, True], ids=['', 'res_scale'])
+def test_mlp_kernel_equals_the_branch_as_written(groups, affine, bias, frozen, factors, res_scale,
+                                                 backend, monkeypatch):
     """fp32 against the modules in float64: outputs and the gradients of every tensor taking part,
     over several chunks (within each sample where samples have factors of their own, across samples
     otherwise); a frozen parameter gets no gradient and changes nothing else."""
@@ -76,25 +107,28 @@ def test_mlp_kernel_equals_the_branch_as_written(groups, affine, bias, frozen, f
     modules = branch(dim=12, hidden=24, groups=groups, affine=affine, bias=bias, dtype=torch.float32)
     ref_modules = [copy.deepcopy(m).double() if isinstance(m, nn.Module) else m for m in modules]
     ref_modules[-1] = modules[-1].detach().double().requires_grad_()
+    rs = random_res_scale(12, torch.float32) if res_scale else None
+    ref_rs = rs.detach().double().requires_grad_() if res_scale else None
     x = torch.randn(2, 12, 23, 17, requires_grad=True)
     if factors is not None:
         factors = torch.tensor(factors).view(2, 1, 1, 1)
 
-    def trained(norm, fc1, act, fc2, ls):
+    def trained(norm, fc1, act, fc2, ls, rs):
         fc1.weight.requires_grad_(not frozen)
-        return [p for p in (*norm.parameters(), *fc1.parameters(), *fc2.parameters(), ls)
-                if p.requires_grad]
+        return [p for p in (*norm.parameters(), *fc1.parameters(), *fc2.parameters(), ls, rs)
+                if p is not None and p.requires_grad]
 
-    params, ref_params = trained(*modules), trained(*ref_modules)
+    params, ref_params = trained(*modules, rs), trained(*ref_modules, ref_rs)
     with kernels.forced(kernels.Plan(backend=backend)):
-        y = kernels.norm_mlp_residual(x, *modules, factors, plain=lambda x: pytest.fail('plain'))
-    ref = plain_mlp_residual(x.double(), *ref_modules, None if factors is None else factors.double())
+        y = kernels.norm_mlp_residual(x, *modules, rs, factors, plain=lambda x: pytest.fail('plain'))
+    ref = plain_mlp_residual(x.double(), *ref_modules, None if factors is None else factors.double(),
+                             ref_rs)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad(y, [x] + params, g)
     ref_grads = torch.autograd.grad(ref, [x] + ref_params, g.double())
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert max_rel_err(y, ref) <= 1e-6
-    assert len(grads) == len(ref_grads) == 1 + 2 * affine + 2 * (1 + bias) + 1 - frozen
+    assert len(grads) == len(ref_grads) == 1 + 2 * affine + 2 * (1 + bias) + 1 - frozen + res_scale
     for a, b in zip(grads, ref_grads):
         assert max_rel_err(a, b) <= 1e-5
 
@@ -112,7 +146,8 @@ def test_mlp_kernel_with_star_relu_equals_the_branch_as_written(backend, monkeyp
     refs = [copy.deepcopy(m).double() for m in modules]
     x = torch.randn(2, 12, 23, 17, requires_grad=True)
     with kernels.forced(kernels.Plan(backend=backend)):
-        y = kernels.norm_mlp_residual(x, *modules, None, None, plain=lambda x: pytest.fail('plain'))
+        y = kernels.norm_mlp_residual(x, *modules, None, None, None,
+                                      plain=lambda x: pytest.fail('plain'))
     xd = x.detach().double().requires_grad_()
     ref = xd + refs[3](refs[2](refs[1](refs[0](xd))))
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
@@ -125,13 +160,14 @@ def test_mlp_kernel_with_star_relu_equals_the_branch_as_written(backend, monkeyp
         assert max_rel_err(a, b) <= 1e-5
 
 
-def test_mlp_kernel_with_bf16_products_tracks_fp32():
-    norm, fc1, act, fc2, ls = branch(dim=16, hidden=64, dtype=torch.float32)
+@pytest.mark.parametrize('groups', [1, None], ids=['group_norm', 'layer_norm'])
+def test_mlp_kernel_with_bf16_products_tracks_fp32(groups):
+    norm, fc1, act, fc2, ls = branch(dim=16, hidden=64, groups=groups, dtype=torch.float32)
     x = torch.randn(2, 16, 20, 20, requires_grad=True)
     results = []
     for dtype in (torch.float32, torch.bfloat16):
         with torch.autocast('cpu', dtype=torch.bfloat16), kernels.forced(kernels.Plan(dtype=dtype)):
-            y = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, ls, None, plain=None)
+            y = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, ls, None, None, plain=None)
         assert y.dtype == torch.float32
         results.append((y, torch.autograd.grad(y.square().sum(), [x, fc1.weight, fc2.weight])))
     (y32, g32), (y16, g16) = results
@@ -158,9 +194,9 @@ def test_the_kernels_step_aside_for_what_they_do_not_compute():
     x = torch.randn(1, 6, 4, 4)
     taken = []
     plain = lambda x: taken.append(True) or x  # noqa: E731
-    kernels.norm_mlp_residual(x, nn.BatchNorm2d(6), fc1, act, fc2, ls, None, plain)
-    kernels.norm_mlp_residual(x, norm, fc1, nn.Tanh(), fc2, ls, None, plain)
-    kernels.norm_mlp_residual(x.half(), norm, fc1, act, fc2, ls, None, plain)
+    kernels.norm_mlp_residual(x, nn.BatchNorm2d(6), fc1, act, fc2, ls, None, None, plain)
+    kernels.norm_mlp_residual(x, norm, fc1, nn.Tanh(), fc2, ls, None, None, plain)
+    kernels.norm_mlp_residual(x.half(), norm, fc1, act, fc2, ls, None, None, plain)
     kernels.norm_pool_residual(x, nn.LayerNorm(6), 3, ls, None, plain)
     assert taken == [True] * 4
 
@@ -173,7 +209,7 @@ def test_mlp_kernel_in_inference_equals_the_branch_as_written(act, backend, monk
     norm, fc1, _, fc2, ls = branch(dim=12, hidden=24, act=act, dtype=torch.float32)
     x = torch.randn(2, 12, 23, 17)
     with torch.no_grad(), kernels.forced(kernels.Plan(backend=backend)):
-        y = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, ls, None, plain=None)
+        y = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, ls, None, None, plain=None)
         ref = plain_mlp_residual(x.double(), *(m.double() for m in (norm, fc1)), act, fc2.double(),
                                  ls.double(), None)
     assert max_rel_err(y, ref) <= 1e-6

@@ -6,6 +6,7 @@ RandFormer are its ``MetaFormer`` class with sail-sg's mixers for them. sail-sg'
 timm's state dict by the inverse of timm's own conversion, which the tests check against
 ``checkpoint_filter_fn``.
 """
+import collections
 import re
 
 import pytest
@@ -199,25 +200,32 @@ def test_one_training_step(cls):
     assert torch.isfinite(loss)
 
 
-def autograd_nodes(tensor) -> set:
-    """The names of the autograd functions that computed ``tensor``."""
-    names, todo, seen = set(), [tensor.grad_fn], set()
+def autograd_nodes(tensor) -> collections.Counter:
+    """How many of each autograd function computed ``tensor``, by name."""
+    names, todo, seen = collections.Counter(), [tensor.grad_fn], set()
     while todo:
         node = todo.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        names.add(type(node).__name__)
+        names[type(node).__name__] += 1
         todo.extend(next_node for next_node, _ in node.next_functions)
     return names
 
 
-def test_poolformerv2_fused_branches_match_the_formula_in_float64():
-    """Stages 0-1 of PoolFormerV2 (bias-free GroupNorm, no LayerScale, no ResScale) take the fused
-    pooling and MLP (StarReLU, no biases) branches; they compute outputs and every gradient as
-    written."""
+# the fused branches each family takes, in every block: PoolFormerV2's pooling (GroupNorm) kernel
+# in stages 0-1 (with ResScale, stages 2-3 pool as written); the MLP kernel everywhere, after
+# GroupNorm or channel LayerNorm, with ResScale in stages 2-3
+FUSED_BLOCKS = {PoolFormerV2: dict(_NormPoolResidualBackward=4, _NormMlpResidualBackward=12),
+                ConvFormer: dict(_NormMlpResidualBackward=18),
+                CAFormer: dict(_NormMlpResidualBackward=18)}
+
+
+@pytest.mark.parametrize('cls', FUSED_BLOCKS, ids=lambda cls: cls.__name__)
+def test_fused_branches_match_the_formula_in_float64(cls):
+    """The fused branches compute outputs and every gradient as written (float64, all four stages)."""
     torch.manual_seed(0)
-    model = randomize_weights(PoolFormerV2(arch='s12', out_indices=(0, 1))).double().train()
+    model = randomize_weights(cls(arch=next(iter(cls.arch_zoo)))).double().train()
     x = torch.randn(2, 3, 45, 39, dtype=torch.float64)
 
     def run(plan):
@@ -230,9 +238,9 @@ def test_poolformerv2_fused_branches_match_the_formula_in_float64():
         return outs, xi.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     fused, plain = run(Plan()), run(PLAIN)
-    kernels_in_graph = autograd_nodes(fused[0][1])
-    assert {'_NormPoolResidualBackward', '_NormMlpResidualBackward'} <= kernels_in_graph
-    assert not {'_NormPoolResidualBackward', '_NormMlpResidualBackward'} & autograd_nodes(plain[0][1])
+    nodes = autograd_nodes(fused[0][-1])
+    assert {name: nodes[name] for name in FUSED_BLOCKS[cls]} == FUSED_BLOCKS[cls]
+    assert not set(FUSED_BLOCKS[cls]) & set(autograd_nodes(plain[0][-1]))
     for a, b in zip(fused[0], plain[0]):
         assert max_rel_err(a, b) <= 1e-10
     assert max_rel_err(fused[1], plain[1]) <= 1e-10
