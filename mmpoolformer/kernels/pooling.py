@@ -19,7 +19,7 @@ class _NormPoolResidual(torch.autograd.Function):
     """``x + s * (avg_pool(x) - x)`` with ``s = rstd * weight``, ``rstd`` from ``x``'s GroupNorm
     statistics and ``weight`` of shape ``(N, C)``, keeping only ``x`` for backward.
 
-    The pooled map is as cheap to recompute as to store, so backward pools again. ``shift`` is the
+    Backward needs no pooled map: it goes through the pooling's adjoint once. ``shift`` is the
     norm's bias, which the identity above cancels: its gradient is exactly zero (the reference
     formulation computes a rounding-level value) and is returned as such, so that optimisers and DDP
     see the parameter as used.
@@ -44,18 +44,17 @@ class _NormPoolResidual(torch.autograd.Function):
         rstd_c = per_channel(rstd, c)
         scale = (rstd_c * weight)[:, :, None, None].to(x.dtype)
         grad_x = grad_weight = grad_shift = None
-        # through s = rstd * weight: the weight's gradient, and rstd's, which reaches x
-        mixed = F.avg_pool2d(x, *ctx.pool_args).sub_(x).mul_(grad)
-        grad_scale = mixed.sum(dim=(2, 3), dtype=rstd.dtype)
-        del mixed
+        # (P^T - I) g, with P^T the pooling's adjoint (its backward): the input's gradient at fixed s
+        # is g + s (P^T - I) g, and the gradient of s is sum((P x - x) g) = sum(x (P^T - I) g) per
+        # channel, so the pooled map is never recomputed
+        mixed = torch.ops.aten.avg_pool2d_backward(grad, x, [kernel] * 2, [stride] * 2, [pad] * 2,
+                                                   ceil_mode, count_include_pad, None).sub_(grad)
+        grad_scale = (mixed * x).sum(dim=(2, 3), dtype=rstd.dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_scale * rstd_c).to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            # d/dx [(1 - s) x + s P x] at fixed s = (1 - s) g + P^T (s g)
-            grad_x = torch.ops.aten.avg_pool2d_backward(grad * scale, x, [kernel] * 2, [stride] * 2,
-                                                        [pad] * 2, ceil_mode, count_include_pad, None)
-            grad_x.addcmul_(grad, 1 - scale)
-            # d rstd / dx = -rstd^3 (x - mean) / count, per (sample, group)
+            grad_x = torch.addcmul(grad, mixed, scale, out=mixed)
+            # through s = rstd * weight: d rstd / dx = -rstd^3 (x - mean) / count, per (sample, group)
             grad_rstd = (grad_scale * weight).view(n, groups, -1).sum(2)
             coef = per_channel(-grad_rstd * rstd.pow(3) / (x[0].numel() // groups), c)
             grad_x.addcmul_(x, coef[:, :, None, None].to(x.dtype))
