@@ -97,16 +97,19 @@ def _star_relu_backward(g, h, params, grads, scratch):
     return g.mul_(scale).mul_(2)
 
 
-def _linear(backend: str, x, weight, bias=None, out=None):
-    """``x @ weight.T + bias`` for ``(rows, in)`` tokens and an ``(out, in)`` weight."""
-    if out is not None and out.dtype != x.dtype:
-        return out.copy_(_linear(backend, x, weight, bias))
+def _linear(backend: str, x, weight, bias=None, out=None, scratch=None):
+    """``x @ weight.T + bias`` for ``(rows, in)`` tokens and an ``(out, in)`` weight, written into
+    ``out``; or into ``scratch`` where the product writes where it is told (the BLAS: oneDNN's own
+    result is returned instead of being copied there, unless its dtype differs)."""
+    dest = out if out is not None else scratch
+    if dest is not None and dest.dtype != x.dtype:
+        return dest.copy_(_linear(backend, x, weight, bias))
     if backend == 'onednn':
         y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
         return y if out is None else out.copy_(y)
     if bias is None:
-        return torch.mm(x, weight.t(), out=out)
-    return torch.addmm(bias, x, weight.t(), out=out)
+        return torch.mm(x, weight.t(), out=dest)
+    return torch.addmm(bias, x, weight.t(), out=dest)
 
 
 class GroupNormRows:
@@ -212,8 +215,10 @@ class _NormMlpResidual(torch.autograd.Function):
                 if fused_act:  # inference: oneDNN applies the activation as it writes fc1's output
                     ac = torch.ops.mkldnn._linear_pointwise(nc, w1, b1, *fused_act)
                 else:
-                    hc = _linear(plan.backend, nc, w1, b1, out=bufs.hidden(end - start)
-                                 if rows_h is None else rows_h[start:end])
+                    if rows_h is None:
+                        hc = _linear(plan.backend, nc, w1, b1, scratch=bufs.hidden(end - start))
+                    else:
+                        hc = _linear(plan.backend, nc, w1, b1, out=rows_h[start:end])
                     ac = act.forward(hc, bufs.act(end - start), act_params)
                 oc = rows_out[start:end]
                 if plan.backend == 'blas' and dtype == x.dtype:
@@ -273,14 +278,14 @@ class _NormMlpResidual(torch.autograd.Function):
                 nc, row_stats = norm.normalize(rows_x, start, end, samples, coefficients,
                                                bufs.normed(k))
                 hc = rows_h[start:end] if rows_h is not None else _linear(
-                    plan.backend, nc, w1, b1, out=bufs.hidden(k))
+                    plan.backend, nc, w1, b1, scratch=bufs.hidden(k))
                 if needs[5]:
                     _accumulate(gw2, gc.t(), act.forward(hc, bufs.act(k), act_params))
                 if needs[6]:
                     gb2 += gc.sum(0)
                 if not into_hidden:
                     continue
-                gh = act.backward(_linear(plan.backend, gc, w2_t, out=bufs.act(k)), hc, act_params,
+                gh = act.backward(_linear(plan.backend, gc, w2_t, scratch=bufs.act(k)), hc, act_params,
                                   grad_act, bufs.scratch(k))
                 if needs[3]:
                     _accumulate(gw1, gh.t(), nc)
@@ -291,7 +296,7 @@ class _NormMlpResidual(torch.autograd.Function):
                 if not norm.per_row:
                     _linear(plan.backend, gh, w1_t, out=rows_gr[start:end])
                     continue
-                grad_normed = _linear(plan.backend, gh, w1_t, out=bufs.grad_normed(k))
+                grad_normed = _linear(plan.backend, gh, w1_t, scratch=bufs.grad_normed(k))
                 rows = rows_x[start:end]
                 gx, gw, gb = norm.backward_rows(grad_normed, rows, row_stats, norm_weight, norm_bias,
                                                 needs[:3])
