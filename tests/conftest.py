@@ -25,7 +25,18 @@ def pytest_sessionstart(session):
     """The kernels time their plans on the first input of a kind and keep the fastest (see
     ``mmpoolformer/kernels/dispatch.py``); tests that compare two computations exactly need the same
     plan every time, which deterministic mode gives (as it gives a resumed training run).
-    ``tests/test_kernels`` lifts it where it tests the choice itself."""
+    The ``timed_choices`` fixture lifts it where a test checks the choice itself."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@pytest.fixture
+def timed_choices():
+    """Lift the suite's deterministic mode and start with no choices made."""
+    from mmpoolformer.kernels import dispatch
+    torch.use_deterministic_algorithms(False)
+    dispatch.reset()
+    yield
+    dispatch.reset()
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 

@@ -8,16 +8,6 @@ from mmpoolformer.kernels import dispatch
 from mmpoolformer.models import MetaFormerBlock, Pooling
 
 
-@pytest.fixture
-def timed_choices():
-    """Lift the suite's deterministic mode (see conftest) and start with no choices made."""
-    torch.use_deterministic_algorithms(False)
-    dispatch.reset()
-    yield
-    dispatch.reset()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 def test_the_fastest_candidate_is_kept_per_key(timed_choices, monkeypatch):
     slow, fast = dispatch.Plan(backend='blas'), dispatch.Plan(backend='onednn')
     clock = iter(range(100))

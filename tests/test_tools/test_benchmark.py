@@ -24,7 +24,7 @@ def benchmark():
     ('poolformerv2', 's12', ['ours', 'ours+cp', 'timm']),  # mmpretrain has no Baselines
 ])
 def test_reports_every_implementation_the_floor_and_the_machine(benchmark, family, arch, impls,
-                                                                tmp_path, capsys):
+                                                                timed_choices, tmp_path, capsys):
     for peer in ('timm', 'mmpretrain')[:len(impls) - 2]:  # (test extras)
         pytest.importorskip(peer)
     out = tmp_path / 'bench.json'
@@ -36,6 +36,9 @@ def test_reports_every_implementation_the_floor_and_the_machine(benchmark, famil
     for impl in impls:  # the same maps (checked in fp32 before timing), timed
         assert rows[impl]['max_rel_err'] <= 1e-4 and rows[impl]['train_s'] > rows[impl]['forward_s'] > 0
     assert 0 < rows['floor']['forward_s'] < rows['floor']['train_s']
+    assert result['kernel_timings']  # the plans were timed, and each kind kept its fastest
+    for key, times in result['kernel_timings'].items():
+        assert result['kernel_plans'][key] == min(times, key=times.get)
     assert set(result['machine']['cpu_flags']) <= {'avx2', 'avx512f', 'avx512_bf16', 'avx512_fp16',
                                                    'amx_bf16', 'amx_fp16'}
     assert f'{benchmark.FAMILIES[family].__name__}-{arch.upper()} backbone' in capsys.readouterr().out

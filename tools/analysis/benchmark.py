@@ -472,6 +472,7 @@ def main(argv=None):
             size = 'x'.join(map(str, r['image_size']))
             print(f'{r["config"]:<52}{size:>11}{r["train_iter_s"]:>14.3f}{r["inference_s"]:>13.3f}')
     results['kernel_plans'] = kernels.chosen()
+    results['kernel_timings'] = kernels.dispatch.timings()  # seconds of each candidate, to audit
     print(f'\nkernel plans chosen at run time: {results["kernel_plans"]}')
     print(f'\nmachine: {results["machine"]}')
     if args.json:
