@@ -1,0 +1,147 @@
+"""The fused kernels and the backbones on a CUDA device; skipped where there is none (CI).
+
+The same checks as on the CPU, where CUDA computes differently: its own pooling, GroupNorm and
+LayerNorm kernels (channels-last ``avg_pool2d`` backward with padding gave wrong gradients in some
+PyTorch releases, pytorch#188344), the BLAS products of the fused MLP through cuBLAS, and autocast in
+fp16 with a loss scaler, which is what ``--amp`` gives on a GPU. TF32 is turned off for the
+comparisons in fp32: it rounds products to 10 bits of mantissa, which is a choice of speed, not an
+error of ours.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mmpoolformer import kernels
+from mmpoolformer.kernels.mlp import _NormMlpResidual, Activation, norm_rows
+from mmpoolformer.kernels.pooling import _NormPoolResidual
+from mmpoolformer.models import CAFormer, ConvFormer, PoolFormer, PoolFormerV2
+from mmpoolformer.models.layers import LayerNorm2d, StarReLU
+from mmpoolformer.testing import max_rel_err, randomize_weights
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
+DEVICE = 'cuda'
+LAYOUTS = dict(contiguous=torch.contiguous_format, channels_last=torch.channels_last)
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize('layout', LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize('groups', [1, 3])
+def test_pooling_kernel_gradients_are_exact(groups, layout):
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64, device=DEVICE).contiguous(memory_format=layout)
+    weight = torch.rand(2, 6, dtype=torch.float64, device=DEVICE) + 0.5
+    shift = torch.randn(6, dtype=torch.float64, device=DEVICE)
+    args = [t.requires_grad_() for t in (x, weight, shift)]
+    assert torch.autograd.gradcheck(lambda *a: _NormPoolResidual.apply(*a, groups, 1e-5, 3), args)
+
+
+@pytest.mark.parametrize('res_scale', [False, True], ids=['', 'res_scale'])
+@pytest.mark.parametrize('norm', [nn.GroupNorm(1, 6), LayerNorm2d(6, eps=1e-6)],
+                         ids=['group_norm', 'layer_norm'])
+@pytest.mark.parametrize('scales', [[2., 0., 1.], [1.5] * 3], ids=['per_sample', 'shared'])
+def test_mlp_kernel_gradients_are_exact(norm, res_scale, scales):
+    torch.manual_seed(0)
+    norm = copy.deepcopy(norm).double().to(DEVICE)
+    nn.init.normal_(norm.weight, 1, 0.3)
+    nn.init.normal_(norm.bias, 0, 0.3)
+    fc1 = nn.Conv2d(6, 10, 1).double().to(DEVICE)
+    fc2 = nn.Conv2d(10, 6, 1).double().to(DEVICE)
+    act = StarReLU(0.8, -0.1).double().to(DEVICE)
+    x = torch.randn(3, 6, 5, 7, dtype=torch.float64, device=DEVICE).contiguous(
+        memory_format=torch.channels_last)
+    rs = torch.rand(6, dtype=torch.float64, device=DEVICE) + 0.5 if res_scale else None
+    args = [x, norm.weight, norm.bias, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias,
+            rs, act.scale, act.bias]
+    args = [None if a is None else a.detach().requires_grad_() for a in args]
+
+    def fn(*args):
+        return _NormMlpResidual.apply(*args[:8], norm_rows(norm), Activation(act), scales,
+                                      kernels.Plan(backend='blas'), *args[8:])
+
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def run(model, x, plan):
+    """Outputs, the input's gradient and every parameter's, computed with ``plan``."""
+    model.zero_grad()
+    x = x.clone().requires_grad_()
+    with kernels.forced(plan):
+        outs = model(x)
+    weights = [torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=o.device).view_as(o)
+               for o in outs]
+    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+    return outs, x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize('layout', LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize('cls', [PoolFormer, PoolFormerV2, ConvFormer, CAFormer],
+                         ids=lambda cls: cls.__name__)
+def test_fused_backbones_equal_the_formula_as_written(cls, layout):
+    """In float64 the fused and the plain formulation agree to rounding (1e-10). In fp32 the fused one
+    is within the CPU tests' bounds of the float64 result (1e-5 for outputs and the input's gradient,
+    2e-5 for parameters'), or no further from it than twice the plain fp32 formulation. A scalar
+    parameter (StarReLU's scale and bias) gets 1e-3: its gradient sums terms of both signs over every
+    activation of a block, so the rounding of the terms, whichever order computed them, is amplified
+    by the cancellation (up to 1.2e-4 on the CPU)."""
+    model = randomize_weights(cls(arch=next(iter(cls.arch_zoo)))).train()
+    x = torch.randn(2, 3, 61, 45).contiguous(memory_format=layout)
+    # the reference: the formulation as written, in float64, on the CPU (CUDA's own pooling and norm
+    # kernels are under test too)
+    exact = run(copy.deepcopy(model).double(), x.double(), kernels.PLAIN)
+    model.to(DEVICE).double()
+    x = x.to(DEVICE)
+    fused64 = run(model, x.double(), kernels.Plan())
+    model.float()
+    fused32, plain32 = run(model, x, kernels.Plan()), run(model, x, kernels.PLAIN)
+
+    def flat(result):  # name -> tensor on the CPU, the input's gradient and the outputs included
+        outs, grad_x, grads = result
+        named = {**{f'out{i}': o for i, o in enumerate(outs)}, 'grad_x': grad_x, **grads}
+        return {name: t.cpu() for name, t in named.items()}
+
+    exact, fused64, fused32, plain32 = map(flat, (exact, fused64, fused32, plain32))
+    for name, ref in exact.items():
+        if name.endswith('norm1.bias') and cls is PoolFormer:
+            continue  # cancelled by pooling: zero fused, rounding noise as written
+        assert max_rel_err(fused64[name], ref) <= 1e-10, name
+        bound = 1e-5 if name.startswith(('out', 'grad_x')) else 1e-3 if ref.numel() == 1 else 2e-5
+        assert max_rel_err(fused32[name], ref) <= max(bound, 2 * max_rel_err(plain32[name], ref)), name
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=['fp16', 'bf16'])
+def test_autocast_training_steps_stay_finite_and_track_fp32(dtype):
+    """A few optimizer steps under autocast (fp16 with a loss scaler, as ``--amp`` runs on a GPU)
+    follow the fp32 ones: every loss and gradient finite, the losses within 2%."""
+    torch.manual_seed(0)
+    init = PoolFormer('s12', out_indices=(0, 1, 2, 3)).to(DEVICE).train()
+    x = torch.randn(2, 3, 128, 96, device=DEVICE)
+    targets = [torch.randn(o.shape, device=DEVICE) for o in init(x)]
+    histories = []
+    for amp in (None, dtype):
+        model = copy.deepcopy(init)
+        optim = torch.optim.SGD(model.parameters(), lr=0.05)
+        scaler = torch.amp.GradScaler(DEVICE, enabled=amp == torch.float16)
+        losses = []
+        for _ in range(4):
+            with torch.autocast(DEVICE, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = sum(((o.float() - t)**2).mean() for o, t in zip(model(x), targets))
+            optim.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optim)
+            assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+            scaler.step(optim)
+            scaler.update()
+            losses.append(loss.item())
+        histories.append(losses)
+    fp32, low = histories
+    assert low[-1] < low[0]
+    for a, b in zip(low, fp32):
+        assert abs(a - b) <= 2e-2 * abs(b)
