@@ -2,13 +2,13 @@
 
 Unfused, this branch writes and reads back four maps per block (the normalised map, the hidden map, its
 activation, the branch output), three of them four times as wide as the block, before the residual
-add reads ``x`` again. The norm is GroupNorm (PoolFormer, PoolFormerV2) or channel LayerNorm
-(ConvFormer, CAFormer): :class:`GroupNormRows` and :class:`LayerNormRows` say how each normalises a
-chunk of token rows and carries its gradient back. Here each sample's tokens go through in chunks of a few megabytes of hidden
+add reads ``x`` again. Here each sample's tokens go through in chunks of a few megabytes of hidden
 activations: a chunk is normalised, multiplied, activated, multiplied and added to its residual while
 it is still in cache, and only the output is written. The products are the same matrix products as in
 the plain formulation, over the channels-last token view; with oneDNN in inference, the activation is
-applied by the first product as it writes.
+applied by the first product as it writes. The norm is GroupNorm (PoolFormer, PoolFormerV2) or
+channel LayerNorm (ConvFormer, CAFormer): :class:`GroupNormRows` and :class:`LayerNormRows` say how
+each normalises a chunk of token rows and carries its gradient back.
 
 Backward goes through the same chunks. Only ``x`` and (in blocks wider than
 :data:`RECOMPUTE_HIDDEN_UP_TO` channels) the hidden map ``h`` are kept; the normalised map, the
