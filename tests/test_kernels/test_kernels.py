@@ -14,6 +14,9 @@ from mmpoolformer.kernels.pooling import _NormPoolResidual
 from mmpoolformer.models.layers import LayerNorm2d, StarReLU
 
 BACKENDS = kernels.dispatch.backends(torch.device('cpu'), torch.float32)
+# the float64 gradchecks run on a CUDA device too where there is one (its own pooling and norm kernels)
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason='no CUDA device'))]
 # every activation the MLP kernel computes; StarReLU away from its initial scale 1 and bias 0
 ACTIVATIONS = dict(gelu=nn.GELU(), gelu_tanh=nn.GELU(approximate='tanh'), relu=nn.ReLU(),
                    silu=nn.SiLU(), star_relu=StarReLU(0.8, -0.1))
@@ -53,7 +56,7 @@ def random_res_scale(dim, dtype):
 SCALES = dict(per_sample=[2., 0., 1.], shared=[1.5] * 3, one=[1.] * 3)
 
 
-def gradcheck_mlp_kernel(norm, fc1, act, fc2, scales, res_scale=None):
+def gradcheck_mlp_kernel(norm, fc1, act, fc2, scales, res_scale=None, device='cpu'):
     """float64 ``gradcheck`` of the autograd function with BLAS products (oneDNN has no float64; its
     plans are checked in fp32 below): per-sample factors give three chunks per sample (the last one
     short) and one dropped sample; one factor for all (1: no scaling at all), chunks of 16 rows
@@ -61,7 +64,7 @@ def gradcheck_mlp_kernel(norm, fc1, act, fc2, scales, res_scale=None):
     x = torch.randn(3, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     args = [x, norm.weight, norm.bias, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias,
             res_scale, *act.parameters()]
-    grad_args = [a.detach().requires_grad_() if a is not None else None for a in args]
+    grad_args = [a.detach().to(device).requires_grad_() if a is not None else None for a in args]
 
     def fn(*args):
         return _NormMlpResidual.apply(*args[:8], norm_rows(norm), Activation(act), scales,
@@ -78,17 +81,18 @@ def test_mlp_kernel_gradients_are_exact(act, scales, monkeypatch):
     gradcheck_mlp_kernel(norm, fc1, act, fc2, scales)
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('scales', SCALES.values(), ids=SCALES.keys())
 @pytest.mark.parametrize('res_scale', [False, True], ids=['', 'res_scale'])
 @pytest.mark.parametrize('groups', [1, None], ids=['group_norm', 'layer_norm'])
 def test_mlp_kernel_gradients_are_exact_with_either_norm_and_res_scale(groups, res_scale, scales,
-                                                                      monkeypatch):
+                                                                      device, monkeypatch):
     """The MetaFormer Baselines' MLPs: channel LayerNorm (ConvFormer, CAFormer) or GroupNorm
     (PoolFormerV2), StarReLU, and ResScale on the residual (their last two stages)."""
     monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 16 * 10 * 8)
     norm, fc1, act, fc2, _ = branch(act=StarReLU(0.8, -0.1).double(), groups=groups)
     gradcheck_mlp_kernel(norm, fc1, act, fc2, scales,
-                         random_res_scale(6, torch.float64) if res_scale else None)
+                         random_res_scale(6, torch.float64) if res_scale else None, device)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
@@ -175,15 +179,18 @@ def test_mlp_kernel_with_bf16_products_tracks_fp32(groups):
     assert all(max_rel_err(a, b) <= 3e-2 for a, b in zip(g16, g32))
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('groups', [1, 3])
 @pytest.mark.parametrize('channels_last', [False, True], ids=['contiguous', 'channels_last'])
-def test_pooling_kernel_gradients_are_exact(groups, channels_last):
-    """float64 ``gradcheck``, the norm's statistics included."""
-    x = torch.randn(2, 6, 7, 5, dtype=torch.float64)
+def test_pooling_kernel_gradients_are_exact(groups, channels_last, device):
+    """float64 ``gradcheck``, the norm's statistics included. Channels-last on CUDA: ``avg_pool2d``'s
+    backward with padding was wrong there in some PyTorch releases (pytorch#188344), which a
+    comparison of two formulations on the same device, both using it, would not see."""
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    weight = torch.rand(2, 6, dtype=torch.float64) + 0.5
-    shift = torch.randn(6, dtype=torch.float64)
+    weight = torch.rand(2, 6, dtype=torch.float64, device=device) + 0.5
+    shift = torch.randn(6, dtype=torch.float64, device=device)
     args = [t.requires_grad_() for t in (x, weight, shift)]
     assert torch.autograd.gradcheck(lambda *a: _NormPoolResidual.apply(*a, groups, 1e-5, 3), args)
 

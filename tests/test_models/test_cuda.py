@@ -1,23 +1,19 @@
-"""The fused kernels and the backbones on a CUDA device; skipped where there is none (CI).
+"""The backbones on a CUDA device; skipped where there is none (CI). The kernels' own float64
+gradchecks run there too (``tests/test_kernels``, the ``cuda`` cases): ``tools/run_tests.sh -k cuda``.
 
-The same checks as on the CPU, where CUDA computes differently: its own pooling, GroupNorm and
-LayerNorm kernels (channels-last ``avg_pool2d`` backward with padding gave wrong gradients in some
-PyTorch releases, pytorch#188344), the BLAS products of the fused MLP through cuBLAS, and autocast in
-fp16 with a loss scaler, which is what ``--amp`` gives on a GPU. TF32 is turned off for the
-comparisons in fp32: it rounds products to 10 bits of mantissa, which is a choice of speed, not an
-error of ours.
+CUDA computes differently: its own pooling, GroupNorm and LayerNorm kernels, the fused MLP's products
+through cuBLAS, and autocast in fp16 with a loss scaler, which is what ``--amp`` gives on a GPU. So
+the fused backbones are compared with the formulation as written in float64 on the CPU. TF32 is
+turned off for the comparisons in fp32: it rounds products to 10 bits of mantissa, which is a choice
+of speed, not an error of ours.
 """
 import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mmpoolformer import kernels
-from mmpoolformer.kernels.mlp import _NormMlpResidual, Activation, norm_rows
-from mmpoolformer.kernels.pooling import _NormPoolResidual
 from mmpoolformer.models import CAFormer, ConvFormer, PoolFormer, PoolFormerV2
-from mmpoolformer.models.layers import LayerNorm2d, StarReLU
 from mmpoolformer.testing import max_rel_err, randomize_weights
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
@@ -31,42 +27,6 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-@pytest.mark.parametrize('layout', LAYOUTS.values(), ids=LAYOUTS.keys())
-@pytest.mark.parametrize('groups', [1, 3])
-def test_pooling_kernel_gradients_are_exact(groups, layout):
-    x = torch.randn(2, 6, 7, 5, dtype=torch.float64, device=DEVICE).contiguous(memory_format=layout)
-    weight = torch.rand(2, 6, dtype=torch.float64, device=DEVICE) + 0.5
-    shift = torch.randn(6, dtype=torch.float64, device=DEVICE)
-    args = [t.requires_grad_() for t in (x, weight, shift)]
-    assert torch.autograd.gradcheck(lambda *a: _NormPoolResidual.apply(*a, groups, 1e-5, 3), args)
-
-
-@pytest.mark.parametrize('res_scale', [False, True], ids=['', 'res_scale'])
-@pytest.mark.parametrize('norm', [nn.GroupNorm(1, 6), LayerNorm2d(6, eps=1e-6)],
-                         ids=['group_norm', 'layer_norm'])
-@pytest.mark.parametrize('scales', [[2., 0., 1.], [1.5] * 3], ids=['per_sample', 'shared'])
-def test_mlp_kernel_gradients_are_exact(norm, res_scale, scales):
-    torch.manual_seed(0)
-    norm = copy.deepcopy(norm).double().to(DEVICE)
-    nn.init.normal_(norm.weight, 1, 0.3)
-    nn.init.normal_(norm.bias, 0, 0.3)
-    fc1 = nn.Conv2d(6, 10, 1).double().to(DEVICE)
-    fc2 = nn.Conv2d(10, 6, 1).double().to(DEVICE)
-    act = StarReLU(0.8, -0.1).double().to(DEVICE)
-    x = torch.randn(3, 6, 5, 7, dtype=torch.float64, device=DEVICE).contiguous(
-        memory_format=torch.channels_last)
-    rs = torch.rand(6, dtype=torch.float64, device=DEVICE) + 0.5 if res_scale else None
-    args = [x, norm.weight, norm.bias, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias,
-            rs, act.scale, act.bias]
-    args = [None if a is None else a.detach().requires_grad_() for a in args]
-
-    def fn(*args):
-        return _NormMlpResidual.apply(*args[:8], norm_rows(norm), Activation(act), scales,
-                                      kernels.Plan(backend='blas'), *args[8:])
-
-    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, fast_mode=True)
 
 
 def run(model, x, plan):
