@@ -19,9 +19,10 @@ with the gradients allocated during the step ("peak MiB") and with them kept fro
 ("kept grads": activations and backward scratch only).
 
 The floor is the time of the backbone's convolutions and matrix products alone (forward; forward and
-backward), each timed in isolation on the fastest way this machine offers: oneDNN's convolution, or,
-for a 1x1 convolution, the BLAS product over channels-last tokens; in fp32 and, under ``--amp``, in
-the low precision. What ours takes beyond it is everything that is not a product.
+backward), each timed in isolation on the fastest way this machine offers: oneDNN's convolution, or
+the BLAS (for a 1x1 convolution, the product over channels-last tokens; for a larger one, its weight
+gradient as the product over its patches); in fp32 and, under ``--amp``, in the low precision.
+What ours takes beyond it is everything that is not a product.
 
 Configs: one training iteration (``train_step``: preprocessing, forward, backward, optimizer step) and
 one inference (``test_step``) of the whole model on synthetic inputs of the config's training size.
@@ -41,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmpoolformer import kernels
+from mmpoolformer.kernels.conv import weight_grad_by_patches
 from mmpoolformer.models import CAFormer, ConvFormer, PoolFormer, PoolFormerV2
 from mmpoolformer.models.weights import convert_backbone_state_dict
 from mmpoolformer.testing import randomize_weights
@@ -320,7 +322,8 @@ def product_floor(model, x, args, device) -> tuple:
 
 def conv_times(conv, shape, dtype, input_grad, device, repeats=5):
     """(forward, backward) seconds of ``conv`` on an input of ``shape``, each the faster of oneDNN
-    (or cuDNN) and, for 1x1, the BLAS product over tokens."""
+    (or cuDNN) and the BLAS: for 1x1, the product over tokens; otherwise, in backward, the weight
+    gradient as a product over patches (``kernels.conv``)."""
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = conv.weight.detach().to(dtype)
     b = None if conv.bias is None else conv.bias.detach().to(dtype)
@@ -331,6 +334,16 @@ def conv_times(conv, shape, dtype, input_grad, device, repeats=5):
     forward = {'conv': lambda: F.conv2d(x, w, b, *geometry)}
     backward = {'conv': lambda: torch.ops.aten.convolution_backward(
         g, x, w, None if b is None else [w.shape[0]], *args, [input_grad, True, b is not None])}
+    if conv.kernel_size != (1, 1) and conv.groups == 1:  # the weight gradient as ours may take it
+
+        def patches_backward():
+            if input_grad:
+                torch.ops.aten.convolution_backward(g, x, w, None, *args, [True, False, False])
+            weight_grad_by_patches(g, x, conv.kernel_size, conv.stride, conv.padding)
+            if b is not None:
+                g.sum((0, 2, 3))
+
+        backward['patches'] = patches_backward
     if conv.kernel_size == (1, 1) and conv.groups == 1:
         tokens, grads = (t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in (x, g))
         w2 = w.flatten(1)

@@ -1,0 +1,106 @@
+"""The stem and downsampling convolutions' plans: the weight gradient as a product over patches (exact in
+float64, any geometry, layout and chunking), and when ``conv2d`` offers it."""
+import pytest
+import torch
+import torch.nn as nn
+
+from mmpoolformer import kernels
+from mmpoolformer.kernels import conv as conv_kernel
+from mmpoolformer.kernels.conv import _PatchWeightGradConv, weight_grad_by_patches
+from mmpoolformer.testing import max_rel_err
+
+# (in, out, kernel, stride, padding, input size): the stem, a downsampling, and odd ones
+GEOMETRIES = dict(stem=(3, 5, (7, 7), (4, 4), (2, 2), (13, 11)),
+                  downsampling=(4, 6, (3, 3), (2, 2), (1, 1), (9, 10)),
+                  unpadded=(2, 3, (3, 3), (1, 1), (0, 0), (6, 7)),
+                  rectangular=(3, 4, (3, 1), (2, 1), (1, 0), (7, 5)))
+
+
+@pytest.mark.parametrize('geometry', GEOMETRIES.values(), ids=GEOMETRIES.keys())
+@pytest.mark.parametrize('channels_last', [False, True], ids=['contiguous', 'channels_last'])
+def test_patch_weight_gradient_is_exact(geometry, channels_last, monkeypatch):
+    """float64 ``gradcheck`` of every gradient, with chunks of two output rows."""
+    cin, cout, kernel, stride, padding, size = geometry
+    monkeypatch.setattr(conv_kernel, 'CHUNK_BYTES', 2 * size[1] * kernel[0] * kernel[1] * cin * 8)
+    x = torch.randn(2, cin, *size, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, *kernel, dtype=torch.float64)
+    bias = torch.randn(cout, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (x, weight, bias)]
+    assert torch.autograd.gradcheck(lambda *a: _PatchWeightGradConv.apply(*a, stride, padding), args)
+
+
+@pytest.mark.parametrize('chunk_rows', [1, 3, 100])
+def test_weight_grad_by_patches_equals_pytorchs_in_any_chunking(chunk_rows, monkeypatch):
+    cin, cout, kernel, stride, padding = 5, 7, (3, 3), (2, 2), (1, 1)
+    monkeypatch.setattr(conv_kernel, 'CHUNK_BYTES', chunk_rows * 6 * 9 * cin * 8)
+    x = torch.randn(3, cin, 11, 12, dtype=torch.float64)
+    weight = torch.randn(cout, cin, *kernel, dtype=torch.float64)
+    grad = torch.randn(3, cout, 6, 6, dtype=torch.float64)
+    expected = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, (1, 1), False,
+                                                   (0, 0), 1, [False, True, False])[1]
+    assert max_rel_err(weight_grad_by_patches(grad, x, kernel, stride, padding), expected) <= 1e-13
+
+
+def downsampling(**kwargs):
+    torch.manual_seed(0)
+    return nn.Conv2d(8, 12, 3, 2, 1, **kwargs)
+
+
+def computed_by(y) -> str:
+    return type(y.grad_fn).__name__
+
+
+def test_conv2d_takes_the_patch_product_when_forced_and_computes_as_written():
+    conv = downsampling()
+    x = torch.randn(2, 8, 15, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+    results = []
+    for plan in (kernels.Plan(backend='blas'), kernels.PLAIN):
+        with kernels.forced(plan):
+            y = conv_kernel.conv2d(conv, x)
+        grads = torch.autograd.grad(y.square().sum(), [x, *conv.parameters()])
+        results.append((computed_by(y), y, grads))
+    (name, y, grads), (plain_name, plain_y, plain_grads) = results
+    assert (name, plain_name) == ('_PatchWeightGradConvBackward', 'ConvolutionBackward0')
+    assert torch.equal(y, plain_y)
+    assert all(max_rel_err(a, b) <= 1e-5 for a, b in zip(grads, plain_grads))
+
+
+def test_conv2d_offers_the_patch_product_only_for_a_weight_gradient_of_a_dense_convolution(
+        timed_choices):
+    """No weight gradient (inference, frozen), a 1x1 or grouped convolution: the module as written,
+    and nothing timed."""
+    x = torch.randn(1, 8, 9, 9)
+    frozen = downsampling().requires_grad_(False)
+    cases = [(downsampling(), torch.no_grad()), (frozen, torch.enable_grad()),
+             (nn.Conv2d(8, 12, 1), torch.enable_grad()), (downsampling(groups=4), torch.enable_grad()),
+             (downsampling(padding_mode='reflect'), torch.enable_grad())]
+    for conv, grad_mode in cases:
+        with grad_mode:
+            y = conv_kernel.conv2d(conv, x)
+        assert torch.equal(y, conv(x)) and computed_by(y) in ('NoneType', 'ConvolutionBackward0')
+    assert kernels.chosen() == {}
+    conv_kernel.conv2d(downsampling(), x)  # a trainable weight: timed against the plain one
+    assert [list(t) for t in kernels.dispatch.timings().values()] == [['fused/blas', 'plain']]
+
+
+def test_conv2d_under_autocast_offers_fp32_with_either_weight_gradient(timed_choices, monkeypatch):
+    """On a CPU without bf16 instructions: fp32 with the patch product, fp32 as written, and the
+    autocast convolution; the fp32 ones compute as fp32 does."""
+    monkeypatch.setattr(kernels.dispatch, 'cpu_info', lambda: dict(model='x', flags=['avx2']))
+    conv = downsampling()
+    x = torch.randn(2, 8, 15, 14, requires_grad=True)
+    y32 = conv(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = conv_kernel.conv2d(conv, x)
+    assert list(list(kernels.dispatch.timings().values())[0]) == [
+        'fused/blas/float32', 'fused/onednn/float32', 'plain']
+    for plan in (kernels.Plan(backend='blas', dtype=torch.float32),
+                 kernels.Plan(backend='onednn', dtype=torch.float32)):
+        with torch.autocast('cpu', dtype=torch.bfloat16), kernels.forced(plan):
+            y = conv_kernel.conv2d(conv, x)
+        assert y.dtype == torch.float32 and max_rel_err(y, y32) <= 1e-6
+        grads = torch.autograd.grad(y.sum(), [x, conv.weight])
+        expected = torch.autograd.grad(y32.sum(), [x, conv.weight], retain_graph=True)
+        assert all(max_rel_err(a, b) <= 1e-5 for a, b in zip(grads, expected))
