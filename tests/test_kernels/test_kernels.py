@@ -73,10 +73,13 @@ def gradcheck_mlp_kernel(norm, fc1, act, fc2, scales, res_scale=None, device='cp
     assert torch.autograd.gradcheck(fn, grad_args, eps=1e-6, atol=1e-7, fast_mode=True)
 
 
+@pytest.mark.parametrize('recompute_up_to', [1000, 0], ids=['hidden_recomputed', 'hidden_kept'])
 @pytest.mark.parametrize('scales', SCALES.values(), ids=SCALES.keys())
 @pytest.mark.parametrize('act', ACTIVATIONS.values(), ids=ACTIVATIONS.keys())
-def test_mlp_kernel_gradients_are_exact(act, scales, monkeypatch):
+def test_mlp_kernel_gradients_are_exact(act, scales, recompute_up_to, monkeypatch):
+    """Either way of getting the hidden map back in backward: recomputed, or kept from forward."""
     monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 16 * 10 * 8)  # 16 rows of 10 float64
+    monkeypatch.setattr(mlp_kernel, 'RECOMPUTE_HIDDEN_UP_TO', recompute_up_to)
     norm, fc1, act, fc2, _ = branch(act=copy.deepcopy(act).double())
     gradcheck_mlp_kernel(norm, fc1, act, fc2, scales)
 
