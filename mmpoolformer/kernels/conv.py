@@ -82,9 +82,11 @@ class _PatchWeightGradConv(torch.autograd.Function):
 
 
 def patches_apply(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether the weight gradient by patches is a candidate: a CPU, a weight that trains, a dense
-    convolution larger than 1x1 (a 1x1 one is a product already) with zero padding."""
+    """Whether the weight gradient by patches is a candidate: a CPU, an fp32 or float64 weight that
+    trains (the chunks accumulate in its dtype), a dense convolution larger than 1x1 (a 1x1 one is a
+    product already) with zero padding."""
     return (x.device.type == 'cpu' and torch.is_grad_enabled() and conv.weight.requires_grad
+            and conv.weight.dtype in (torch.float32, torch.float64)
             and conv.groups == 1 and conv.dilation == (1, 1) and conv.kernel_size != (1, 1)
             and conv.padding_mode == 'zeros' and not isinstance(conv.padding, str))
 

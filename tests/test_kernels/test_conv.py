@@ -69,17 +69,19 @@ def test_conv2d_takes_the_patch_product_when_forced_and_computes_as_written():
 
 def test_conv2d_offers_the_patch_product_only_for_a_weight_gradient_of_a_dense_convolution(
         timed_choices):
-    """No weight gradient (inference, frozen), a 1x1 or grouped convolution: the module as written,
-    and nothing timed."""
+    """No weight gradient (inference, frozen), a 1x1, grouped, reflect-padded or bf16 convolution: the
+    module as written, and nothing timed."""
     x = torch.randn(1, 8, 9, 9)
     frozen = downsampling().requires_grad_(False)
     cases = [(downsampling(), torch.no_grad()), (frozen, torch.enable_grad()),
              (nn.Conv2d(8, 12, 1), torch.enable_grad()), (downsampling(groups=4), torch.enable_grad()),
-             (downsampling(padding_mode='reflect'), torch.enable_grad())]
+             (downsampling(padding_mode='reflect'), torch.enable_grad()),
+             (downsampling().to(torch.bfloat16), torch.enable_grad())]
     for conv, grad_mode in cases:
+        xi = x.to(conv.weight.dtype)
         with grad_mode:
-            y = conv_kernel.conv2d(conv, x)
-        assert torch.equal(y, conv(x)) and computed_by(y) in ('NoneType', 'ConvolutionBackward0')
+            y = conv_kernel.conv2d(conv, xi)
+        assert torch.equal(y, conv(xi)) and computed_by(y) in ('NoneType', 'ConvolutionBackward0')
     assert kernels.chosen() == {}
     conv_kernel.conv2d(downsampling(), x)  # a trainable weight: timed against the plain one
     assert [list(t) for t in kernels.dispatch.timings().values()] == [['fused/blas', 'plain']]
