@@ -28,6 +28,22 @@ def test_the_fastest_candidate_is_kept_per_key(timed_choices, monkeypatch):
     assert dispatch.timings()['k 1'] == {'fused/blas': 5, 'fused/onednn': 1}
 
 
+def test_a_tie_goes_to_the_candidate_listed_first(timed_choices, monkeypatch):
+    """Within ``TIE`` of the fastest, the kernel's own plan (listed first) is kept; beyond, not."""
+    first, other = dispatch.Plan(), dispatch.PLAIN
+    for first_ticks, kept in ((104, first), (106, other)):
+        clock = iter(range(0, 10 ** 6, 1))
+        ticks = {first: first_ticks, other: 100}
+        monkeypatch.setattr(dispatch.time, 'perf_counter', lambda: next(clock))
+
+        def run(plan):
+            for _ in range(ticks[plan] - 1):
+                next(clock)
+
+        dispatch.reset()
+        assert dispatch.choose(('k', ), [first, other], run) == kept
+
+
 def test_deterministic_mode_and_forced_plans_skip_the_timing(timed_choices):
     candidates = [dispatch.Plan(), dispatch.PLAIN]
     fail = lambda plan: pytest.fail('timed')  # noqa: E731

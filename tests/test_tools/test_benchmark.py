@@ -6,6 +6,8 @@ import os.path as osp
 
 import pytest
 
+from mmpoolformer import kernels
+
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 QUICK = ['--size', '64', '64', '--repeats', '1', '--warmup', '0', '--no-memory']
 
@@ -36,9 +38,11 @@ def test_reports_every_implementation_the_floor_and_the_machine(benchmark, famil
     for impl in impls:  # the same maps (checked in fp32 before timing), timed
         assert rows[impl]['max_rel_err'] <= 1e-4 and rows[impl]['train_s'] > rows[impl]['forward_s'] > 0
     assert 0 < rows['floor']['forward_s'] < rows['floor']['train_s']
-    assert result['kernel_timings']  # the plans were timed, and each kind kept its fastest
-    for key, times in result['kernel_timings'].items():
-        assert result['kernel_plans'][key] == min(times, key=times.get)
+    assert result['kernel_timings']  # the plans were timed, and each kind kept the first of those
+    for key, times in result['kernel_timings'].items():  # within TIE of its fastest
+        fastest = min(times.values())
+        ties = [plan for plan, t in times.items() if t <= fastest * (1 + kernels.dispatch.TIE)]
+        assert result['kernel_plans'][key] == ties[0]
     assert set(result['machine']['cpu_flags']) <= {'avx2', 'avx512f', 'avx512_bf16', 'avx512_fp16',
                                                    'amx_bf16', 'amx_fp16'}
     assert f'{benchmark.FAMILIES[family].__name__}-{arch.upper()} backbone' in capsys.readouterr().out
