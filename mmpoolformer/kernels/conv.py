@@ -13,7 +13,7 @@ Each is a candidate plan, timed like every other choice (``dispatch``): ``backen
 convolution as PyTorch computes it, ``'blas'`` with the weight gradient by the product.
 """
 import contextlib
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -53,9 +53,24 @@ def weight_grad_by_patches(grad: torch.Tensor, x: torch.Tensor, kernel_size: Tup
     return total.view(cout, kh, kw, c).permute(0, 3, 1, 2)
 
 
+def backward_by_patches(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                        stride: Tuple[int, int], padding: Tuple[int, int], needs: Sequence[bool]):
+    """The gradients of a convolution's input, weight and bias (each where ``needs`` says, else
+    None): the input's by PyTorch (oneDNN), the weight's by :func:`weight_grad_by_patches`."""
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    grad_x = grad_weight = grad_bias = None
+    if needs[0]:
+        grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, (1, 1),
+                                                     False, (0, 0), 1, [True, False, False])[0]
+    if needs[1]:
+        grad_weight = weight_grad_by_patches(grad, x, weight.shape[2:], stride, padding).contiguous()
+    if needs[2]:
+        grad_bias = grad.sum((0, 2, 3))
+    return grad_x, grad_weight, grad_bias
+
+
 class _PatchWeightGradConv(torch.autograd.Function):
-    """``F.conv2d(x, weight, bias, stride, padding)`` whose weight gradient is
-    :func:`weight_grad_by_patches`; the input's gradient is PyTorch's own."""
+    """``F.conv2d(x, weight, bias, stride, padding)`` with :func:`backward_by_patches`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
@@ -66,19 +81,8 @@ class _PatchWeightGradConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_x = grad_weight = grad_bias = None
-        if needs[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, ctx.stride, ctx.padding, (1, 1), False, (0, 0), 1,
-                [True, False, False])[0]
-        if needs[1]:
-            grad_weight = weight_grad_by_patches(grad, x, weight.shape[2:], ctx.stride,
-                                                 ctx.padding).contiguous()
-        if needs[2]:
-            grad_bias = grad.sum((0, 2, 3))
-        return grad_x, grad_weight, grad_bias, None, None
+        return (*backward_by_patches(grad, x, weight, ctx.stride, ctx.padding,
+                                     ctx.needs_input_grad[:3]), None, None)
 
 
 def patches_apply(conv: nn.Conv2d, x: torch.Tensor) -> bool:

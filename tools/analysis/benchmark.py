@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmpoolformer import kernels
-from mmpoolformer.kernels.conv import weight_grad_by_patches
+from mmpoolformer.kernels.conv import backward_by_patches
 from mmpoolformer.models import CAFormer, ConvFormer, PoolFormer, PoolFormerV2
 from mmpoolformer.models.weights import convert_backbone_state_dict
 from mmpoolformer.testing import randomize_weights
@@ -335,15 +335,8 @@ def conv_times(conv, shape, dtype, input_grad, device, repeats=5):
     backward = {'conv': lambda: torch.ops.aten.convolution_backward(
         g, x, w, None if b is None else [w.shape[0]], *args, [input_grad, True, b is not None])}
     if conv.kernel_size != (1, 1) and conv.groups == 1:  # the weight gradient as ours may take it
-
-        def patches_backward():
-            if input_grad:
-                torch.ops.aten.convolution_backward(g, x, w, None, *args, [True, False, False])
-            weight_grad_by_patches(g, x, conv.kernel_size, conv.stride, conv.padding)
-            if b is not None:
-                g.sum((0, 2, 3))
-
-        backward['patches'] = patches_backward
+        backward['patches'] = lambda: backward_by_patches(g, x, w, conv.stride, conv.padding,
+                                                          [input_grad, True, b is not None])
     if conv.kernel_size == (1, 1) and conv.groups == 1:
         tokens, grads = (t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in (x, g))
         w2 = w.flatten(1)
