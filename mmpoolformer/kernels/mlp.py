@@ -31,12 +31,12 @@ from .group_norm import affine, group_stats, tokens
 
 CHUNK_BYTES = 1 << 22  # hidden activations per chunk: stays in cache with room for the rest
 # Training keeps the hidden map ``h`` (four times as wide as the block) for backward, except in blocks
-# this narrow. Recomputing fc1 costs 2 * C flops per hidden value, keeping it a write and a read of
-# memory: at C = 64 the two take about as long on the CPUs measured (a block of PoolFormer-S12's stage
-# 0, fc1 and all, forward and backward alike, either way), and not keeping it saves the network's
-# largest tensors (the first stage has the most tokens); at C = 128 keeping it makes the block ~15%
-# faster.
-RECOMPUTE_HIDDEN_UP_TO = 64
+# this narrow: the first stage of every released size (64 or 96 channels), which has the most tokens
+# and so the network's largest hidden maps. Recomputing fc1 costs 2 * C flops per hidden value,
+# keeping it a write and a read of memory: at C = 64 the two take about as long (a block of
+# PoolFormer-S12's stage 0, forward and backward, on the CPUs measured); at C = 128 keeping it makes
+# the block ~15% faster. Keeping it at 96 too would cost ConvFormer-M36 6% more training memory.
+RECOMPUTE_HIDDEN_UP_TO = 96
 
 
 class Activation:
