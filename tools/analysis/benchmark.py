@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmpoolformer import kernels
-from mmpoolformer.kernels.conv import backward_by_patches
+from mmpoolformer.kernels.conv import backward_by_patches, patches_apply
 from mmpoolformer.models import CAFormer, ConvFormer, PoolFormer, PoolFormerV2
 from mmpoolformer.models.weights import convert_backbone_state_dict
 from mmpoolformer.testing import randomize_weights
@@ -334,7 +334,7 @@ def conv_times(conv, shape, dtype, input_grad, device, repeats=5):
     forward = {'conv': lambda: F.conv2d(x, w, b, *geometry)}
     backward = {'conv': lambda: torch.ops.aten.convolution_backward(
         g, x, w, None if b is None else [w.shape[0]], *args, [input_grad, True, b is not None])}
-    if conv.kernel_size != (1, 1) and conv.groups == 1:  # the weight gradient as ours may take it
+    if x.dtype == conv.weight.dtype and patches_apply(conv, x):  # where ours offers it too
         backward['patches'] = lambda: backward_by_patches(g, x, w, conv.stride, conv.padding,
                                                           [input_grad, True, b is not None])
     if conv.kernel_size == (1, 1) and conv.groups == 1:
