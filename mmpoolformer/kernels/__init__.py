@@ -7,8 +7,8 @@ device at hand, the plain formulation always among them (``dispatch``).
 
 - ``mlp``: GroupNorm or channel LayerNorm, fc1, activation, fc2, scales and residual in token chunks;
 - ``pooling``: GroupNorm, pooling, scale and residual as one interpolation;
-- ``conv``: the stem and downsampling convolutions: their precision under autocast, and in training
-  their weight gradient as a product over patches;
+- ``conv``: the stem's, the downsamplings' and the depthwise convolutions: their precision under
+  autocast, and in training their weight gradient as a product over patches or as a correlation;
 - ``group_norm``: the statistics and the per-sample affine map the others share.
 """
 from .conv import conv2d

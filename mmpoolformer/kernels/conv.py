@@ -1,19 +1,25 @@
-"""The stem and downsampling convolutions: in the precision and with the weight gradient that are
-faster on the device at hand.
+"""The stem's, the downsamplings' and the depthwise convolutions: in the precision and with the weight
+gradient that are faster on the device at hand.
 
 - Under autocast a convolution runs in bf16 (CPU) or fp16 (CUDA). A CPU without bf16 instructions
   emulates them and takes several times longer than in fp32; there it runs in fp32 (exact, and the
   residual stream is fp32 anyway).
-- In training on a CPU, the weight's gradient can be one matrix product over the input's patches
-  (``grad_rows.T @ patches``, the patches gathered chunk by chunk), which on AVX2 CPUs takes about
-  half the time of oneDNN's backward-weights kernel for the strided 3x3 downsampling; the forward pass
-  and the input's gradient stay PyTorch's own.
+- In training on a CPU, the weight's gradient can be computed by our own formulation, while the
+  forward pass and the input's gradient stay PyTorch's:
+
+  - a dense convolution larger than 1x1 (the stem, a downsampling): one matrix product over the
+    input's patches (``grad_rows.T @ patches``, gathered chunk by chunk), about half the time of
+    oneDNN's backward-weights kernel for the strided 3x3 downsampling on AVX2 CPUs;
+  - a depthwise convolution of stride 1 (ConvFormer's 7x7): per channel, the correlation of the input
+    with the output's gradient, itself a depthwise convolution whose filters are the gradient's maps,
+    which oneDNN computes over NCHW maps two to five times faster than its backward-weights kernel
+    for channels-last ones.
 
 Each is a candidate plan, timed like every other choice (``dispatch``): ``backend='onednn'`` is the
-convolution as PyTorch computes it, ``'blas'`` with the weight gradient by the product.
+convolution as PyTorch computes it, ``'blas'`` / ``'correlation'`` the one with our weight gradient.
 """
 import contextlib
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -50,60 +56,86 @@ def weight_grad_by_patches(grad: torch.Tensor, x: torch.Tensor, kernel_size: Tup
                                         sample.storage_offset() + first * sh * row_stride)
             total.addmm_(grad_rows[i, first:last].reshape(-1, cout).t(),
                          patches.reshape(-1, kh * kw * c))
-    return total.view(cout, kh, kw, c).permute(0, 3, 1, 2)
+    return total.view(cout, kh, kw, c).permute(0, 3, 1, 2).contiguous()
 
 
-def backward_by_patches(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                        stride: Tuple[int, int], padding: Tuple[int, int], needs: Sequence[bool]):
+def weight_grad_by_correlation(grad: torch.Tensor, x: torch.Tensor, kernel_size: Tuple[int, int],
+                               stride: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
+    """The gradient of a depthwise convolution's ``(C, 1, kh, kw)`` weight (stride 1, dilation 1):
+    ``weight[c, 0, i, j]`` takes the sum over positions of ``grad[c]`` times ``x[c]`` shifted by
+    ``(i, j)``, so each channel's ``kh x kw`` gradient is the zero-padded ``x[c]`` correlated with the
+    map ``grad[c]``: a depthwise convolution of ``x`` whose filters are the gradient's maps, one
+    sample at a time. oneDNN computes it fast with ``x`` in NCHW (it reorders the filters itself)."""
+    assert tuple(stride) == (1, 1), stride
+    x = x.contiguous()
+    total = None
+    for i in range(x.shape[0]):
+        part = F.conv2d(x[i:i + 1], grad[i].unsqueeze(1), padding=padding, groups=x.shape[1])
+        total = part if total is None else total.add_(part)
+    return total.view(x.shape[1], 1, *kernel_size)
+
+
+WEIGHT_GRADS = {'blas': weight_grad_by_patches, 'correlation': weight_grad_by_correlation}
+
+
+def own_weight_grad(conv: nn.Conv2d, x: torch.Tensor) -> Optional[str]:
+    """Which of our weight gradients (:data:`WEIGHT_GRADS`) is a candidate for ``conv(x)``, or None.
+
+    On a CPU, for an fp32 or float64 weight that trains (they accumulate in its dtype), dilation 1 and
+    zero padding: the product over patches for a dense convolution larger than 1x1 (a 1x1 one is a
+    product already), the correlation for a depthwise one of stride 1."""
+    if not (x.device.type == 'cpu' and torch.is_grad_enabled() and conv.weight.requires_grad
+            and conv.weight.dtype in (torch.float32, torch.float64) and conv.dilation == (1, 1)
+            and conv.padding_mode == 'zeros' and not isinstance(conv.padding, str)):
+        return None
+    if conv.groups == 1 and conv.kernel_size != (1, 1):
+        return 'blas'
+    if conv.groups == conv.in_channels == conv.out_channels and conv.stride == (1, 1):
+        return 'correlation'
+    return None
+
+
+def backward_own(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int],
+                 padding: Tuple[int, int], groups: int, method: str, needs: Sequence[bool]):
     """The gradients of a convolution's input, weight and bias (each where ``needs`` says, else
-    None): the input's by PyTorch (oneDNN), the weight's by :func:`weight_grad_by_patches`."""
+    None): the input's by PyTorch (oneDNN), the weight's by ``WEIGHT_GRADS[method]``."""
     grad = grad.contiguous(memory_format=torch.channels_last)
     grad_x = grad_weight = grad_bias = None
     if needs[0]:
         grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, (1, 1),
-                                                     False, (0, 0), 1, [True, False, False])[0]
+                                                     False, (0, 0), groups, [True, False, False])[0]
     if needs[1]:
-        grad_weight = weight_grad_by_patches(grad, x, weight.shape[2:], stride, padding).contiguous()
+        grad_weight = WEIGHT_GRADS[method](grad, x, weight.shape[2:], stride, padding)
     if needs[2]:
         grad_bias = grad.sum((0, 2, 3))
     return grad_x, grad_weight, grad_bias
 
 
-class _PatchWeightGradConv(torch.autograd.Function):
-    """``F.conv2d(x, weight, bias, stride, padding)`` with :func:`backward_by_patches`."""
+class _OwnWeightGradConv(torch.autograd.Function):
+    """``F.conv2d(x, weight, bias, stride, padding, 1, groups)`` with :func:`backward_own`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding):
+    def forward(ctx, x, weight, bias, stride, padding, groups, method):
         ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding = stride, padding
-        return F.conv2d(x, weight, bias, stride, padding)
+        ctx.stride, ctx.padding, ctx.groups, ctx.method = stride, padding, groups, method
+        return F.conv2d(x, weight, bias, stride, padding, 1, groups)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        return (*backward_by_patches(grad, x, weight, ctx.stride, ctx.padding,
-                                     ctx.needs_input_grad[:3]), None, None)
-
-
-def patches_apply(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether the weight gradient by patches is a candidate: a CPU, an fp32 or float64 weight that
-    trains (the chunks accumulate in its dtype), a dense convolution larger than 1x1 (a 1x1 one is a
-    product already) with zero padding."""
-    return (x.device.type == 'cpu' and torch.is_grad_enabled() and conv.weight.requires_grad
-            and conv.weight.dtype in (torch.float32, torch.float64)
-            and conv.groups == 1 and conv.dilation == (1, 1) and conv.kernel_size != (1, 1)
-            and conv.padding_mode == 'zeros' and not isinstance(conv.padding, str))
+        return (*backward_own(grad, x, weight, ctx.stride, ctx.padding, ctx.groups, ctx.method,
+                              ctx.needs_input_grad[:3]), None, None, None, None)
 
 
 def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` by the fastest plan here (module docstring)."""
     low = dispatch.autocast_dtype(x.device)
     mixed = low is not None and low != conv.weight.dtype
-    patches = patches_apply(conv, x)
-    if dispatch.tracing() or not (mixed or patches):
+    method = own_weight_grad(conv, x)
+    if dispatch.tracing() or not (mixed or method):
         return conv(x)
     dtype = conv.weight.dtype if mixed else None  # under autocast: fp32, against autocast's own
-    candidates = [dispatch.Plan(backend='blas', dtype=dtype)] if patches else []
+    candidates = [dispatch.Plan(backend=method, dtype=dtype)] if method else []
     if mixed:
         candidates += [dispatch.Plan(backend='onednn', dtype=dtype), dispatch.PLAIN]
         if dispatch.native_low_precision(x.device, low):
@@ -119,7 +151,9 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
                 x = x.to(conv.weight.dtype)
             if plan.backend == 'onednn':
                 return conv(x)
-            return _PatchWeightGradConv.apply(x, conv.weight, conv.bias, conv.stride, conv.padding)
+            return _OwnWeightGradConv.apply(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                            conv.groups, plan.backend)
 
-    key = ('conv', conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0])
+    key = ('conv', conv.in_channels, conv.out_channels, conv.groups, conv.kernel_size[0],
+           conv.stride[0])
     return dispatch.run(key, candidates, compute, x, list(conv.parameters()))

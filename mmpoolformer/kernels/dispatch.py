@@ -38,7 +38,8 @@ class Plan:
         fused (bool): The branch's own kernel (for a convolution under autocast: the convolution in
             ``dtype``), or the plain formulation (the modules as written).
         backend (str): Who multiplies in the fused kernel: ``'blas'`` (``torch.addmm``: MKL or
-            OpenBLAS) or ``'onednn'``.
+            OpenBLAS) or ``'onednn'``; for a convolution's weight gradient, ``'blas'`` (over patches)
+            or ``'correlation'`` (depthwise; ``kernels/conv.py``).
         dtype (torch.dtype, optional): The fused kernel's product dtype; None: the input's. Under
             autocast a low-precision candidate and an fp32 one compete.
     """

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import norm_pool_residual
+from ..kernels import conv2d, norm_pool_residual
 from ..registry import TOKEN_MIXERS
 from .layers import build_act
 
@@ -113,7 +113,7 @@ class DepthwiseConv(nn.Module):
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
     def forward(self, x):
-        return self.conv(x)
+        return conv2d(self.conv, x)
 
 
 @TOKEN_MIXERS.register_module()
@@ -152,7 +152,7 @@ class SepConv(nn.Module):
         self.pwconv2 = nn.Conv2d(hidden, dim, 1, bias=bias)
 
     def forward(self, x):
-        return self.pwconv2(self.dwconv(self.act1(self.pwconv1(x))))
+        return self.pwconv2(conv2d(self.dwconv, self.act1(self.pwconv1(x))))
 
 
 @TOKEN_MIXERS.register_module()

@@ -1,12 +1,14 @@
-"""The stem and downsampling convolutions' plans: the weight gradient as a product over patches (exact in
-float64, any geometry, layout and chunking), and when ``conv2d`` offers it."""
+"""The convolutions' plans: the weight gradient as a product over patches (dense convolutions) or as a
+correlation (depthwise ones), exact in float64 for any geometry, layout and chunking, and when
+``conv2d`` offers which."""
 import pytest
 import torch
 import torch.nn as nn
 
 from mmpoolformer import kernels
 from mmpoolformer.kernels import conv as conv_kernel
-from mmpoolformer.kernels.conv import _PatchWeightGradConv, weight_grad_by_patches
+from mmpoolformer.kernels.conv import (_OwnWeightGradConv, weight_grad_by_correlation,
+                                       weight_grad_by_patches)
 from mmpoolformer.testing import max_rel_err
 
 # (in, out, kernel, stride, padding, input size): the stem, a downsampling, and odd ones
@@ -28,7 +30,8 @@ def test_patch_weight_gradient_is_exact(geometry, channels_last, monkeypatch):
     weight = torch.randn(cout, cin, *kernel, dtype=torch.float64)
     bias = torch.randn(cout, dtype=torch.float64)
     args = [t.requires_grad_() for t in (x, weight, bias)]
-    assert torch.autograd.gradcheck(lambda *a: _PatchWeightGradConv.apply(*a, stride, padding), args)
+    assert torch.autograd.gradcheck(
+        lambda *a: _OwnWeightGradConv.apply(*a, stride, padding, 1, 'blas'), args)
 
 
 @pytest.mark.parametrize('chunk_rows', [1, 3, 100])
@@ -43,6 +46,31 @@ def test_weight_grad_by_patches_equals_pytorchs_in_any_chunking(chunk_rows, monk
     assert max_rel_err(weight_grad_by_patches(grad, x, kernel, stride, padding), expected) <= 1e-13
 
 
+# (channels, kernel, padding, input size): ConvFormer's 7x7, DepthwiseConv's 3x3, and odd ones
+DEPTHWISE = dict(convformer=(3, (7, 7), (3, 3), (9, 11)), mixer=(4, (3, 3), (1, 1), (5, 6)),
+                 unpadded=(2, (5, 5), (0, 0), (8, 7)), rectangular=(3, (3, 5), (1, 2), (6, 4)),
+                 pointwise=(2, (1, 1), (0, 0), (3, 5)))
+
+
+@pytest.mark.parametrize('geometry', DEPTHWISE.values(), ids=DEPTHWISE.keys())
+@pytest.mark.parametrize('channels_last', [False, True], ids=['contiguous', 'channels_last'])
+def test_depthwise_weight_gradient_by_correlation_is_exact(geometry, channels_last):
+    """float64 ``gradcheck`` of every gradient, and the weight's against PyTorch's."""
+    c, kernel, padding, size = geometry
+    x = torch.randn(2, c, *size, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c, 1, *kernel, dtype=torch.float64)
+    bias = torch.randn(c, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (x, weight, bias)]
+    assert torch.autograd.gradcheck(
+        lambda *a: _OwnWeightGradConv.apply(*a, (1, 1), padding, c, 'correlation'), args)
+    grad = torch.randn_like(torch.nn.functional.conv2d(x, weight, padding=padding, groups=c))
+    expected = torch.ops.aten.convolution_backward(grad, x, weight, None, (1, 1), padding, (1, 1), False,
+                                                   (0, 0), c, [False, True, False])[1]
+    assert max_rel_err(weight_grad_by_correlation(grad, x, kernel, (1, 1), padding), expected) <= 1e-13
+
+
 def downsampling(**kwargs):
     torch.manual_seed(0)
     return nn.Conv2d(8, 12, 3, 2, 1, **kwargs)
@@ -52,8 +80,14 @@ def computed_by(y) -> str:
     return type(y.grad_fn).__name__
 
 
-def test_conv2d_takes_the_patch_product_when_forced_and_computes_as_written():
-    conv = downsampling()
+def depthwise(**kwargs):
+    torch.manual_seed(0)
+    return nn.Conv2d(8, 8, 7, padding=3, groups=8, **kwargs)
+
+
+@pytest.mark.parametrize('make', [downsampling, depthwise])
+def test_conv2d_takes_our_weight_gradient_when_forced_and_computes_as_written(make):
+    conv = make()
     x = torch.randn(2, 8, 15, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
     results = []
     for plan in (kernels.Plan(backend='blas'), kernels.PLAIN):
@@ -62,19 +96,20 @@ def test_conv2d_takes_the_patch_product_when_forced_and_computes_as_written():
         grads = torch.autograd.grad(y.square().sum(), [x, *conv.parameters()])
         results.append((computed_by(y), y, grads))
     (name, y, grads), (plain_name, plain_y, plain_grads) = results
-    assert (name, plain_name) == ('_PatchWeightGradConvBackward', 'ConvolutionBackward0')
+    assert (name, plain_name) == ('_OwnWeightGradConvBackward', 'ConvolutionBackward0')
     assert torch.equal(y, plain_y)
     assert all(max_rel_err(a, b) <= 1e-5 for a, b in zip(grads, plain_grads))
 
 
-def test_conv2d_offers_the_patch_product_only_for_a_weight_gradient_of_a_dense_convolution(
-        timed_choices):
-    """No weight gradient (inference, frozen), a 1x1, grouped, reflect-padded or bf16 convolution: the
-    module as written, and nothing timed."""
+def test_conv2d_offers_our_weight_gradient_only_for_a_dense_or_a_depthwise_convolution(timed_choices):
+    """No weight gradient (inference, frozen), a 1x1, grouped (not depthwise), strided depthwise,
+    reflect-padded or bf16 convolution: the module as written, and nothing timed. A dense one gets the
+    patch product, a depthwise one of stride 1 the correlation."""
     x = torch.randn(1, 8, 9, 9)
     frozen = downsampling().requires_grad_(False)
     cases = [(downsampling(), torch.no_grad()), (frozen, torch.enable_grad()),
              (nn.Conv2d(8, 12, 1), torch.enable_grad()), (downsampling(groups=4), torch.enable_grad()),
+             (depthwise(stride=2), torch.enable_grad()),
              (downsampling(padding_mode='reflect'), torch.enable_grad()),
              (downsampling().to(torch.bfloat16), torch.enable_grad())]
     for conv, grad_mode in cases:
@@ -84,21 +119,25 @@ def test_conv2d_offers_the_patch_product_only_for_a_weight_gradient_of_a_dense_c
         assert torch.equal(y, conv(xi)) and computed_by(y) in ('NoneType', 'ConvolutionBackward0')
     assert kernels.chosen() == {}
     conv_kernel.conv2d(downsampling(), x)  # a trainable weight: timed against the plain one
-    assert [list(t) for t in kernels.dispatch.timings().values()] == [['fused/blas', 'plain']]
+    conv_kernel.conv2d(depthwise(), x)
+    assert [list(t) for t in kernels.dispatch.timings().values()] == [
+        ['fused/blas', 'plain'], ['fused/correlation', 'plain']]
 
 
-def test_conv2d_under_autocast_offers_fp32_with_either_weight_gradient(timed_choices, monkeypatch):
-    """On a CPU without bf16 instructions: fp32 with the patch product, fp32 as written, and the
+@pytest.mark.parametrize('make, method', [(downsampling, 'blas'), (depthwise, 'correlation')])
+def test_conv2d_under_autocast_offers_fp32_with_either_weight_gradient(make, method, timed_choices,
+                                                                       monkeypatch):
+    """On a CPU without bf16 instructions: fp32 with our weight gradient, fp32 as written, and the
     autocast convolution; the fp32 ones compute as fp32 does."""
     monkeypatch.setattr(kernels.dispatch, 'cpu_info', lambda: dict(model='x', flags=['avx2']))
-    conv = downsampling()
+    conv = make()
     x = torch.randn(2, 8, 15, 14, requires_grad=True)
     y32 = conv(x)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         y = conv_kernel.conv2d(conv, x)
     assert list(list(kernels.dispatch.timings().values())[0]) == [
-        'fused/blas/float32', 'fused/onednn/float32', 'plain']
-    for plan in (kernels.Plan(backend='blas', dtype=torch.float32),
+        f'fused/{method}/float32', 'fused/onednn/float32', 'plain']
+    for plan in (kernels.Plan(backend=method, dtype=torch.float32),
                  kernels.Plan(backend='onednn', dtype=torch.float32)):
         with torch.autocast('cpu', dtype=torch.bfloat16), kernels.forced(plan):
             y = conv_kernel.conv2d(conv, x)

@@ -20,8 +20,9 @@ with the gradients allocated during the step ("peak MiB") and with them kept fro
 
 The floor is the time of the backbone's convolutions and matrix products alone (forward; forward and
 backward), each timed in isolation on the fastest way this machine offers: oneDNN's convolution, or
-the BLAS (for a 1x1 convolution, the product over channels-last tokens; for a larger one, its weight
-gradient as the product over its patches); in fp32 and, under ``--amp``, in the low precision.
+the BLAS for a 1x1 convolution (the product over channels-last tokens), or the convolution with our
+weight gradient (``kernels.conv``: a product over patches, or a depthwise correlation); in fp32 and,
+under ``--amp``, in the low precision.
 What ours takes beyond it is everything that is not a product.
 
 Configs: one training iteration (``train_step``: preprocessing, forward, backward, optimizer step) and
@@ -42,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmpoolformer import kernels
-from mmpoolformer.kernels.conv import backward_by_patches, patches_apply
+from mmpoolformer.kernels.conv import backward_own, own_weight_grad
 from mmpoolformer.models import CAFormer, ConvFormer, PoolFormer, PoolFormerV2
 from mmpoolformer.models.weights import convert_backbone_state_dict
 from mmpoolformer.testing import randomize_weights
@@ -322,8 +323,8 @@ def product_floor(model, x, args, device) -> tuple:
 
 def conv_times(conv, shape, dtype, input_grad, device, repeats=5):
     """(forward, backward) seconds of ``conv`` on an input of ``shape``, each the faster of oneDNN
-    (or cuDNN) and the BLAS: for 1x1, the product over tokens; otherwise, in backward, the weight
-    gradient as a product over patches (``kernels.conv``)."""
+    (or cuDNN), the BLAS for 1x1 (the product over tokens) and, in backward, our weight gradient
+    where ours offers it (``kernels.conv``)."""
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = conv.weight.detach().to(dtype)
     b = None if conv.bias is None else conv.bias.detach().to(dtype)
@@ -334,9 +335,10 @@ def conv_times(conv, shape, dtype, input_grad, device, repeats=5):
     forward = {'conv': lambda: F.conv2d(x, w, b, *geometry)}
     backward = {'conv': lambda: torch.ops.aten.convolution_backward(
         g, x, w, None if b is None else [w.shape[0]], *args, [input_grad, True, b is not None])}
-    if x.dtype == conv.weight.dtype and patches_apply(conv, x):  # where ours offers it too
-        backward['patches'] = lambda: backward_by_patches(g, x, w, conv.stride, conv.padding,
-                                                          [input_grad, True, b is not None])
+    method = own_weight_grad(conv, x) if x.dtype == conv.weight.dtype else None
+    if method:  # where ours offers it too
+        backward[method] = lambda: backward_own(g, x, w, conv.stride, conv.padding, conv.groups,
+                                                method, [input_grad, True, b is not None])
     if conv.kernel_size == (1, 1) and conv.groups == 1:
         tokens, grads = (t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in (x, g))
         w2 = w.flatten(1)
