@@ -5,7 +5,8 @@ A module of ``models/`` that can compute its residual branch faster than as writ
 its plain formulation. The kernel picks, once per kind of input, the fastest of its plans on the
 device at hand, the plain formulation always among them (``dispatch``).
 
-- ``mlp``: GroupNorm or channel LayerNorm, fc1, activation, fc2, scales and residual in token chunks;
+- ``mlp``: GroupNorm or channel LayerNorm, fc1, activation, fc2, scales and residual in token chunks
+  (or the first three alone: SepConv's expansion);
 - ``pooling``: GroupNorm, pooling, scale and residual as one interpolation;
 - ``conv``: the stem's, the downsamplings' and the depthwise convolutions: their precision under
   autocast, and in training their weight gradient as a product over patches or as a correlation;
@@ -13,10 +14,10 @@ device at hand, the plain formulation always among them (``dispatch``).
 """
 from .conv import conv2d
 from .dispatch import PLAIN, Plan, chosen, cpu_info, forced
-from .mlp import norm_mlp_residual
+from .mlp import norm_linear_act, norm_mlp_residual
 from .pooling import norm_pool_residual
 
 __all__ = [
-    'Plan', 'PLAIN', 'forced', 'chosen', 'cpu_info', 'conv2d', 'norm_mlp_residual',
+    'Plan', 'PLAIN', 'forced', 'chosen', 'cpu_info', 'conv2d', 'norm_linear_act', 'norm_mlp_residual',
     'norm_pool_residual'
 ]

@@ -19,6 +19,11 @@ map's gradient, which the chunks gather for PyTorch's own GroupNorm backward.
 ``s`` is a per-channel scale folded into fc2 by the caller (LayerScale) times a per-sample factor
 (stochastic depth: 0 for a dropped sample, whose output is then its residual, ``1 / keep``
 otherwise); ``r`` is ResScale's per-channel factor on the residual, or none.
+
+Without fc2 the kernel computes the first half alone, ``act(fc1(norm(x)))``, and writes the hidden
+map: the expansion of a mixer whose spatial operation needs the whole map (ConvFormer's SepConv, before
+its depthwise convolution), which otherwise writes and reads that wide map once per operation of its
+activation.
 """
 from typing import Callable, List, Optional
 
@@ -190,7 +195,8 @@ def norm_rows(module: nn.Module):
 
 class _NormMlpResidual(torch.autograd.Function):
     """On channels-last ``(N, C, H, W)`` maps; ``scales`` is a list of N per-sample factors of the
-    branch, ``res_scale`` the ``(C, )`` factor of the residual or None."""
+    branch, ``res_scale`` the ``(C, )`` factor of the residual or None. With ``w2`` None: the first
+    half, ``act(fc1(norm(x)))`` (``b2`` and ``res_scale`` None, ``scales`` all 1)."""
 
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, res_scale, norm, act, scales, plan,
@@ -202,7 +208,9 @@ class _NormMlpResidual(torch.autograd.Function):
             coefficients = norm.coefficients((mean, rstd), norm_weight, norm_bias, c)
             w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (w1, b1, w2, b2))
             act_params = tuple(t.to(dtype) for t in act_params)
-            out = torch.empty_like(x, memory_format=torch.channels_last)
+            first_half = w2 is None
+            out = torch.empty((n, w1.shape[0]) + x.shape[2:] if first_half else x.shape, dtype=x.dtype,
+                              device=x.device, memory_format=torch.channels_last)
             tx, tout = tokens(x), tokens(out)
             h_all = None
             if any(ctx.needs_input_grad) and c > RECOMPUTE_HIDDEN_UP_TO:
@@ -217,6 +225,9 @@ class _NormMlpResidual(torch.autograd.Function):
                 xc = rows_x[start:end]
                 nc, _ = norm.normalize(rows_x, start, end, samples, coefficients,
                                        bufs.normed(end - start))
+                oc = rows_out[start:end]
+                # the first half writes its activation straight into the output, where dtypes agree
+                act_out = oc if first_half and dtype == x.dtype else bufs.act(end - start)
                 if fused_act:  # inference: oneDNN applies the activation as it writes fc1's output
                     ac = torch.ops.mkldnn._linear_pointwise(nc, w1, b1, *fused_act)
                 else:
@@ -224,8 +235,11 @@ class _NormMlpResidual(torch.autograd.Function):
                         hc = _linear(plan.backend, nc, w1, b1, scratch=bufs.hidden(end - start))
                     else:
                         hc = _linear(plan.backend, nc, w1, b1, out=rows_h[start:end])
-                    ac = act.forward(hc, bufs.act(end - start), act_params)
-                oc = rows_out[start:end]
+                    ac = act.forward(hc, act_out, act_params)
+                if first_half:
+                    if fused_act or act_out is not oc:
+                        oc.copy_(ac)
+                    continue
                 if plan.backend == 'blas' and dtype == x.dtype:
                     _residual(xc, res_scale, b2, scale, out=oc).addmm_(ac, w2.t(), alpha=scale)
                 else:
@@ -265,7 +279,8 @@ class _NormMlpResidual(torch.autograd.Function):
                 torch.zeros(t.shape, **acc) if norm.per_row and need else None
                 for t, need in zip((norm_weight, norm_bias), needs[1:3]))
             # the products that carry the gradient back, as (out, in) weights for oneDNN
-            w2_t = w2.t().contiguous() if plan.backend == 'onednn' else w2.t()
+            first_half = w2 is None
+            w2_t = None if first_half else w2.t().contiguous() if plan.backend == 'onednn' else w2.t()
             w1_t = w1.t().contiguous() if plan.backend == 'onednn' else w1.t()
             bufs = _Buffers(tx, hidden, dtype)
             rows_x, rows_g = tx.flatten(0, 1), tg.flatten(0, 1)
@@ -278,7 +293,7 @@ class _NormMlpResidual(torch.autograd.Function):
             for start, end, samples, scale in _chunks(tx, bufs.rows, scales, dropped):
                 k = end - start
                 gc = rows_g[start:end]
-                if scale != 1 or gc.dtype != dtype:
+                if not first_half and (scale != 1 or gc.dtype != dtype):
                     gc = torch.mul(gc, scale, out=bufs.grad(k))
                 nc, row_stats = norm.normalize(rows_x, start, end, samples, coefficients,
                                                bufs.normed(k))
@@ -290,8 +305,11 @@ class _NormMlpResidual(torch.autograd.Function):
                     gb2 += gc.sum(0)
                 if not into_hidden:
                     continue
-                gh = act.backward(_linear(plan.backend, gc, w2_t, scratch=bufs.act(k)), hc, act_params,
-                                  grad_act, bufs.scratch(k))
+                # the activation's gradient: given (the first half), or back through fc2; computed
+                # on in place, in a chunk buffer
+                grad_act_out = bufs.act(k).copy_(gc) if first_half else _linear(
+                    plan.backend, gc, w2_t, scratch=bufs.act(k))
+                gh = act.backward(grad_act_out, hc, act_params, grad_act, bufs.scratch(k))
                 if needs[3]:
                     _accumulate(gw1, gh.t(), nc)
                 if needs[4]:
@@ -317,7 +335,7 @@ class _NormMlpResidual(torch.autograd.Function):
             grad_res_scale = None
             if needs[7]:
                 grad_res_scale = (grad * x).sum((0, 2, 3))
-            if needs[0]:  # (then into_norm, and grad_x holds the branch's part)
+            if needs[0] and not first_half:  # (then into_norm, and grad_x holds the branch's part)
                 if res_scale is None:
                     grad_x += grad
                 else:
@@ -416,6 +434,21 @@ def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 
+def _fused_plans(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> Optional[List[Plan]]:
+    """The kernel's plans for ``x`` (every product dtype and backend here), or None where it does not
+    apply: tracing, another norm or activation, fp16 or other dtypes."""
+    if dispatch.tracing() or norm_rows(norm) is None or not Activation.supports(act) or not (
+            x.dtype in (torch.float32, torch.float64) and x.dim() == 4):
+        return None
+    dtypes = [d for d in dispatch.product_dtypes(x.device, x.dtype) if d != torch.float16]
+    return [Plan(backend=backend, dtype=dtype) for dtype in dtypes
+            for backend in dispatch.backends(x.device, dtype)]
+
+
+def _norm_params(norm: nn.Module):
+    return getattr(norm, 'weight', None), getattr(norm, 'bias', None)
+
+
 def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.Module,
                       fc2: nn.Conv2d, layer_scale: Optional[torch.Tensor],
                       res_scale: Optional[torch.Tensor], factors: Optional[torch.Tensor],
@@ -429,17 +462,12 @@ def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.
     modules compute it, which is taken where the kernel does not apply (another norm or activation,
     dropout, fp16 or other dtypes) and wherever it is faster.
     """
-    rows = norm_rows(norm)
-    if dispatch.tracing() or rows is None or not Activation.supports(act) or not (
-            x.dtype in (torch.float32, torch.float64) and x.dim() == 4):
+    fused = _fused_plans(x, norm, act)
+    if fused is None:
         return plain(x)
-    dtypes = [d for d in dispatch.product_dtypes(x.device, x.dtype) if d != torch.float16]
-    fused = [Plan(backend=backend, dtype=dtype) for dtype in dtypes
-             for backend in dispatch.backends(x.device, dtype)]
-    kernel_act = Activation(act)
+    kernel_act, rows = Activation(act), norm_rows(norm)
     scales = [1.] * x.shape[0] if factors is None else factors.flatten().tolist()
-    norm_weight = getattr(norm, 'weight', None)
-    norm_bias = getattr(norm, 'bias', None)
+    norm_weight, norm_bias = _norm_params(norm)
     params = [p for p in (norm_weight, norm_bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
                           layer_scale, res_scale, *kernel_act.params) if p is not None]
 
@@ -457,4 +485,29 @@ def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.
 
     key = ('mlp', type(norm).__name__, fc1.in_channels, fc1.out_channels, type(act).__name__,
            'res_scale' if res_scale is not None else 'residual')
+    return dispatch.run(key, fused + [dispatch.PLAIN], compute, x, params)
+
+
+def norm_linear_act(x: torch.Tensor, norm: nn.Module, fc: nn.Conv2d, act: nn.Module,
+                    plain: Callable) -> torch.Tensor:
+    """``act(fc(norm(x)))`` by the fastest plan for this input: the MLP kernel's first half (module
+    docstring), for a mixer that expands the channels before a spatial operation. ``fc`` is a 1x1
+    convolution and ``plain(x)`` the same as the modules compute it."""
+    fused = _fused_plans(x, norm, act)
+    if fused is None:
+        return plain(x)
+    kernel_act, rows = Activation(act), norm_rows(norm)
+    norm_weight, norm_bias = _norm_params(norm)
+    params = [p for p in (norm_weight, norm_bias, fc.weight, fc.bias, *kernel_act.params)
+              if p is not None]
+
+    def compute(plan, x):
+        if not plan.fused:
+            return plain(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        return _NormMlpResidual.apply(x, norm_weight, norm_bias, fc.weight.flatten(1), fc.bias, None,
+                                      None, None, rows, kernel_act, [1.] * x.shape[0], plan,
+                                      *kernel_act.params)
+
+    key = ('expand', type(norm).__name__, fc.in_channels, fc.out_channels, type(act).__name__)
     return dispatch.run(key, fused + [dispatch.PLAIN], compute, x, params)

@@ -2,8 +2,10 @@
 
 PoolFormer uses GroupNorm(1, C) (the paper's "modified LayerNorm") and GELU; the MetaFormer Baselines
 use the same norms without a bias, channel LayerNorm, and StarReLU. The paper's ablations swap them
-through ``norm_cfg`` and ``act_cfg``.
+through ``norm_cfg`` and ``act_cfg``. And how a block adds a scaled residual branch.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,6 +18,16 @@ class LayerNorm2d(nn.LayerNorm):
         x = x.permute(0, 2, 3, 1)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
+
+
+def add_residual(x: torch.Tensor, y: torch.Tensor, layer_scale: Optional[torch.Tensor],
+                 res_scale: Optional[torch.Tensor], factors: Optional[torch.Tensor]) -> torch.Tensor:
+    """``res_scale * x + factors * layer_scale * y``: a residual branch ``y`` added as a block adds
+    it (per-channel ResScale and LayerScale, per-sample stochastic-depth factors; None: all one)."""
+    if layer_scale is not None:
+        y = y * layer_scale.view(-1, 1, 1)
+    y = y if factors is None else y * factors
+    return (x if res_scale is None else x * res_scale.view(-1, 1, 1)) + y
 
 
 def group_norm(dim: int, num_groups: int = 1, bias: bool = True, **kwargs) -> nn.GroupNorm:

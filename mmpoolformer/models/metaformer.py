@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..kernels import conv2d, norm_mlp_residual
 from ..registry import MODELS
 from .arguments import check_arguments
-from .layers import build_act, build_norm
+from .layers import add_residual, build_act, build_norm
 from .token_mixers import build_token_mixer
 from .weights import load_pretrained
 
@@ -193,11 +193,7 @@ class MetaFormerBlock(nn.Module):
         factors = self.drop_path.factors(x)
 
         def plain(x):
-            y = branch(norm(x))
-            if layer_scale is not None:
-                y = y * layer_scale.view(-1, 1, 1)
-            y = y if factors is None else y * factors
-            return (x if res_scale is None else x * res_scale.view(-1, 1, 1)) + y
+            return add_residual(x, branch(norm(x)), layer_scale, res_scale, factors)
 
         fused = getattr(branch, 'fused_residual', None)
         if fused is None:

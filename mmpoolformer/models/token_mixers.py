@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import conv2d, norm_pool_residual
+from ..kernels import conv2d, norm_linear_act, norm_pool_residual
 from ..registry import TOKEN_MIXERS
-from .layers import build_act
+from .layers import add_residual, build_act
 
 
 def build_token_mixer(cfg: dict, dim: int) -> nn.Module:
@@ -153,6 +153,15 @@ class SepConv(nn.Module):
 
     def forward(self, x):
         return self.pwconv2(conv2d(self.dwconv, self.act1(self.pwconv1(x))))
+
+    def fused_residual(self, x, norm, layer_scale, res_scale, factors, plain):
+        """See :meth:`MetaFormerBlock.residual`: the norm, the expansion and its activation in token
+        chunks (the MLP kernel's first half: the expanded map is written once, not once per
+        operation), then the depthwise convolution and the projection."""
+        expanded = norm_linear_act(x, norm, self.pwconv1, self.act1,
+                                   plain=lambda x: self.act1(self.pwconv1(norm(x))))
+        return add_residual(x, self.pwconv2(conv2d(self.dwconv, expanded)), layer_scale, res_scale,
+                            factors)
 
 
 @TOKEN_MIXERS.register_module()

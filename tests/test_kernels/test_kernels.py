@@ -182,6 +182,77 @@ def test_mlp_kernel_with_bf16_products_tracks_fp32(groups):
     assert all(max_rel_err(a, b) <= 3e-2 for a, b in zip(g16, g32))
 
 
+def gradcheck_first_half(norm, fc1, act, device='cpu'):
+    """float64 ``gradcheck`` of the kernel without fc2: ``act(fc1(norm(x)))``, in chunks of 16 rows."""
+    x = torch.randn(3, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    args = [x, norm.weight, norm.bias, fc1.weight.flatten(1), fc1.bias, *act.parameters()]
+    grad_args = [a.detach().to(device).requires_grad_() if a is not None else None for a in args]
+
+    def fn(x, norm_weight, norm_bias, w1, b1, *act_params):
+        return _NormMlpResidual.apply(x, norm_weight, norm_bias, w1, b1, None, None, None,
+                                      norm_rows(norm), Activation(act), [1.] * 3,
+                                      kernels.Plan(backend='blas'), *act_params)
+
+    assert torch.autograd.gradcheck(fn, grad_args, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+@pytest.mark.parametrize('recompute_up_to', [1000, 0], ids=['hidden_recomputed', 'hidden_kept'])
+@pytest.mark.parametrize('act', [StarReLU(0.8, -0.1), nn.GELU()], ids=['star_relu', 'gelu'])
+@pytest.mark.parametrize('groups', [1, None], ids=['group_norm', 'layer_norm'])
+def test_first_half_gradients_are_exact(groups, act, recompute_up_to, monkeypatch):
+    """SepConv's expansion (ConvFormer: channel LayerNorm, StarReLU), either way of getting the
+    hidden map back in backward."""
+    monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 16 * 10 * 8)
+    monkeypatch.setattr(mlp_kernel, 'RECOMPUTE_HIDDEN_UP_TO', recompute_up_to)
+    norm, fc1, act, _, _ = branch(act=copy.deepcopy(act).double(), groups=groups)
+    gradcheck_first_half(norm, fc1, act)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'infer'])
+@pytest.mark.parametrize('groups', [1, None], ids=['group_norm', 'layer_norm'])
+def test_norm_linear_act_equals_the_modules(groups, training, backend, monkeypatch):
+    """fp32 against the modules in float64, over several chunks: the channels-last expanded map and
+    the gradients of every tensor taking part; in inference (oneDNN: its activation in the product)."""
+    monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 100 * 24 * 4)
+    norm, fc1, act, _, _ = branch(dim=12, hidden=24, act=StarReLU(0.8, -0.1), groups=groups,
+                                  dtype=torch.float32)
+    modules = (norm, fc1, act)
+    refs = [copy.deepcopy(m).double() for m in modules]
+    x = torch.randn(2, 12, 23, 17, requires_grad=training)
+    with torch.set_grad_enabled(training), kernels.forced(kernels.Plan(backend=backend)):
+        y = kernels.norm_linear_act(x, norm, fc1, act, plain=lambda x: pytest.fail('plain'))
+    xd = x.detach().double().requires_grad_()
+    ref = refs[2](refs[1](refs[0](xd)))
+    assert y.shape == (2, 24, 23, 17) and y.is_contiguous(memory_format=torch.channels_last)
+    assert max_rel_err(y, ref) <= 1e-6
+    if not training:
+        return
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    params = [p for m in modules for p in m.parameters()]
+    grads = torch.autograd.grad(y, [x] + params, g)
+    ref_grads = torch.autograd.grad(ref, [xd] + [p for m in refs for p in m.parameters()], g.double())
+    assert len(grads) == 1 + 2 + 2 + 2
+    for a, b in zip(grads, ref_grads):
+        assert max_rel_err(a, b) <= 1e-5
+
+
+def test_norm_linear_act_with_bf16_products_tracks_fp32():
+    """Under autocast the expanded map stays fp32, its products in either precision."""
+    norm, fc1, act, _, _ = branch(dim=16, hidden=32, groups=None, act=StarReLU(0.8, -0.1),
+                                  dtype=torch.float32)
+    x = torch.randn(2, 16, 20, 20, requires_grad=True)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast('cpu', dtype=torch.bfloat16), kernels.forced(kernels.Plan(dtype=dtype)):
+            y = kernels.norm_linear_act(x, norm, fc1, act, plain=None)
+        assert y.dtype == torch.float32
+        results.append((y, torch.autograd.grad(y.square().sum(), [x, fc1.weight, act.scale])))
+    (y32, g32), (y16, g16) = results
+    assert 0 < max_rel_err(y16, y32) <= 2e-2
+    assert all(max_rel_err(a, b) <= 3e-2 for a, b in zip(g16, g32))
+
+
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('groups', [1, 3])
 @pytest.mark.parametrize('channels_last', [False, True], ids=['contiguous', 'channels_last'])
@@ -208,7 +279,9 @@ def test_the_kernels_step_aside_for_what_they_do_not_compute():
     kernels.norm_mlp_residual(x, norm, fc1, nn.Tanh(), fc2, ls, None, None, plain)
     kernels.norm_mlp_residual(x.half(), norm, fc1, act, fc2, ls, None, None, plain)
     kernels.norm_pool_residual(x, nn.LayerNorm(6), 3, ls, None, plain)
-    assert taken == [True] * 4
+    kernels.norm_linear_act(x, nn.BatchNorm2d(6), fc1, act, plain)
+    kernels.norm_linear_act(x, norm, fc1, nn.Tanh(), plain)
+    assert taken == [True] * 6
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
