@@ -433,7 +433,6 @@ def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         total += torch.mm(a, b)
 
 
-
 def _fused_plans(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> Optional[List[Plan]]:
     """The kernel's plans for ``x`` (every product dtype and backend here), or None where it does not
     apply: tracing, another norm or activation, fp16 or other dtypes."""

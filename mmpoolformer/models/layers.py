@@ -2,7 +2,7 @@
 
 PoolFormer uses GroupNorm(1, C) (the paper's "modified LayerNorm") and GELU; the MetaFormer Baselines
 use the same norms without a bias, channel LayerNorm, and StarReLU. The paper's ablations swap them
-through ``norm_cfg`` and ``act_cfg``. And how a block adds a scaled residual branch.
+through ``norm_cfg`` and ``act_cfg``. ``add_residual`` is how a block adds a branch to its residual.
 """
 from typing import Optional
 
