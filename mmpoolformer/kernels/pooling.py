@@ -1,9 +1,10 @@
-"""The pooling branch of a PoolFormer block, ``x + s * (pool(GN(x)) - GN(x))``, in one pass.
+"""The pooling branch of a PoolFormer block, ``r * x + s * (pool(GN(x)) - GN(x))``, in one pass.
 
 Average pooling commutes with a map that is affine per sample and channel, which GroupNorm is (see
 ``group_norm.py``), and the difference cancels its shift: ``pool(GN(x)) - GN(x) = a * (pool(x) - x)``
 with ``a = gamma * rstd``. The branch thus needs the norm's statistics but never the normalised map:
 ``x + s * a * (pool(x) - x)``, one pooling and one interpolation, keeping only ``x`` for backward.
+``r`` is ResScale's per-channel factor on the residual (PoolFormerV2's last two stages), or none.
 """
 from typing import Callable, Optional
 
@@ -16,8 +17,9 @@ from .group_norm import group_stats, per_channel
 
 
 class _NormPoolResidual(torch.autograd.Function):
-    """``x + s * (avg_pool(x) - x)`` with ``s = rstd * weight``, ``rstd`` from ``x``'s GroupNorm
-    statistics and ``weight`` of shape ``(N, C)``, keeping only ``x`` for backward.
+    """``r * x + s * (avg_pool(x) - x)`` with ``s = rstd * weight``, ``rstd`` from ``x``'s GroupNorm
+    statistics, ``weight`` of shape ``(N, C)`` and ``r`` of shape ``(C, )`` or None (one), keeping
+    only ``x`` for backward.
 
     Backward needs no pooled map: it goes through the pooling's adjoint once. ``shift`` is the
     norm's bias, which the identity above cancels: its gradient is exactly zero (the reference
@@ -26,34 +28,39 @@ class _NormPoolResidual(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, shift, groups, eps, pool_size):
+    def forward(ctx, x, weight, shift, res_scale, groups, eps, pool_size):
         ctx.pool_args = (pool_size, 1, pool_size // 2, False, False)  # kernel, stride, pad, ceil, incl.
         mean, rstd = group_stats(x, groups, eps)
         scale = (per_channel(rstd, x.shape[1]) * weight)[:, :, None, None].to(x.dtype)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd, res_scale)
         ctx.shift_shape = None if shift is None else shift.shape
-        # (1 - s) x + s pool(x), written over the pooled map
-        return F.avg_pool2d(x, *ctx.pool_args).lerp_(x, 1 - scale)
+        pooled = F.avg_pool2d(x, *ctx.pool_args)
+        if res_scale is None:  # (1 - s) x + s pool(x), written over the pooled map
+            return pooled.lerp_(x, 1 - scale)
+        return pooled.mul_(scale).addcmul_(x, res_scale.view(-1, 1, 1).to(x.dtype) - scale)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, mean, rstd, res_scale = ctx.saved_tensors
         n, c = x.shape[:2]
         groups = mean.shape[1]
         kernel, stride, pad, ceil_mode, count_include_pad = ctx.pool_args
         rstd_c = per_channel(rstd, c)
         scale = (rstd_c * weight)[:, :, None, None].to(x.dtype)
-        grad_x = grad_weight = grad_shift = None
+        grad_x = grad_weight = grad_shift = grad_res_scale = None
         # (P^T - I) g, with P^T the pooling's adjoint (its backward): the input's gradient at fixed s
-        # is g + s (P^T - I) g, and the gradient of s is sum((P x - x) g) = sum(x (P^T - I) g) per
+        # is r g + s (P^T - I) g, and the gradient of s is sum((P x - x) g) = sum(x (P^T - I) g) per
         # channel, so the pooled map is never recomputed
         mixed = torch.ops.aten.avg_pool2d_backward(grad, x, [kernel] * 2, [stride] * 2, [pad] * 2,
                                                    ceil_mode, count_include_pad, None).sub_(grad)
         grad_scale = (mixed * x).sum(dim=(2, 3), dtype=rstd.dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_scale * rstd_c).to(weight.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_res_scale = (grad * x).sum((0, 2, 3), dtype=rstd.dtype).to(res_scale.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(grad, mixed, scale, out=mixed)
+            residual = grad if res_scale is None else grad * res_scale.view(-1, 1, 1).to(x.dtype)
+            grad_x = torch.addcmul(residual, mixed, scale, out=mixed)
             # through s = rstd * weight: d rstd / dx = -rstd^3 (x - mean) / count, per (sample, group)
             grad_rstd = (grad_scale * weight).view(n, groups, -1).sum(2)
             coef = per_channel(-grad_rstd * rstd.pow(3) / (x[0].numel() // groups), c)
@@ -61,14 +68,15 @@ class _NormPoolResidual(torch.autograd.Function):
             grad_x.sub_((coef * per_channel(mean, c))[:, :, None, None].to(x.dtype))
         if ctx.needs_input_grad[2]:
             grad_shift = grad.new_zeros(ctx.shift_shape)
-        return grad_x, grad_weight, grad_shift, None, None, None
+        return grad_x, grad_weight, grad_shift, grad_res_scale, None, None, None
 
 
 def norm_pool_residual(x: torch.Tensor, norm: nn.Module, pool_size: int,
                        layer_scale: Optional[torch.Tensor], factors: Optional[torch.Tensor],
-                       plain: Callable) -> torch.Tensor:
-    """``x + factors * layer_scale * (pool(norm(x)) - norm(x))`` by the faster of the identity above
-    and ``plain(x)`` (the modules as written), which is also taken for norms other than GroupNorm."""
+                       plain: Callable, res_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``res_scale * x + factors * layer_scale * (pool(norm(x)) - norm(x))`` by the faster of the
+    identity above and ``plain(x)`` (the modules as written), which is also taken for norms other
+    than GroupNorm."""
     if dispatch.tracing() or not isinstance(norm, nn.GroupNorm) or not x.is_floating_point():
         return plain(x)
 
@@ -83,11 +91,12 @@ def norm_pool_residual(x: torch.Tensor, norm: nn.Module, pool_size: int,
                 weight = weight * factor
         if factors is not None:
             weight = weight * factors.view(-1, 1)
-        return _NormPoolResidual.apply(x.to(stat_dtype), weight, norm.bias, norm.num_groups, norm.eps,
-                                       pool_size)
+        return _NormPoolResidual.apply(x.to(stat_dtype), weight, norm.bias, res_scale, norm.num_groups,
+                                       norm.eps, pool_size)
 
-    params = [p for p in (norm.weight, norm.bias, layer_scale) if p is not None]
+    params = [p for p in (norm.weight, norm.bias, layer_scale, res_scale) if p is not None]
     # fp16 statistics overflow (sums of squares beyond 65504), and CPU autocast leaves GroupNorm
     # in fp16: an fp16 map is normalised here, in fp32, whatever is faster
     candidates = [dispatch.Plan()] + ([] if x.dtype == torch.float16 else [dispatch.PLAIN])
-    return dispatch.run(('pool', x.shape[1], pool_size), candidates, compute, x, params)
+    key = ('pool', x.shape[1], pool_size) + (() if res_scale is None else ('res_scale', ))
+    return dispatch.run(key, candidates, compute, x, params)

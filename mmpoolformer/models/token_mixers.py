@@ -69,11 +69,8 @@ class Pooling(nn.Module):
 
     def fused_residual(self, x, norm, layer_scale, res_scale, factors, plain):
         """After a GroupNorm the branch needs the norm's statistics only (``kernels.pooling``); see
-        :meth:`~mmpoolformer.models.MetaFormerBlock.residual`. With ResScale (the Baselines' last
-        stages, whose maps are small) it computes as written."""
-        if res_scale is not None:
-            return plain(x)
-        return norm_pool_residual(x, norm, self.pool_size, layer_scale, factors, plain)
+        :meth:`~mmpoolformer.models.MetaFormerBlock.residual`."""
+        return norm_pool_residual(x, norm, self.pool_size, layer_scale, factors, plain, res_scale)
 
     def extra_repr(self) -> str:
         return f'pool_size={self.pool_size}'

@@ -254,19 +254,24 @@ def test_norm_linear_act_with_bf16_products_tracks_fp32():
 
 
 @pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('res_scale', [False, True], ids=['', 'res_scale'])
 @pytest.mark.parametrize('groups', [1, 3])
 @pytest.mark.parametrize('channels_last', [False, True], ids=['contiguous', 'channels_last'])
-def test_pooling_kernel_gradients_are_exact(groups, channels_last, device):
-    """float64 ``gradcheck``, the norm's statistics included. Channels-last on CUDA: ``avg_pool2d``'s
-    backward with padding was wrong there in some PyTorch releases (pytorch#188344), which a
-    comparison of two formulations on the same device, both using it, would not see."""
+def test_pooling_kernel_gradients_are_exact(groups, channels_last, res_scale, device):
+    """float64 ``gradcheck``, the norm's statistics included, with and without ResScale (PoolFormerV2's
+    last stages). Channels-last on CUDA: ``avg_pool2d``'s backward with padding was wrong there in
+    some PyTorch releases (pytorch#188344), which a comparison of two formulations on the same
+    device, both using it, would not see."""
     x = torch.randn(2, 6, 7, 5, dtype=torch.float64, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.rand(2, 6, dtype=torch.float64, device=device) + 0.5
     shift = torch.randn(6, dtype=torch.float64, device=device)
     args = [t.requires_grad_() for t in (x, weight, shift)]
-    assert torch.autograd.gradcheck(lambda *a: _NormPoolResidual.apply(*a, groups, 1e-5, 3), args)
+    args.append(random_res_scale(6, torch.float64).detach().to(device).requires_grad_()
+                if res_scale else None)
+    assert torch.autograd.gradcheck(lambda *a: _NormPoolResidual.apply(*a, groups, 1e-5, 3), args,
+                                    rtol=1e-6)
 
 
 def test_the_kernels_step_aside_for_what_they_do_not_compute():

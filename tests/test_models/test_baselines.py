@@ -214,12 +214,12 @@ def autograd_nodes(tensor) -> collections.Counter:
 
 
 # the fused branches each family takes, in every block: PoolFormerV2's pooling (GroupNorm) kernel
-# in stages 0-1 (with ResScale, stages 2-3 pool as written); the MLP kernel everywhere, after
+# (with ResScale in stages 2-3); the MLP kernel everywhere, after
 # GroupNorm or channel LayerNorm, with ResScale in stages 2-3; the stem and the three downsampling
 # convolutions with their weight gradients by patches; in the SepConv mixers (ConvFormer: every
 # block, CAFormer: stages 0-1) the MLP kernel's first half and the depthwise convolution with its
 # weight gradient by correlation
-FUSED_BLOCKS = {PoolFormerV2: dict(_NormPoolResidualBackward=4, _NormMlpResidualBackward=12,
+FUSED_BLOCKS = {PoolFormerV2: dict(_NormPoolResidualBackward=12, _NormMlpResidualBackward=12,
                                    _OwnWeightGradConvBackward=4),
                 ConvFormer: dict(_NormMlpResidualBackward=18 + 18, _OwnWeightGradConvBackward=4 + 18),
                 CAFormer: dict(_NormMlpResidualBackward=18 + 6, _OwnWeightGradConvBackward=4 + 6)}
