@@ -196,16 +196,17 @@ def gradcheck_first_half(norm, fc1, act, device='cpu'):
     assert torch.autograd.gradcheck(fn, grad_args, eps=1e-6, atol=1e-7, fast_mode=True)
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('recompute_up_to', [1000, 0], ids=['hidden_recomputed', 'hidden_kept'])
 @pytest.mark.parametrize('act', [StarReLU(0.8, -0.1), nn.GELU()], ids=['star_relu', 'gelu'])
 @pytest.mark.parametrize('groups', [1, None], ids=['group_norm', 'layer_norm'])
-def test_first_half_gradients_are_exact(groups, act, recompute_up_to, monkeypatch):
+def test_first_half_gradients_are_exact(groups, act, recompute_up_to, device, monkeypatch):
     """SepConv's expansion (ConvFormer: channel LayerNorm, StarReLU), either way of getting the
     hidden map back in backward."""
     monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 16 * 10 * 8)
     monkeypatch.setattr(mlp_kernel, 'RECOMPUTE_HIDDEN_UP_TO', recompute_up_to)
     norm, fc1, act, _, _ = branch(act=copy.deepcopy(act).double(), groups=groups)
-    gradcheck_first_half(norm, fc1, act)
+    gradcheck_first_half(norm, fc1, act, device)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
