@@ -196,11 +196,14 @@ def norm_rows(module: nn.Module):
 class _NormMlpResidual(torch.autograd.Function):
     """On channels-last ``(N, C, H, W)`` maps; ``scales`` is a list of N per-sample factors of the
     branch, ``res_scale`` the ``(C, )`` factor of the residual or None. With ``w2`` None: the first
-    half, ``act(fc1(norm(x)))`` (``b2`` and ``res_scale`` None, ``scales`` all 1)."""
+    half, ``act(fc1(norm(x)))`` (``b2`` and ``res_scale`` None, ``scales`` all 1). ``records``: whether
+    autograd records the call (grad mode was on); inside ``forward`` grad mode is always off, and
+    ``needs_input_grad`` says only which inputs require grad, which they do in inference too (a
+    model's parameters under ``torch.no_grad()``)."""
 
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, res_scale, norm, act, scales, plan,
-                *act_params):
+                records, *act_params):
         with torch.autocast(x.device.type, enabled=False):
             dtype = plan.dtype or x.dtype
             n, c = x.shape[:2]
@@ -212,11 +215,11 @@ class _NormMlpResidual(torch.autograd.Function):
             out = torch.empty((n, w1.shape[0]) + x.shape[2:] if first_half else x.shape, dtype=x.dtype,
                               device=x.device, memory_format=torch.channels_last)
             tx, tout = tokens(x), tokens(out)
+            backward = records and any(ctx.needs_input_grad)
             h_all = None
-            if any(ctx.needs_input_grad) and c > RECOMPUTE_HIDDEN_UP_TO:
+            if backward and c > RECOMPUTE_HIDDEN_UP_TO:
                 h_all = tx.new_empty(tx.shape[:2] + w1.shape[:1], dtype=dtype)
-            fused_act = act.onednn_post_op if plan.backend == 'onednn' and not any(
-                ctx.needs_input_grad) else None
+            fused_act = act.onednn_post_op if plan.backend == 'onednn' and not backward else None
             bufs = _Buffers(tx, w1.shape[0], dtype)
             rows_x, rows_out = tx.flatten(0, 1), tout.flatten(0, 1)
             rows_h = None if h_all is None else h_all.flatten(0, 1)
@@ -267,7 +270,7 @@ class _NormMlpResidual(torch.autograd.Function):
             gb1 = torch.zeros(hidden, **acc) if needs[4] else None
             gw2 = torch.zeros(w2.shape, **acc) if needs[5] else None
             gb2 = torch.zeros(c, **acc) if needs[6] else None
-            act_needs = needs[12:]  # the activation's tensors come after forward's 12 inputs
+            act_needs = needs[13:]  # the activation's tensors come after forward's 13 inputs
             grad_act = [torch.zeros(t.shape, **acc) if need else None
                         for t, need in zip(act_params, act_needs)]
             into_norm = any(needs[:3])
@@ -343,7 +346,7 @@ class _NormMlpResidual(torch.autograd.Function):
         param_dtype = (norm_weight if norm_weight is not None else x).dtype
         cast = lambda t: None if t is None else t.to(param_dtype)  # noqa: E731
         return (grad_x if needs[0] else None, cast(grad_norm_weight), cast(grad_norm_bias), cast(gw1),
-                cast(gb1), cast(gw2), cast(gb2), cast(grad_res_scale), None, None, None, None,
+                cast(gb1), cast(gw2), cast(gb2), cast(grad_res_scale), None, None, None, None, None,
                 *map(cast, grad_act))
 
 
@@ -480,7 +483,7 @@ def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.
         x = x.contiguous(memory_format=torch.channels_last)
         return _NormMlpResidual.apply(x, norm_weight, norm_bias, fc1.weight.flatten(1), fc1.bias, w2,
                                       b2, res_scale, rows, kernel_act, scales, plan,
-                                      *kernel_act.params)
+                                      torch.is_grad_enabled(), *kernel_act.params)
 
     key = ('mlp', type(norm).__name__, fc1.in_channels, fc1.out_channels, type(act).__name__,
            'res_scale' if res_scale is not None else 'residual')
@@ -506,7 +509,7 @@ def norm_linear_act(x: torch.Tensor, norm: nn.Module, fc: nn.Conv2d, act: nn.Mod
         x = x.contiguous(memory_format=torch.channels_last)
         return _NormMlpResidual.apply(x, norm_weight, norm_bias, fc.weight.flatten(1), fc.bias, None,
                                       None, None, rows, kernel_act, [1.] * x.shape[0], plan,
-                                      *kernel_act.params)
+                                      torch.is_grad_enabled(), *kernel_act.params)
 
     key = ('expand', type(norm).__name__, fc.in_channels, fc.out_channels, type(act).__name__)
     return dispatch.run(key, fused + [dispatch.PLAIN], compute, x, params)

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmpoolformer import kernels
 from mmpoolformer.kernels import mlp as mlp_kernel
@@ -68,7 +69,7 @@ def gradcheck_mlp_kernel(norm, fc1, act, fc2, scales, res_scale=None, device='cp
 
     def fn(*args):
         return _NormMlpResidual.apply(*args[:8], norm_rows(norm), Activation(act), scales,
-                                      kernels.Plan(backend='blas'), *args[8:])
+                                      kernels.Plan(backend='blas'), True, *args[8:])
 
     assert torch.autograd.gradcheck(fn, grad_args, eps=1e-6, atol=1e-7, fast_mode=True)
 
@@ -191,7 +192,7 @@ def gradcheck_first_half(norm, fc1, act, device='cpu'):
     def fn(x, norm_weight, norm_bias, w1, b1, *act_params):
         return _NormMlpResidual.apply(x, norm_weight, norm_bias, w1, b1, None, None, None,
                                       norm_rows(norm), Activation(act), [1.] * 3,
-                                      kernels.Plan(backend='blas'), *act_params)
+                                      kernels.Plan(backend='blas'), True, *act_params)
 
     assert torch.autograd.gradcheck(fn, grad_args, eps=1e-6, atol=1e-7, fast_mode=True)
 
@@ -293,12 +294,33 @@ def test_the_kernels_step_aside_for_what_they_do_not_compute():
 @pytest.mark.parametrize('backend', BACKENDS)
 @pytest.mark.parametrize('act', ACTIVATIONS.values(), ids=ACTIVATIONS.keys())
 def test_mlp_kernel_in_inference_equals_the_branch_as_written(act, backend, monkeypatch):
-    """Without autograd the kernel keeps nothing, and oneDNN applies the activation itself."""
+    """Without autograd (``torch.no_grad()``, the parameters still requiring grad, as in a model's
+    inference) the kernel keeps no hidden map, and oneDNN applies the activation itself."""
     monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 100 * 24 * 4)
+    monkeypatch.setattr(mlp_kernel, 'RECOMPUTE_HIDDEN_UP_TO', 0)  # training would keep it here
     norm, fc1, _, fc2, ls = branch(dim=12, hidden=24, act=act, dtype=torch.float32)
     x = torch.randn(2, 12, 23, 17)
-    with torch.no_grad(), kernels.forced(kernels.Plan(backend=backend)):
+    with torch.no_grad(), kernels.forced(kernels.Plan(backend=backend)), OpLog() as log:
         y = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, ls, None, None, plain=None)
-        ref = plain_mlp_residual(x.double(), *(m.double() for m in (norm, fc1)), act, fc2.double(),
-                                 ls.double(), None)
+    ref = plain_mlp_residual(x.double(), *(m.double() for m in (norm, fc1)), act, fc2.double(),
+                             ls.double(), None)
     assert max_rel_err(y, ref) <= 1e-6
+    assert max(numel for _, numel in log.ops) < 2 * 23 * 17 * 24  # no whole hidden map
+    activations = {'aten.gelu', 'aten.clamp_min', 'aten.silu'} & {name for name, _ in log.ops}
+    assert not activations if backend == 'onednn' and type(act) is not StarReLU else activations
+
+
+class OpLog(TorchDispatchMode):
+    """The name of each operator run inside, and the most elements it wrote."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in (out if isinstance(out, (tuple, list)) else [out])
+                   if isinstance(t, torch.Tensor)]
+        self.ops.append((func.overloadpacket._qualified_op_name.replace('::', '.'),
+                         max((t.numel() for t in tensors), default=0)))
+        return out
