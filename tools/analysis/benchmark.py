@@ -11,7 +11,7 @@ Backbones: every implementation gets the same weights (timm's, mapped by our con
 input, and must produce the same four normalised stage maps before any time is reported (timm's
 ``features_only`` model gets our output norms). The MetaFormer Baselines families (``--family``) are
 compared with timm's only: mmpretrain has none of them. Runs
-alternate between implementations; the table gives medians. "train" is forward plus backward of the
+alternate between implementations, in a new order each round; the table gives medians. "train" is forward plus backward of the
 four maps; peak memory is that of one training step above what the model and input already hold
 (CUDA: the allocator's peak; CPU: the peak resident size of a fresh process during its second step,
 with glibc returning every large block to the system at once so that it follows the live tensors),
@@ -33,6 +33,7 @@ import copy
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -274,9 +275,11 @@ def bench_backbones(args, device) -> list:
         for impl in impls:
             forward(models[impl], x, args.amp)
             train_step(models[impl], x, args.amp)
-    for r in range(args.repeats):
-        order = impls[r % len(impls):] + impls[:r % len(impls)]  # no one always runs first
-        for impl in order:
+    shuffle = random.Random(0).sample
+    for _ in range(args.repeats):
+        # a new order each round: rotating a fixed one would give each the same predecessor every
+        # time, whose freed memory it reuses or must fault in again (timm's step frees 600 MiB)
+        for impl in shuffle(impls, len(impls)):
             times[impl]['forward'].append(timed(lambda: forward(models[impl], x, args.amp), device))
             models[impl].zero_grad(set_to_none=True)
             times[impl]['train'].append(
