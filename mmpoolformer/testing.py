@@ -1,6 +1,7 @@
 """What parity checks share: the tests and ``tools/analysis/benchmark.py`` compare implementations."""
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def randomize_weights(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -29,3 +30,20 @@ def max_rel_err(a, b) -> float:
     ``b``'s largest magnitude: the measure every parity check of this project states its tolerance in."""
     a, b = (torch.as_tensor(t).detach().double() for t in (a, b))
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+class OpLog(TorchDispatchMode):
+    """Records each operator run inside it as ``(name, most elements of one output)``: what a kernel
+    computes and how large a tensor it makes, for tests that assert work is not done."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in (out if isinstance(out, (tuple, list)) else [out])
+                   if isinstance(t, torch.Tensor)]
+        self.ops.append((func.overloadpacket._qualified_op_name.replace('::', '.'),
+                         max((t.numel() for t in tensors), default=0)))
+        return out

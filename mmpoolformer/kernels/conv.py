@@ -56,7 +56,7 @@ def weight_grad_by_patches(grad: torch.Tensor, x: torch.Tensor, kernel_size: Tup
                                         sample.storage_offset() + first * sh * row_stride)
             total.addmm_(grad_rows[i, first:last].reshape(-1, cout).t(),
                          patches.reshape(-1, kh * kw * c))
-    return total.view(cout, kh, kw, c).permute(0, 3, 1, 2).contiguous()
+    return total.view(cout, kh, kw, c).permute(0, 3, 1, 2)  # channels-last, as the weight is
 
 
 def weight_grad_by_correlation(grad: torch.Tensor, x: torch.Tensor, kernel_size: Tuple[int, int],

@@ -66,7 +66,10 @@ class PatchEmbed(nn.Module):
                  pre_norm_cfg: Optional[dict] = None, post_norm_cfg: Optional[dict] = None):
         super().__init__()
         self.pre_norm = None if pre_norm_cfg is None else build_norm(pre_norm_cfg, in_channels)
-        self.proj = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+        # stored channels-last, like the maps it convolves: otherwise each call copies the weight
+        # into that layout (forward, the input's gradient) and its gradient out of it
+        self.proj = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding).to(
+            memory_format=torch.channels_last)
         self.post_norm = None if post_norm_cfg is None else build_norm(post_norm_cfg, out_channels)
 
     def forward(self, x):

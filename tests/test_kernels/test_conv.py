@@ -9,7 +9,8 @@ from mmpoolformer import kernels
 from mmpoolformer.kernels import conv as conv_kernel
 from mmpoolformer.kernels.conv import (_OwnWeightGradConv, weight_grad_by_correlation,
                                        weight_grad_by_patches)
-from mmpoolformer.testing import max_rel_err
+from mmpoolformer.models.metaformer import PatchEmbed
+from mmpoolformer.testing import OpLog, max_rel_err
 
 # (in, out, kernel, stride, padding, input size): the stem, a downsampling, and odd ones
 GEOMETRIES = dict(stem=(3, 5, (7, 7), (4, 4), (2, 2), (13, 11)),
@@ -145,3 +146,18 @@ def test_conv2d_under_autocast_offers_fp32_with_either_weight_gradient(make, met
         grads = torch.autograd.grad(y.sum(), [x, conv.weight])
         expected = torch.autograd.grad(y32.sum(), [x, conv.weight], retain_graph=True)
         assert all(max_rel_err(a, b) <= 1e-5 for a, b in zip(grads, expected))
+
+
+@pytest.mark.parametrize('plan', [kernels.Plan(backend='blas'), kernels.PLAIN], ids=str)
+def test_the_backbones_strided_convolutions_never_copy_their_weight(plan):
+    """The stem's and the downsamplings' weights are stored channels-last, as the maps they convolve
+    and the patch product's gradient are: no call copies the weight or its gradient into the other
+    layout (forward, the input's gradient, the weight's gradient; up to 3.5 ms a call each)."""
+    proj = PatchEmbed(32, 48, 3, 2, 1).proj
+    x = torch.randn(2, 32, 15, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with kernels.forced(plan), OpLog() as log:
+        conv_kernel.conv2d(proj, x).sum().backward()
+    assert proj.weight.is_contiguous(memory_format=torch.channels_last)
+    assert proj.weight.grad.stride() == proj.weight.stride()
+    assert not [name for name, numel in log.ops
+                if name in ('aten.clone', 'aten.copy_', 'aten._to_copy') and numel == proj.weight.numel()]

@@ -6,13 +6,13 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmpoolformer import kernels
 from mmpoolformer.kernels import mlp as mlp_kernel
 from mmpoolformer.kernels.mlp import _NormMlpResidual, Activation, norm_rows
 from mmpoolformer.kernels.pooling import _NormPoolResidual
 from mmpoolformer.models.layers import LayerNorm2d, StarReLU
+from mmpoolformer.testing import OpLog
 
 BACKENDS = kernels.dispatch.backends(torch.device('cpu'), torch.float32)
 # the float64 gradchecks run on a CUDA device too where there is one (its own pooling and norm kernels)
@@ -308,19 +308,3 @@ def test_mlp_kernel_in_inference_equals_the_branch_as_written(act, backend, monk
     assert max(numel for _, numel in log.ops) < 2 * 23 * 17 * 24  # no whole hidden map
     activations = {'aten.gelu', 'aten.clamp_min', 'aten.silu'} & {name for name, _ in log.ops}
     assert not activations if backend == 'onednn' and type(act) is not StarReLU else activations
-
-
-class OpLog(TorchDispatchMode):
-    """The name of each operator run inside, and the most elements it wrote."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors = [t for t in (out if isinstance(out, (tuple, list)) else [out])
-                   if isinstance(t, torch.Tensor)]
-        self.ops.append((func.overloadpacket._qualified_op_name.replace('::', '.'),
-                         max((t.numel() for t in tensors), default=0)))
-        return out
