@@ -215,11 +215,11 @@ class _NormMlpResidual(torch.autograd.Function):
             out = torch.empty((n, w1.shape[0]) + x.shape[2:] if first_half else x.shape, dtype=x.dtype,
                               device=x.device, memory_format=torch.channels_last)
             tx, tout = tokens(x), tokens(out)
-            backward = records and any(ctx.needs_input_grad)
+            for_backward = records and any(ctx.needs_input_grad)
             h_all = None
-            if backward and c > RECOMPUTE_HIDDEN_UP_TO:
+            if for_backward and c > RECOMPUTE_HIDDEN_UP_TO:
                 h_all = tx.new_empty(tx.shape[:2] + w1.shape[:1], dtype=dtype)
-            fused_act = act.onednn_post_op if plan.backend == 'onednn' and not backward else None
+            fused_act = act.onednn_post_op if plan.backend == 'onednn' and not for_backward else None
             bufs = _Buffers(tx, w1.shape[0], dtype)
             rows_x, rows_out = tx.flatten(0, 1), tout.flatten(0, 1)
             rows_h = None if h_all is None else h_all.flatten(0, 1)

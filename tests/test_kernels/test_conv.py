@@ -159,5 +159,5 @@ def test_the_backbones_strided_convolutions_never_copy_their_weight(plan):
         conv_kernel.conv2d(proj, x).sum().backward()
     assert proj.weight.is_contiguous(memory_format=torch.channels_last)
     assert proj.weight.grad.stride() == proj.weight.stride()
-    assert not [name for name, numel in log.ops
-                if name in ('aten.clone', 'aten.copy_', 'aten._to_copy') and numel == proj.weight.numel()]
+    copies = ('aten.clone', 'aten.copy_', 'aten._to_copy')
+    assert not [name for name, numel in log.ops if name in copies and numel == proj.weight.numel()]

@@ -10,9 +10,9 @@
 Backbones: every implementation gets the same weights (timm's, mapped by our converter) and the same
 input, and must produce the same four normalised stage maps before any time is reported (timm's
 ``features_only`` model gets our output norms). The MetaFormer Baselines families (``--family``) are
-compared with timm's only: mmpretrain has none of them. Runs
-alternate between implementations, in a new order each round; the table gives medians. "train" is forward plus backward of the
-four maps; peak memory is that of one training step above what the model and input already hold
+compared with timm's only: mmpretrain has none of them. Runs alternate between implementations, in a
+new order each round; the table gives medians. "train" is forward plus backward of the four maps; peak
+memory is that of one training step above what the model and input already hold
 (CUDA: the allocator's peak; CPU: the peak resident size of a fresh process during its second step,
 with glibc returning every large block to the system at once so that it follows the live tensors),
 with the gradients allocated during the step ("peak MiB") and with them kept from the step before
