@@ -176,22 +176,35 @@ CPU_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_fp16', 'amx_bf16', 'amx_f
 
 @functools.lru_cache(None)
 def cpu_info() -> dict:
-    """The CPU's model name and which of :data:`CPU_FLAGS` it has (Linux; empty elsewhere)."""
-    info = dict(model='unknown', flags=[])
+    """The CPU's model name, which of :data:`CPU_FLAGS` it has, its family and model numbers (a
+    virtual machine's model name may say no more than "AMD EPYC") and its L2 / L3 cache sizes (Linux;
+    'unknown' or empty elsewhere)."""
+    info = dict(model='unknown', flags=[], family_model='unknown', caches={})
     try:
         with open('/proc/cpuinfo') as f:
             lines = f.read().splitlines()
     except OSError:
         return info
+    fields = {}
     for line in lines:
         field, _, value = line.partition(':')
-        field = field.strip()
-        if field == 'model name' and info['model'] == 'unknown':
-            info['model'] = value.strip()
-        elif field == 'flags':
-            have = set(value.split())
-            info['flags'] = [f for f in CPU_FLAGS if f in have]
+        fields.setdefault(field.strip(), value.strip())
+        if field.strip() == 'flags':  # the first processor's fields are all read
             break
+    info['model'] = fields.get('model name', 'unknown')
+    info['flags'] = [f for f in CPU_FLAGS if f in set(fields.get('flags', '').split())]
+    if 'cpu family' in fields and 'model' in fields:
+        info['family_model'] = f"family {fields['cpu family']} model {fields['model']}"
+    for index in range(4):
+        try:
+            with open(f'/sys/devices/system/cpu/cpu0/cache/index{index}/level') as f:
+                level = f.read().strip()
+            with open(f'/sys/devices/system/cpu/cpu0/cache/index{index}/size') as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        if level in ('2', '3'):
+            info['caches'][f'L{level}'] = size
     return info
 
 

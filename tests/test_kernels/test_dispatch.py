@@ -1,5 +1,7 @@
 """The run-time choice of plans: the fastest is kept per kind of input, deterministic mode and
 tracing get fixed formulations, and trials leave nothing behind."""
+import re
+
 import pytest
 import torch
 
@@ -89,6 +91,10 @@ def test_timing_inside_an_activation_checkpoint(timed_choices):
 def test_cpu_info_names_the_model_and_flags():
     info = kernels.cpu_info()
     assert info['model'] and set(info['flags']) <= set(dispatch.CPU_FLAGS)
+    if info['model'] != 'unknown':  # Linux: the family and model numbers, and the caches' sizes
+        assert re.fullmatch(r'family \d+ model \d+', info['family_model'])
+        assert set(info['caches']) <= {'L2', 'L3'}
+        assert all(re.fullmatch(r'\d+[KMG]', size) for size in info['caches'].values())
 
 
 def test_low_precision_is_preferred_only_where_the_cpu_has_it(monkeypatch):

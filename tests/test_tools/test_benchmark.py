@@ -45,6 +45,12 @@ def test_reports_every_implementation_the_floor_and_the_machine(benchmark, famil
         assert result['kernel_plans'][key] == ties[0]
     assert set(result['machine']['cpu_flags']) <= {'avx2', 'avx512f', 'avx512_bf16', 'avx512_fp16',
                                                    'amx_bf16', 'amx_fp16'}
+    assert {'cpu', 'cpu_family_model', 'cpu_caches', 'threads'} <= set(result['machine'])
+    ours, peers = rows['ours'], [rows[p] for p in impls if p in ('timm', 'mmpretrain')]
+    assert all(len(rows[impl]['train_runs_s']) == 1 for impl in impls)  # --repeats 1
+    # round by round: the faster peer's time of the round over ours'
+    expected = min(p['forward_runs_s'][0] for p in peers) / ours['forward_runs_s'][0]
+    assert ours['paired_speedup']['forward'] == pytest.approx([expected] * 3)
     assert f'{benchmark.FAMILIES[family].__name__}-{arch.upper()} backbone' in capsys.readouterr().out
 
 
@@ -52,3 +58,13 @@ def test_an_arch_of_another_family_is_refused_with_the_family_s(benchmark, capsy
     with pytest.raises(SystemExit):
         benchmark.main(['--family', 'convformer', '--arch', 's12'])
     assert '--arch s12: convformer has s18, s36, m36, b36' in capsys.readouterr().err
+
+
+def test_the_paired_speedup_compares_runs_of_the_same_round(benchmark):
+    """Round r: the faster peer's run r over ours' run r (not medians over all rounds, which mix
+    moments of a machine whose speed drifts)."""
+    ours = [1., 2., 1., 1.]
+    peers = [[2., 2., 2., 2.], [1., 4., 1.5, 3.]]  # faster peer per round: 1, 2, 1.5, 2
+    q1, median, q3 = benchmark.paired_speedup(ours, peers)
+    assert median == pytest.approx(1.25) and q1 <= 1. and q3 >= 1.5
+    assert benchmark.paired_speedup([2.], [[1.], [3.]]) == [0.5] * 3

@@ -288,7 +288,12 @@ def bench_backbones(args, device) -> list:
     for impl in impls:
         fwd, train = (statistics.median(times[impl][k]) for k in ('forward', 'train'))
         rows.append(dict(impl=impl, forward_s=fwd, train_s=train,
-                         train_images_per_s=args.batch / train, max_rel_err=errors[impl]))
+                         train_images_per_s=args.batch / train, max_rel_err=errors[impl],
+                         forward_runs_s=times[impl]['forward'], train_runs_s=times[impl]['train']))
+    peers = [impl for impl in impls if impl in ('timm', 'mmpretrain')]
+    if 'ours' in times and peers:
+        rows[impls.index('ours')]['paired_speedup'] = {
+            k: paired_speedup(times['ours'][k], [times[p][k] for p in peers]) for k in times['ours']}
     if not args.no_memory:
         for row in rows:
             peaks = peak_step_memory(row['impl'], args)
@@ -422,9 +427,20 @@ def machine(device) -> dict:
         info['gpu'] = torch.cuda.get_device_name(device)
     else:
         cpu = kernels.cpu_info()
-        info.update(cpu=cpu['model'], cpu_flags=cpu['flags'],
-                    cpu_capability=torch.backends.cpu.get_cpu_capability())
+        info.update(cpu=cpu['model'], cpu_family_model=cpu['family_model'], cpu_flags=cpu['flags'],
+                    cpu_caches=cpu['caches'], cpu_capability=torch.backends.cpu.get_cpu_capability())
     return info
+
+
+def paired_speedup(ours, peers) -> list:
+    """Quartiles (25%, median, 75%) over rounds of the faster peer's time that round over ours': on a
+    machine whose speed drifts, runs of one round ran at the same speed, while the medians of the
+    table compare runs of different moments."""
+    ratios = sorted(min(round_) / mine for mine, round_ in zip(ours, zip(*peers)))
+    if len(ratios) < 2:
+        return [ratios[0]] * 3
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return [q1, median, q3]
 
 
 def print_backbones(rows, args):
@@ -458,6 +474,11 @@ def print_backbones(rows, args):
     if best:
         print('x: speed-up over the faster peer (timm, mmpretrain); mem x: memory relative to the '
               'smaller peer')
+    if ours and 'paired_speedup' in ours:
+        fwd, train = (ours['paired_speedup'][k] for k in ('forward', 'train'))
+        print(f'round by round, ours against the faster peer of the round: forward {fwd[1]:.2f}x '
+              f'(quartiles {fwd[0]:.2f}-{fwd[2]:.2f}), train {train[1]:.2f}x '
+              f'({train[0]:.2f}-{train[2]:.2f})')
     if floor and ours:
         print(f'floor: the convolutions and products alone; ours spends '
               f'{ours["forward_s"] / floor["forward_s"] - 1:+.0%} (forward) and '
