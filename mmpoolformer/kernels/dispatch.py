@@ -188,8 +188,9 @@ def cpu_info() -> dict:
     fields = {}
     for line in lines:
         field, _, value = line.partition(':')
-        fields.setdefault(field.strip(), value.strip())
-        if field.strip() == 'flags':  # the first processor's fields are all read
+        field = field.strip()
+        fields.setdefault(field, value.strip())
+        if field == 'flags':  # the first processor's fields are all read
             break
     info['model'] = fields.get('model name', 'unknown')
     info['flags'] = [f for f in CPU_FLAGS if f in set(fields.get('flags', '').split())]

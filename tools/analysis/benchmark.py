@@ -436,7 +436,7 @@ def paired_speedup(ours, peers) -> list:
     """Quartiles (25%, median, 75%) over rounds of the faster peer's time that round over ours': on a
     machine whose speed drifts, runs of one round ran at the same speed, while the medians of the
     table compare runs of different moments."""
-    ratios = sorted(min(round_) / mine for mine, round_ in zip(ours, zip(*peers)))
+    ratios = [min(round_) / mine for mine, round_ in zip(ours, zip(*peers))]
     if len(ratios) < 2:
         return [ratios[0]] * 3
     q1, median, q3 = statistics.quantiles(ratios, n=4)
