@@ -49,7 +49,8 @@ from mmpoolformer.models import CAFormer, ConvFormer, PoolFormer, PoolFormerV2
 from mmpoolformer.models.weights import convert_backbone_state_dict
 from mmpoolformer.testing import randomize_weights
 
-IMPLS = ('ours', 'ours+cp', 'timm', 'mmpretrain')
+PEERS = ('timm', 'mmpretrain')  # the implementations ours is compared with
+IMPLS = ('ours', 'ours+cp') + PEERS
 # our backbone classes by timm's model-name prefix
 FAMILIES = {'poolformer': PoolFormer, 'poolformerv2': PoolFormerV2, 'convformer': ConvFormer,
             'caformer': CAFormer}
@@ -290,7 +291,7 @@ def bench_backbones(args, device) -> list:
         rows.append(dict(impl=impl, forward_s=fwd, train_s=train,
                          train_images_per_s=args.batch / train, max_rel_err=errors[impl],
                          forward_runs_s=times[impl]['forward'], train_runs_s=times[impl]['train']))
-    peers = [impl for impl in impls if impl in ('timm', 'mmpretrain')]
+    peers = [impl for impl in impls if impl in PEERS]
     if 'ours' in times and peers:
         rows[impls.index('ours')]['paired_speedup'] = {
             k: paired_speedup(times['ours'][k], [times[p][k] for p in peers]) for k in times['ours']}
@@ -447,7 +448,7 @@ def print_backbones(rows, args):
     precision = f'{args.amp} autocast' if args.amp else 'fp32'
     print(f'\n{FAMILIES[args.family].__name__}-{args.arch.upper()} backbone, batch {args.batch}, '
           f'{args.size[0]}x{args.size[1]}, {precision}; median of {args.repeats}')
-    peers = [r for r in rows if r['impl'] in ('timm', 'mmpretrain')]
+    peers = [r for r in rows if r['impl'] in PEERS]
     best = {k: min(r[k] for r in peers) for k in ('forward_s', 'train_s')} if peers else None
     if peers and 'train_peak_mib' in peers[0]:
         best['memory'] = min(r['train_peak_mib'] for r in peers)
