@@ -20,22 +20,24 @@ def group_stats(x: torch.Tensor, groups: int, eps: float) -> Tuple[torch.Tensor,
     ``(N, groups)`` tensors in at least fp32 (fp16 sums of squares overflow). Not differentiable:
     the kernels carry the statistics' gradients themselves.
 
-    Where each group is contiguous in memory (one group, or the NCHW layout), the groups are the
-    channels of a one-sample "batch" whose statistics PyTorch's BatchNorm kernel computes in two
-    vectorised passes, about three times as fast as ``torch.var_mean`` and as accurate; several groups
-    of a channels-last map take ``torch.var_mean``.
+    Two passes, each a summation (pairwise, as accurate as Welford's): the mean, then the squared
+    deviations from it, over a temporary of the map's size. Unlike ``E[x^2] - E[x]^2`` (what PyTorch's
+    channels-last GroupNorm computes) it loses nothing where the mean is large against the spread;
+    it takes a quarter of the time of PyTorch's BatchNorm statistics kernel and a third of
+    ``torch.var_mean``'s on the CPUs measured.
     """
     n, c = x.shape[:2]
-    stat_dtype = torch.promote_types(x.dtype, torch.float32)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    if channels_last and groups > 1:
-        grouped = tokens(x).unflatten(2, (groups, c // groups)).to(stat_dtype)
-        var, mean = torch.var_mean(grouped, dim=(1, 3), correction=0)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        grouped, dims = tokens(x).unflatten(2, (groups, c // groups)), (1, 3)
     else:
-        rows = (tokens(x) if channels_last else x).reshape(1, n * groups, -1).to(stat_dtype)
-        mean, var = torch.ops.aten.batch_norm_update_stats(rows, None, None, 0.)
-        mean, var = mean.view(n, groups), var.view(n, groups)
-    return mean, (var + eps).rsqrt()
+        grouped, dims = x.reshape(n, groups, -1), (2, )
+    rows = grouped.to(torch.promote_types(x.dtype, torch.float32))
+    count = x[0].numel() // groups
+    mean = rows.sum(dims, keepdim=True) / count
+    # (a converted copy is a temporary already: the deviations overwrite it)
+    deviations = rows.sub_(mean) if rows.dtype != x.dtype else rows - mean
+    var = deviations.square_().sum(dims) / count
+    return mean.view(n, groups), (var + eps).rsqrt()
 
 
 def per_channel(stat: torch.Tensor, channels: int) -> torch.Tensor:
