@@ -514,8 +514,10 @@ class MetaFormer(BaseModule):
 
     def forward(self, x):
         """Runs channels-last inside (the MLPs are then plain matrix products over tokens) and
-        emits contiguous ``(N, C, H, W)`` maps, as every mmdet / mmseg neck expects."""
-        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
+        emits contiguous ``(N, C, H, W)`` maps, as every mmdet / mmseg neck expects. The stem takes
+        the image as it comes: with its weight channels-last it writes channels-last maps from either
+        layout (converting the image first cost a copy of it, and more time in the convolution)."""
+        x = self.patch_embed(x).contiguous(memory_format=torch.channels_last)
         outs = []
         for i, entries in enumerate(self.stage_entries):
             for j in entries[:-1]:
