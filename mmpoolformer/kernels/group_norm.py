@@ -15,29 +15,40 @@ def tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(n, -1, c)
 
 
-def group_stats(x: torch.Tensor, groups: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def group_stats(x: torch.Tensor, groups: int, eps: float,
+                scratch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and ``1 / sqrt(var + eps)`` of each ``(sample, group)`` of an ``(N, C, H, W)`` map, as
     ``(N, groups)`` tensors in at least fp32 (fp16 sums of squares overflow). Not differentiable:
     the kernels carry the statistics' gradients themselves.
 
     Two passes, each a summation (pairwise, as accurate as Welford's): the mean, then the squared
-    deviations from it, over a temporary of the map's size. Unlike ``E[x^2] - E[x]^2`` (what PyTorch's
-    channels-last GroupNorm computes) it loses nothing where the mean is large against the spread;
-    it takes a quarter of the time of PyTorch's BatchNorm statistics kernel and a third of
-    ``torch.var_mean``'s on the CPUs measured.
+    deviations from it, written over ``scratch`` where the caller has a buffer of ``x``'s shape, dtype
+    and layout that it writes afterwards (its output), else over a temporary. Unlike
+    ``E[x^2] - E[x]^2`` (what PyTorch's channels-last GroupNorm computes) it loses nothing where the
+    mean is large against the spread; it takes a quarter of the time of PyTorch's BatchNorm
+    statistics kernel and a third of ``torch.var_mean``'s on the CPUs measured.
     """
-    n, c = x.shape[:2]
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        grouped, dims = tokens(x).unflatten(2, (groups, c // groups)), (1, 3)
-    else:
-        grouped, dims = x.reshape(n, groups, -1), (2, )
-    rows = grouped.to(torch.promote_types(x.dtype, torch.float32))
+    stat_dtype = torch.promote_types(x.dtype, torch.float32)
+    rows, dims = _grouped(x, groups)
+    rows = rows.to(stat_dtype)
     count = x[0].numel() // groups
     mean = rows.sum(dims, keepdim=True) / count
-    # (a converted copy is a temporary already: the deviations overwrite it)
-    deviations = rows.sub_(mean) if rows.dtype != x.dtype else rows - mean
+    if rows.dtype != x.dtype:  # a converted copy, a temporary already
+        deviations = rows.sub_(mean)
+    elif scratch is not None:
+        deviations = torch.sub(rows, mean, out=_grouped(scratch, groups)[0])
+    else:
+        deviations = rows - mean
     var = deviations.square_().sum(dims) / count
-    return mean.view(n, groups), (var + eps).rsqrt()
+    return mean.view(x.shape[0], groups), (var + eps).rsqrt()
+
+
+def _grouped(x: torch.Tensor, groups: int) -> Tuple[torch.Tensor, tuple]:
+    """A view of ``x`` with each (sample, group) apart, and the dimensions that hold one group."""
+    n, c = x.shape[:2]
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return tokens(x).unflatten(2, (groups, c // groups)), (1, 3)
+    return x.reshape(n, groups, -1), (2, )
 
 
 def per_channel(stat: torch.Tensor, channels: int) -> torch.Tensor:

@@ -131,8 +131,8 @@ class GroupNormRows:
     def __init__(self, module: nn.GroupNorm):
         self.groups, self.eps = module.num_groups, module.eps
 
-    def statistics(self, x):
-        return group_stats(x, self.groups, self.eps)
+    def statistics(self, x, scratch=None):
+        return group_stats(x, self.groups, self.eps, scratch)
 
     def coefficients(self, stats, weight, bias, channels):
         return affine(*stats, weight, bias, channels)
@@ -160,7 +160,7 @@ class LayerNormRows:
     def __init__(self, module: nn.LayerNorm):
         self.eps = module.eps
 
-    def statistics(self, x):
+    def statistics(self, x, scratch=None):
         return None, None
 
     def coefficients(self, stats, weight, bias, channels):
@@ -207,13 +207,14 @@ class _NormMlpResidual(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             dtype = plan.dtype or x.dtype
             n, c = x.shape[:2]
-            mean, rstd = norm.statistics(x)
-            coefficients = norm.coefficients((mean, rstd), norm_weight, norm_bias, c)
-            w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (w1, b1, w2, b2))
-            act_params = tuple(t.to(dtype) for t in act_params)
             first_half = w2 is None
             out = torch.empty((n, w1.shape[0]) + x.shape[2:] if first_half else x.shape, dtype=x.dtype,
                               device=x.device, memory_format=torch.channels_last)
+            # (the output, before the chunks write it, is the statistics' scratch)
+            mean, rstd = norm.statistics(x, None if first_half else out)
+            coefficients = norm.coefficients((mean, rstd), norm_weight, norm_bias, c)
+            w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (w1, b1, w2, b2))
+            act_params = tuple(t.to(dtype) for t in act_params)
             tx, tout = tokens(x), tokens(out)
             for_backward = records and any(ctx.needs_input_grad)
             h_all = None

@@ -30,11 +30,12 @@ class _NormPoolResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, shift, res_scale, groups, eps, pool_size):
         ctx.pool_args = (pool_size, 1, pool_size // 2, False, False)  # kernel, stride, pad, ceil, incl.
-        mean, rstd = group_stats(x, groups, eps)
+        pooled = torch.empty_like(x)  # first the statistics' scratch
+        mean, rstd = group_stats(x, groups, eps, scratch=pooled)
         scale = (per_channel(rstd, x.shape[1]) * weight)[:, :, None, None].to(x.dtype)
         ctx.save_for_backward(x, weight, mean, rstd, res_scale)
         ctx.shift_shape = None if shift is None else shift.shape
-        pooled = F.avg_pool2d(x, *ctx.pool_args)
+        torch.ops.aten.avg_pool2d.out(x, *ctx.pool_args, None, out=pooled)
         if res_scale is None:  # (1 - s) x + s pool(x), written over the pooled map
             return pooled.lerp_(x, 1 - scale)
         return pooled.mul_(scale).addcmul_(x, res_scale.view(-1, 1, 1).to(x.dtype) - scale)
