@@ -54,14 +54,15 @@ def random_res_scale(dim, dtype):
             ).requires_grad_()
 
 
-SCALES = dict(per_sample=[2., 0., 1.], shared=[1.5] * 3, one=[1.] * 3)
+SCALES = dict(per_sample=[2., 0., 1.], shared=[1.5] * 3, one=[1.] * 3, all_dropped=[0.] * 3)
 
 
 def gradcheck_mlp_kernel(norm, fc1, act, fc2, scales, res_scale=None, device='cpu'):
     """float64 ``gradcheck`` of the autograd function with BLAS products (oneDNN has no float64; its
     plans are checked in fp32 below): per-sample factors give three chunks per sample (the last one
     short) and one dropped sample; one factor for all (1: no scaling at all), chunks of 16 rows
-    across the 35-token samples."""
+    across the 35-token samples; every sample dropped (the weights' gradients then have no share
+    from any chunk, and are zero)."""
     x = torch.randn(3, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     args = [x, norm.weight, norm.bias, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias,
             res_scale, *act.parameters()]
