@@ -25,8 +25,9 @@ def group_stats(x: torch.Tensor, groups: int, eps: float,
     deviations from it, written over ``scratch`` where the caller has a buffer of ``x``'s shape, dtype
     and layout that it writes afterwards (its output), else over a temporary. Unlike
     ``E[x^2] - E[x]^2`` (what PyTorch's channels-last GroupNorm computes) it loses nothing where the
-    mean is large against the spread; it takes a quarter of the time of PyTorch's BatchNorm
-    statistics kernel and a third of ``torch.var_mean``'s on the CPUs measured.
+    mean is large against the spread. It takes a quarter to a third of the time of PyTorch's BatchNorm
+    statistics kernel and a tenth of ``torch.var_mean``'s (AVX2, 2x64x128x128: 0.5-0.8 against 2.2
+    and 7.5 ms).
     """
     stat_dtype = torch.promote_types(x.dtype, torch.float32)
     rows, dims = _grouped(x, groups)

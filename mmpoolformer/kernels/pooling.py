@@ -10,7 +10,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import dispatch
 from .group_norm import group_stats, per_channel
