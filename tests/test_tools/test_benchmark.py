@@ -47,7 +47,7 @@ def test_reports_every_implementation_the_floor_and_the_machine(benchmark, famil
     assert set(result['machine']['cpu_flags']) <= {'avx2', 'avx512f', 'avx512_bf16', 'avx512_fp16',
                                                    'amx_bf16', 'amx_fp16'}
     assert {'cpu', 'cpu_family_model', 'cpu_caches', 'threads'} <= set(result['machine'])
-    ours, peers = rows['ours'], [rows[p] for p in impls if p in ('timm', 'mmpretrain')]
+    ours, peers = rows['ours'], [rows[p] for p in impls if p in benchmark.PEERS]
     assert all(len(rows[impl]['train_runs_s']) == 1 for impl in impls)  # --repeats 1
     # round by round: the faster peer's time of the round over ours'
     expected = min(p['forward_runs_s'][0] for p in peers) / ours['forward_runs_s'][0]

@@ -121,11 +121,10 @@ OUT_NORMS = ('norm0', 'norm2', 'norm4', 'norm6')  # ours, emitting stages 0-3 (o
 def available(impl: str, family: str) -> bool:
     if impl == 'mmpretrain' and family != 'poolformer':
         return False
-    module = {'timm': 'timm', 'mmpretrain': 'mmpretrain'}.get(impl)
-    if module is None:
+    if impl not in PEERS:  # (each peer is the package of its name)
         return True
     try:
-        __import__(module)
+        __import__(impl)
         return True
     except ImportError:
         return False
@@ -473,7 +472,7 @@ def print_backbones(rows, args):
     floor = next((r for r in rows if r['impl'] == 'floor'), None)
     ours = next((r for r in rows if r['impl'] == 'ours'), None)
     if best:
-        print('x: speed-up over the faster peer (timm, mmpretrain); mem x: memory relative to the '
+        print(f'x: speed-up over the faster peer ({", ".join(PEERS)}); mem x: memory relative to the '
               'smaller peer')
     if ours and 'paired_speedup' in ours:
         fwd, train = (ours['paired_speedup'][k] for k in ('forward', 'train'))
