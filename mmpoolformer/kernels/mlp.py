@@ -14,7 +14,9 @@ Backward goes through the same chunks. Only ``x`` and (in blocks wider than
 :data:`RECOMPUTE_HIDDEN_UP_TO` channels) the hidden map ``h`` are kept; the normalised map, the
 activation and any ``h`` not kept are recomputed per chunk, and the weight gradients accumulate chunk by
 chunk. A LayerNorm's backward is per token and runs in the chunks too; GroupNorm's needs the whole
-map's gradient, which the chunks gather for PyTorch's own GroupNorm backward.
+map's gradient, which the chunks gather for PyTorch's own GroupNorm backward. The activation's value
+(for fc2's weight gradient) and derivative come from one compiled pass where there is one for it
+(GELU on CPUs, ``native.py``), else from its forward and backward operators.
 
 ``s`` is a per-channel scale folded into fc2 by the caller (LayerScale) times a per-sample factor
 (stochastic depth: 0 for a dropped sample, whose output is then its residual, ``1 / keep``
@@ -30,7 +32,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn as nn
 
-from . import dispatch
+from . import dispatch, native
 from .dispatch import Plan
 from .group_norm import affine, group_stats, tokens
 
@@ -56,10 +58,13 @@ class Activation:
         from ..models.layers import StarReLU  # (the architecture's; the models import the kernels)
         self.onednn_post_op = None  # (attr, scalars, algorithm) of oneDNN's fused activation
         self.params = ()
+        self._native = None  # what gives value_and_backward its compiled kernel, if any
         kind = type(module)
         if kind is nn.GELU:
             approximate = module.approximate
             self.onednn_post_op = ('gelu', [], approximate)
+            if approximate == 'none':
+                self._native = native.gelu_value_and_grad
             self.forward = lambda h, out, params: torch.ops.aten.gelu.out(
                 h, approximate=approximate, out=out)
             self.backward = lambda g, h, *unused: torch.ops.aten.gelu_backward.grad_input(
@@ -79,6 +84,15 @@ class Activation:
             self.forward, self.backward = _star_relu_forward, _star_relu_backward
         else:
             raise TypeError(f'no fused kernel for activation {kind.__name__}')
+
+    def value_and_backward(self, device: torch.device, dtype: torch.dtype) -> Optional[Callable]:
+        """``fn(h, out, g)``: the activation of ``h`` into ``out`` and its backward of ``g`` in place,
+        in one pass, where a compiled kernel does that for this device and dtype (``native.py``; it
+        takes contiguous chunks, as the kernel's buffers and kept hidden map are); else None, and
+        backward calls ``forward`` and ``backward``."""
+        if self._native is None or device.type != 'cpu' or dtype != torch.float32:
+            return None
+        return self._native()
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
@@ -289,6 +303,8 @@ class _NormMlpResidual(torch.autograd.Function):
             bufs = _Buffers(tx, hidden, dtype)
             rows_x, rows_g = tx.flatten(0, 1), tg.flatten(0, 1)
             rows_h = None if h_all is None else h_all.flatten(0, 1)
+            joint = act.value_and_backward(x.device, dtype) if (
+                needs[5] and into_hidden and not first_half) else None
 
             def dropped(i):  # the branch has no gradient: the residual's alone, added below
                 if rows_gr is not None:
@@ -303,17 +319,22 @@ class _NormMlpResidual(torch.autograd.Function):
                                                bufs.normed(k))
                 hc = rows_h[start:end] if rows_h is not None else _linear(
                     plan.backend, nc, w1, b1, scratch=bufs.hidden(k))
-                if needs[5]:
-                    _accumulate(gw2, gc.t(), act.forward(hc, bufs.act(k), act_params))
                 if needs[6]:
                     gb2 += gc.sum(0)
-                if not into_hidden:
-                    continue
-                # the activation's gradient: given (the first half), or back through fc2; computed
-                # on in place, in a chunk buffer
-                grad_act_out = bufs.act(k).copy_(gc) if first_half else _linear(
-                    plan.backend, gc, w2_t, scratch=bufs.act(k))
-                gh = act.backward(grad_act_out, hc, act_params, grad_act, bufs.scratch(k))
+                if joint is not None:  # the activation's value and gradient in one pass
+                    gh, value = _linear(plan.backend, gc, w2_t, scratch=bufs.scratch(k)), bufs.act(k)
+                    joint(hc, value, gh)
+                    _accumulate(gw2, gc.t(), value)
+                else:
+                    if needs[5]:
+                        _accumulate(gw2, gc.t(), act.forward(hc, bufs.act(k), act_params))
+                    if not into_hidden:
+                        continue
+                    # the activation's gradient: given (the first half), or back through fc2;
+                    # computed on in place, in a chunk buffer
+                    grad_act_out = bufs.act(k).copy_(gc) if first_half else _linear(
+                        plan.backend, gc, w2_t, scratch=bufs.act(k))
+                    gh = act.backward(grad_act_out, hc, act_params, grad_act, bufs.scratch(k))
                 if needs[3]:
                     _accumulate(gw1, gh.t(), nc)
                 if needs[4]:
