@@ -95,7 +95,12 @@ fi
 "$PY" - <<'PY'
 import mmcv, mmcv.ops, mmdet, mmengine, mmseg, torch
 import mmpoolformer
+from mmpoolformer.kernels import native
 print(f'[setup_env] ready: torch {torch.__version__}, mmengine {mmengine.__version__}, '
       f'mmcv {mmcv.__version__} (ops compiled), mmdet {mmdet.__version__}, '
       f'mmseg {mmseg.__version__}, mmpoolformer {mmpoolformer.__version__}')
+# the compiled CPU kernels, built here (once) rather than in the first training step
+capability = torch.backends.cpu.get_cpu_capability()
+state = 'built' if native.ops() is not None else 'unavailable: PyTorch operators instead'
+print(f'[setup_env] compiled CPU kernels for {capability}: {state}')
 PY
