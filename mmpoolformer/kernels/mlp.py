@@ -16,7 +16,7 @@ activation and any ``h`` not kept are recomputed per chunk, and the weight gradi
 chunk. A LayerNorm's backward is per token and runs in the chunks too; GroupNorm's needs the whole
 map's gradient, which the chunks gather for PyTorch's own GroupNorm backward. The activation's value
 (for fc2's weight gradient) and derivative come from one compiled pass where there is one for it
-(GELU on CPUs, ``native.py``), else from its forward and backward operators.
+(GELU and StarReLU on CPUs, ``native.py``), else from its forward and backward operators.
 
 ``s`` is a per-channel scale folded into fc2 by the caller (LayerScale) times a per-sample factor
 (stochastic depth: 0 for a dropped sample, whose output is then its residual, ``1 / keep``
@@ -58,13 +58,13 @@ class Activation:
         from ..models.layers import StarReLU  # (the architecture's; the models import the kernels)
         self.onednn_post_op = None  # (attr, scalars, algorithm) of oneDNN's fused activation
         self.params = ()
-        self._native = None  # what gives value_and_backward its compiled kernel, if any
+        self._value_and_backward = None  # a compiled kernel's, if there is one for it
         kind = type(module)
         if kind is nn.GELU:
             approximate = module.approximate
             self.onednn_post_op = ('gelu', [], approximate)
             if approximate == 'none':
-                self._native = native.gelu_value_and_grad
+                self._value_and_backward = _gelu_value_and_backward
             self.forward = lambda h, out, params: torch.ops.aten.gelu.out(
                 h, approximate=approximate, out=out)
             self.backward = lambda g, h, *unused: torch.ops.aten.gelu_backward.grad_input(
@@ -82,17 +82,19 @@ class Activation:
         elif kind is StarReLU:
             self.params = (module.scale, module.bias)
             self.forward, self.backward = _star_relu_forward, _star_relu_backward
+            self._value_and_backward = _star_relu_value_and_backward
         else:
             raise TypeError(f'no fused kernel for activation {kind.__name__}')
 
     def value_and_backward(self, device: torch.device, dtype: torch.dtype) -> Optional[Callable]:
-        """``fn(h, out, g)``: the activation of ``h`` into ``out`` and its backward of ``g`` in place,
-        in one pass, where a compiled kernel does that for this device and dtype (``native.py``; it
-        takes contiguous chunks, as the kernel's buffers and kept hidden map are); else None, and
-        backward calls ``forward`` and ``backward``."""
-        if self._native is None or device.type != 'cpu' or dtype != torch.float32:
+        """``fn(h, out, g, params, grads)``: the activation of ``h`` into ``out`` and its backward of
+        ``g`` in place (as ``backward``), in one pass, where a compiled kernel does that for this
+        device and dtype (``native.py``; it takes contiguous chunks, as the kernel's buffers and kept
+        hidden map are); else None, and backward calls ``forward`` and ``backward``."""
+        if (self._value_and_backward is None or device.type != 'cpu' or dtype != torch.float32
+                or native.ops() is None):
             return None
-        return self._native()
+        return self._value_and_backward
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
@@ -100,14 +102,36 @@ class Activation:
         return type(module) in (nn.GELU, nn.ReLU, nn.SiLU, StarReLU)
 
 
+def _gelu_value_and_backward(h, out, g, params, grads):
+    native.ops().gelu_value_and_grad(h, out, g)
+
+
 def _star_relu_forward(h, out, params):
     """``scale * relu(h) ** 2 + bias``, in ``out``."""
     scale, bias = params
+    if native.takes(h, out):
+        native.ops().star_relu(h, out, scale, bias)
+        return out
     return torch.clamp_min(h, 0, out=out).square_().mul_(scale).add_(bias)
+
+
+def _star_relu_value_and_backward(h, out, g, params, grads):
+    _add_star_relu_grads(native.ops().star_relu_backward(h, g, out, *params), grads)
+
+
+def _add_star_relu_grads(sums, grads):
+    """The compiled backward's ``(sum(g * relu(h) ** 2), sum(g))`` into the gradients of the scale
+    and the bias."""
+    for total, part in zip(grads, sums):
+        if total is not None:
+            total += part
 
 
 def _star_relu_backward(g, h, params, grads, scratch):
     """``g * 2 * scale * relu(h)`` in ``g``; ``sum(g * relu(h) ** 2)`` and ``sum(g)`` into ``grads``."""
+    if native.takes(g, h):
+        _add_star_relu_grads(native.ops().star_relu_backward(h, g, None, *params), grads)
+        return g
     scale, _ = params
     grad_scale, grad_bias = grads
     if grad_bias is not None:
@@ -323,7 +347,7 @@ class _NormMlpResidual(torch.autograd.Function):
                     gb2 += gc.sum(0)
                 if joint is not None:  # the activation's value and gradient in one pass
                     gh, value = _linear(plan.backend, gc, w2_t, scratch=bufs.scratch(k)), bufs.act(k)
-                    joint(hc, value, gh)
+                    joint(hc, value, gh, act_params, grad_act)
                     _accumulate(gw2, gc.t(), value)
                 else:
                     if needs[5]:

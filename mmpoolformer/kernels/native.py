@@ -1,8 +1,11 @@
 """Compiled CPU kernels for work that PyTorch's operators do in several passes, built for this CPU.
 
-One so far: GELU's value and derivative in one pass (``csrc/gelu.cpp``), which the MLP kernel's
-backward needs for every hidden value. PyTorch's two operators spend three exponentials on them, this
-kernel one: in PoolFormer-S12's training step (AVX2, 2x512x512) 43-52 ms against 61-72 ms.
+The MLP kernel's activations, in one pass over a chunk each way: GELU's value and derivative in
+backward (``csrc/gelu.cpp``; PyTorch's two operators spend three exponentials on them, this kernel
+one), StarReLU forward and backward (``csrc/star_relu.cpp``; as PyTorch's operators, four passes
+forward and six backward). On the Zen 3 machine (AVX2, 2 threads, 2x512x512, profiled): the GELU
+work of PoolFormer-S12's backward 24-28 against 57-69 ms a training step; ConvFormer-S18's
+element-wise operators around StarReLU 78-92 against 172-216 ms.
 
 The kernels are built on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about
 15 s on two cores), for the instruction set PyTorch's own CPU kernels use here (AVX2 or AVX-512), into
@@ -16,17 +19,21 @@ import hashlib
 import os
 import os.path as osp
 import warnings
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-SOURCES = (osp.join(osp.dirname(__file__), 'csrc', 'gelu.cpp'), )
+SOURCES = tuple(osp.join(osp.dirname(__file__), 'csrc', name)
+                for name in ('gelu.cpp', 'star_relu.cpp'))
 # at::vec selects its instructions by these defines; the compiler needs the matching flags
 CAPABILITY_FLAGS = {
     'AVX2': ['-mavx2', '-mfma', '-DCPU_CAPABILITY=AVX2', '-DCPU_CAPABILITY_AVX2'],
     'AVX512': ['-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx512dq', '-mfma',
                '-DCPU_CAPABILITY=AVX512', '-DCPU_CAPABILITY_AVX512'],
 }
+# OpenMP: at::parallel_for runs on PyTorch's threads only where the pragmas are compiled (without it,
+# on one thread); the libgomp this links is the one PyTorch loaded
+COMPILE_FLAGS = ['-O3', '-fopenmp']
 NAME = 'mmpoolformer_native'
 # in the build folder: that a build finished (the library is then loaded as it is), or why it failed
 # (then it is not retried)
@@ -39,7 +46,7 @@ def build_dir(capability: str) -> str:
     for path in SOURCES:
         with open(path, 'rb') as f:
             digest.update(f.read())
-    digest.update(' '.join(CAPABILITY_FLAGS[capability]).encode())
+    digest.update(' '.join(COMPILE_FLAGS + CAPABILITY_FLAGS[capability]).encode())
     cache = os.environ.get('MMPF_CACHE') or osp.join(osp.expanduser('~'), '.cache', 'mmpoolformer')
     return osp.join(cache, 'native', f'{capability.lower()}-{digest.hexdigest()[:16]}')
 
@@ -84,17 +91,17 @@ def _build(folder: str, capability: str) -> None:
     from torch.utils import cpp_extension
     os.makedirs(folder, exist_ok=True)
     cpp_extension.load(name=NAME, sources=list(SOURCES), build_directory=folder,
-                       extra_cflags=['-O3', *CAPABILITY_FLAGS[capability]], is_python_module=False,
-                       verbose=False)
+                       extra_cflags=COMPILE_FLAGS + CAPABILITY_FLAGS[capability],
+                       extra_ldflags=['-fopenmp'], is_python_module=False, verbose=False)
     with open(osp.join(folder, BUILT), 'w') as f:
         f.write(f'{NAME}.so, built for {capability} against torch {torch.__version__}\n')
 
 
-def gelu_value_and_grad() -> Optional[Callable]:
-    """``fn(h, value, grad)``: ``value = gelu(h)`` and ``grad *= gelu'(h)`` in one pass (exact GELU;
-    contiguous fp32 CPU tensors of one size), or None where the kernel is unavailable."""
-    namespace = ops()
-    return None if namespace is None else namespace.gelu_value_and_grad
+def takes(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled kernels are there and take these tensors: contiguous fp32 CPU tensors
+    (what the MLP kernel's chunk buffers and kept hidden map are, unless its products run in bf16)."""
+    return all(t.device.type == 'cpu' and t.dtype == torch.float32 and t.is_contiguous()
+               for t in tensors) and ops() is not None
 
 
 def _check(namespace) -> Optional[str]:
@@ -109,6 +116,17 @@ def _check(namespace) -> Optional[str]:
     if not (torch.allclose(value.double(), reference, rtol=1e-5, atol=1e-6)
             and torch.allclose(ours.double(), reference_grad, rtol=1e-5, atol=1e-6)):
         return "their GELU disagrees with PyTorch's"
+    scale, bias = torch.tensor([0.8]), torch.tensor([-0.1])
+    namespace.star_relu(h, value, scale, bias)
+    relu = h.double().clamp_min(0)
+    ours = grad.clone()
+    sums = namespace.star_relu_backward(h, ours, None, scale, bias)
+    terms = grad.double() * relu ** 2, grad.double()
+    sums_ok = all((total - t.sum()).abs() <= 1e-6 * t.abs().sum() for total, t in zip(sums, terms))
+    if not (torch.allclose(value.double(), 0.8 * relu ** 2 - 0.1, rtol=1e-6, atol=1e-6)
+            and torch.allclose(ours.double(), grad.double() * 1.6 * relu, rtol=1e-6, atol=1e-6)
+            and sums_ok):
+        return "their StarReLU disagrees with PyTorch's"
     return None
 
 

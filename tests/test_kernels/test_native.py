@@ -1,5 +1,5 @@
-"""The compiled CPU kernels (``kernels/native.py``): their numbers against PyTorch's operators, the MLP
-kernel's backward using them, and what happens where they cannot be built."""
+"""The compiled CPU kernels (``kernels/native.py``): their numbers against float64 and PyTorch's
+operators, the MLP kernel using them, and what happens where they cannot be built."""
 import copy
 import warnings
 
@@ -10,6 +10,7 @@ import torch.nn as nn
 from mmpoolformer import kernels
 from mmpoolformer.kernels import mlp as mlp_kernel
 from mmpoolformer.kernels import native
+from mmpoolformer.models.layers import LayerNorm2d, StarReLU
 from mmpoolformer.testing import OpLog, max_rel_err
 
 # Where PyTorch's CPU kernels have vector instructions of the kinds ours are built for, a machine with
@@ -18,12 +19,17 @@ BUILDABLE = torch.backends.cpu.get_cpu_capability() in native.CAPABILITY_FLAGS
 
 
 @pytest.fixture(scope='module')
-def gelu_value_and_grad():
+def compiled():
     if not BUILDABLE:
         pytest.skip(f'no kernels of ours for {torch.backends.cpu.get_cpu_capability()}')
-    kernel = native.gelu_value_and_grad()
-    assert kernel is not None, 'the compiled kernels failed to build or their check (see the warning)'
-    return kernel
+    ops = native.ops()
+    assert ops is not None, 'the compiled kernels failed to build or their check (see the warning)'
+    return ops
+
+
+@pytest.fixture
+def gelu_value_and_grad(compiled):
+    return compiled.gelu_value_and_grad
 
 
 @pytest.mark.parametrize('numel', [1, 7, 8, 100_003, 1 << 20])
@@ -47,7 +53,7 @@ def test_compiled_gelu_value_and_gradient_match_pytorch(gelu_value_and_grad, num
     assert (ours.double() - reference_grad).abs().max() <= torch_grad_err + 3e-7
 
 
-def test_compiled_gelu_refuses_what_it_does_not_compute(gelu_value_and_grad):
+def test_compiled_kernels_refuse_what_they_do_not_compute(gelu_value_and_grad):
     h = torch.randn(4, 6)
     with pytest.raises(RuntimeError, match='contiguous float32'):
         gelu_value_and_grad(h.t(), torch.empty(6, 4), torch.empty(6, 4))
@@ -55,34 +61,87 @@ def test_compiled_gelu_refuses_what_it_does_not_compute(gelu_value_and_grad):
         gelu_value_and_grad(h.double(), torch.empty(4, 6), torch.empty(4, 6))
     with pytest.raises(RuntimeError, match='one size'):
         gelu_value_and_grad(h, torch.empty(4, 5), torch.empty(4, 6))
+    one = torch.ones(1)
+    with pytest.raises(RuntimeError, match='contiguous float32'):
+        native.ops().star_relu(h.t(), torch.empty(6, 4), one, one)
+    with pytest.raises(RuntimeError, match='one size'):
+        native.ops().star_relu_backward(h, torch.empty(4, 5), None, one, one)
 
 
-def mlp_step(x, modules):
+@pytest.mark.parametrize('with_value', [True, False], ids=['with_value', 'gradient_only'])
+@pytest.mark.parametrize('numel', [1, 7, 8, 100_003, 1 << 20])
+def test_compiled_star_relu_matches_float64(compiled, numel, with_value):
+    """Value, input gradient and the sums that are the gradients of scale and bias (float64 totals
+    of float32 blocks)."""
+    ops = compiled
+    g = torch.Generator().manual_seed(numel)
+    h, grad = torch.randn(numel, generator=g) * 3, torch.randn(numel, generator=g)
+    scale, bias = torch.tensor([0.8]), torch.tensor([-0.1])
+    relu = h.double().clamp_min(0)
+    value = torch.full_like(h, float('nan'))
+    ops.star_relu(h, value, scale, bias)
+    assert max_rel_err(value, 0.8 * relu ** 2 - 0.1) <= 1e-7
+    ours, backward_value = grad.clone(), torch.full_like(h, float('nan')) if with_value else None
+    sums = ops.star_relu_backward(h, ours, backward_value, scale, bias)
+    assert max_rel_err(ours, grad.double() * 1.6 * relu) <= 1e-7
+    if with_value:
+        assert torch.equal(backward_value, value)
+    for total, terms in zip(sums, (grad.double() * relu ** 2, grad.double())):
+        # within about a rounding of the terms' magnitude, however many they are
+        assert (total - terms.sum()).abs() <= 1e-7 * terms.abs().sum()
+
+
+def mlp_step(x, modules, first_half=False):
     with kernels.forced(kernels.Plan(backend='blas')):
-        y = kernels.norm_mlp_residual(x, *modules, None, None, plain=lambda x: pytest.fail('plain'))
-    params = [p for m in modules if isinstance(m, nn.Module) for p in m.parameters()] + [modules[-1]]
+        if first_half:
+            y = kernels.norm_linear_act(x, *modules, plain=lambda x: pytest.fail('plain'))
+        else:
+            y = kernels.norm_mlp_residual(x, *modules, None, None, plain=lambda x: pytest.fail('plain'))
+    params = [p for m in modules if isinstance(m, nn.Module) for p in m.parameters()]
+    params += [m for m in modules if isinstance(m, nn.Parameter)]
     return [y] + list(torch.autograd.grad(y, [x] + params, torch.ones_like(y)))
 
 
+def branch(act, first_half):
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(1, 12) if isinstance(act, nn.GELU) else LayerNorm2d(12, eps=1e-6)
+    if first_half:
+        return [norm, nn.Conv2d(12, 48, 1), act]
+    return [norm, nn.Conv2d(12, 48, 1), act, nn.Conv2d(48, 12, 1), nn.Parameter(torch.rand(12) + 0.5)]
+
+
+# what each activation's compiled kernel replaces: (compiled forward, compiled backward, PyTorch's)
+COMPILED = {'gelu': (None, 'mmpoolformer.gelu_value_and_grad', 'aten.gelu_backward'),
+            'star_relu': ('mmpoolformer.star_relu', 'mmpoolformer.star_relu_backward', 'aten.clamp_min')}
+
+
 @pytest.mark.parametrize('recompute_up_to', [1000, 0], ids=['hidden_recomputed', 'hidden_kept'])
-def test_mlp_backward_takes_the_compiled_gelu_and_gives_pytorchs_numbers(gelu_value_and_grad,
-                                                                         recompute_up_to, monkeypatch):
-    """With the kernel, backward runs it once per chunk in place of GELU and its backward, and every
-    gradient agrees with the same backward on PyTorch's operators."""
+@pytest.mark.parametrize('first_half', [False, True], ids=['mlp', 'first_half'])
+@pytest.mark.parametrize('act', [nn.GELU(), StarReLU(0.8, -0.1)], ids=COMPILED.keys())
+def test_the_mlp_kernel_takes_the_compiled_activations_and_gives_pytorchs_numbers(
+        compiled, act, first_half, recompute_up_to, monkeypatch):
+    """With the kernels, each chunk's activation is one compiled call forward and one backward, in
+    place of PyTorch's operators (GELU's forward stays PyTorch's: as fast); every output and gradient
+    agrees with the same kernel on PyTorch's operators."""
+    if first_half and isinstance(act, nn.GELU):
+        pytest.skip("GELU's backward without its value is PyTorch's gelu_backward alone")
     monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 64 * 48 * 4)  # several chunks
     monkeypatch.setattr(mlp_kernel, 'RECOMPUTE_HIDDEN_UP_TO', recompute_up_to)
-    torch.manual_seed(0)
-    modules = [nn.GroupNorm(1, 12), nn.Conv2d(12, 48, 1), nn.GELU(), nn.Conv2d(48, 12, 1),
-               nn.Parameter(torch.rand(12) + 0.5)]
+    modules = branch(copy.deepcopy(act), first_half)
     x = torch.randn(2, 12, 15, 13, requires_grad=True)
     with OpLog() as log:
-        ours = mlp_step(x, modules)
+        ours = mlp_step(x, modules, first_half)
     names = [name for name, _ in log.ops]
-    chunks = names.count('mmpoolformer.gelu_value_and_grad')
-    assert chunks >= 4 and 'aten.gelu_backward' not in names
-    assert names.count('aten.gelu') == chunks  # forward's, none in backward
+    forward_op, backward_op, replaced = COMPILED['gelu' if isinstance(act, nn.GELU) else 'star_relu']
+    chunks = names.count(backward_op)
+    assert chunks >= 4 and replaced not in names
+    if forward_op:
+        assert names.count(forward_op) == chunks
+    monkeypatch.setattr(native, 'takes', lambda *tensors: False)
     monkeypatch.setattr(mlp_kernel.Activation, 'value_and_backward', lambda *args: None)
-    reference = mlp_step(x, copy.deepcopy(modules))
+    with OpLog() as log:
+        reference = mlp_step(x, copy.deepcopy(modules), first_half)
+    assert not any(name.startswith('mmpoolformer.') for name, _ in log.ops)
     for a, b in zip(ours, reference):
         assert max_rel_err(a, b) <= 1e-6
 
@@ -101,14 +160,14 @@ def test_kernels_that_cannot_be_built_leave_the_work_to_pytorch(tmp_path, monkey
     native.ops.cache_clear()
     try:
         with pytest.warns(UserWarning, match='c\\+\\+: command not found.*operators do their work'):
-            assert native.gelu_value_and_grad() is None
+            assert native.ops() is None
         with warnings.catch_warnings():
             warnings.simplefilter('error')
-            assert native.gelu_value_and_grad() is None  # (this process: decided once)
+            assert native.ops() is None  # (this process: decided once)
         native.ops.cache_clear()
         monkeypatch.setattr(cpp_extension, 'load', lambda **kwargs: pytest.fail('built again'))
         with pytest.warns(UserWarning, match='command not found; delete .* to retry'):
-            assert native.gelu_value_and_grad() is None  # (a later process)
+            assert native.ops() is None  # (a later process)
         assert mlp_kernel.Activation(nn.GELU()).value_and_backward(torch.device('cpu'),
                                                                    torch.float32) is None
     finally:
@@ -121,16 +180,16 @@ def test_no_kernels_of_ours_without_vector_instructions(monkeypatch):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error')
-            assert native.gelu_value_and_grad() is None
+            assert native.ops() is None
     finally:
         native.ops.cache_clear()
 
 
-def test_a_finished_build_is_loaded_without_building_again(gelu_value_and_grad, monkeypatch):
+def test_a_finished_build_is_loaded_without_building_again(compiled, monkeypatch):
     from torch.utils import cpp_extension
     monkeypatch.setattr(cpp_extension, 'load', lambda **kwargs: pytest.fail('built again'))
     native.ops.cache_clear()
     try:
-        assert native.gelu_value_and_grad() is not None
+        assert native.ops() is not None
     finally:
         native.ops.cache_clear()

@@ -1,0 +1,112 @@
+// StarReLU, s * relu(h)^2 + b (MetaFormer Baselines), in one pass each way, for the MLP kernel (mlp.py).
+//
+// As PyTorch's operators, the forward pass is four passes over the hidden map (clamp, square, multiply,
+// add) and the backward six (the value for fc2's weight gradient again, the derivative 2 s relu(h), and
+// the sums of g relu(h)^2 and g that are the gradients of s and b). Here: one each. The sums go over
+// blocks of a few hundred values in float, then into a double per thread, added in thread order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kBlock = 64 * Vec::size();  // values summed in float before a double takes them
+
+void check(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(), name,
+              " takes contiguous float32 CPU tensors");
+  TORCH_CHECK(t.numel() == like.numel(), name, " takes tensors of one size");
+}
+
+// out = scale * relu(h)^2 + bias
+void star_relu(const at::Tensor& h, const at::Tensor& out, const at::Tensor& scale,
+               const at::Tensor& bias) {
+  check(h, h, "star_relu");
+  check(out, h, "star_relu");
+  const float s = scale.item<float>(), b = bias.item<float>();
+  const float* hp = h.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, h.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    const Vec vs(s), vb(b), zero(0.f);
+    int64_t i = begin;
+    for (; i + Vec::size() <= end; i += Vec::size()) {
+      const Vec r = at::vec::maximum(Vec::loadu(hp + i), zero);
+      at::vec::fmadd(vs * r, r, vb).store(op + i);
+    }
+    for (; i < end; ++i) {
+      const float r = hp[i] > 0.f ? hp[i] : 0.f;
+      op[i] = s * r * r + b;
+    }
+  });
+}
+
+// grad = grad * 2 scale relu(h), in place; value = scale * relu(h)^2 + bias where given. Returns the
+// gradients of scale and bias, sum(grad * relu(h)^2) and sum(grad) of the incoming grad, as float64.
+at::Tensor star_relu_backward(const at::Tensor& h, const at::Tensor& grad,
+                              const std::optional<at::Tensor>& value, const at::Tensor& scale,
+                              const at::Tensor& bias) {
+  check(h, h, "star_relu_backward");
+  check(grad, h, "star_relu_backward");
+  const bool with_value = value.has_value() && value->defined();
+  if (with_value) check(*value, h, "star_relu_backward");
+  const float s = scale.item<float>(), b = bias.item<float>();
+  const float* hp = h.const_data_ptr<float>();
+  float* gp = grad.data_ptr<float>();
+  float* vp = with_value ? value->data_ptr<float>() : nullptr;
+  std::vector<double> sums(2 * at::get_num_threads(), 0.);  // (g relu^2, g) per thread
+  at::parallel_for(0, h.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    const Vec vs(s), vb(b), two_s(2.f * s), zero(0.f);
+    double sum_gr2 = 0., sum_g = 0.;
+    for (int64_t block = begin; block < end; block += kBlock) {
+      const int64_t stop = std::min(block + kBlock, end);
+      Vec acc_gr2(0.f), acc_g(0.f);
+      int64_t i = block;
+      for (; i + Vec::size() <= stop; i += Vec::size()) {
+        const Vec r = at::vec::maximum(Vec::loadu(hp + i), zero);
+        const Vec g = Vec::loadu(gp + i);
+        const Vec gr = g * r;
+        acc_gr2 = at::vec::fmadd(gr, r, acc_gr2);
+        acc_g = acc_g + g;
+        if (vp != nullptr) at::vec::fmadd(vs * r, r, vb).store(vp + i);
+        (gr * two_s).store(gp + i);
+      }
+      float lanes_gr2[Vec::size()], lanes_g[Vec::size()];
+      acc_gr2.store(lanes_gr2);
+      acc_g.store(lanes_g);
+      for (int64_t lane = 0; lane < Vec::size(); ++lane) {
+        sum_gr2 += lanes_gr2[lane];
+        sum_g += lanes_g[lane];
+      }
+      for (; i < stop; ++i) {
+        const float r = hp[i] > 0.f ? hp[i] : 0.f;
+        sum_gr2 += static_cast<double>(gp[i]) * r * r;
+        sum_g += gp[i];
+        if (vp != nullptr) vp[i] = s * r * r + b;
+        gp[i] *= 2.f * s * r;
+      }
+    }
+    const int thread = at::get_thread_num();
+    sums[2 * thread] += sum_gr2;
+    sums[2 * thread + 1] += sum_g;
+  });
+  double total_gr2 = 0., total_g = 0.;
+  for (size_t thread = 0; thread < sums.size(); thread += 2) {
+    total_gr2 += sums[thread];
+    total_g += sums[thread + 1];
+  }
+  return at::tensor({total_gr2, total_g}, at::kDouble);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mmpoolformer, m) {
+  m.def("star_relu(Tensor h, Tensor(a!) out, Tensor scale, Tensor bias) -> ()");
+  m.def("star_relu_backward(Tensor h, Tensor(a!) grad, Tensor(b!)? value, Tensor scale, "
+        "Tensor bias) -> Tensor");
+  m.impl("star_relu", c10::DispatchKey::CPU, TORCH_FN(star_relu));
+  m.impl("star_relu_backward", c10::DispatchKey::CPU, TORCH_FN(star_relu_backward));
+}
