@@ -4,8 +4,11 @@
 // gelu'(h) = Phi(h) + h * phi(h) to carry the gradient back through the activation. PyTorch's two
 // operators spend three exponentials and two divisions on them. Here erf comes from Abramowitz and
 // Stegun's formula 7.1.26 (as in ATen's vectorised erf, |error| < 1.5e-7), whose exp(-h^2 / 2) is also
-// the density's: one exponential and one division serve both. Built for the CPU at hand by native.py;
-// at::vec gives the AVX2 or AVX-512 instructions the build was told to use.
+// the density's: one exponential and one division serve both. The exponential is at::vec's exp_u20,
+// inlined (the Sleef call ATen's erf makes stalled this loop), a few units in the last place less
+// exact: the results stay within 3e-7 of PyTorch's distance from float64 (tests/test_kernels).
+// Built for the CPU at hand by native.py; at::vec gives the AVX2 or AVX-512 instructions the build
+// was told to use.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
