@@ -33,7 +33,7 @@ def gelu_value_and_grad(compiled):
 
 
 @pytest.mark.parametrize('numel', [1, 7, 8, 100_003, 1 << 20])
-def test_compiled_gelu_value_and_gradient_match_pytorch(gelu_value_and_grad, numel):
+def test_compiled_gelu_value_and_gradient_match_pytorch(gelu_value_and_grad, numel, threads):
     """Against float64 and against PyTorch's fp32 operators, on every length class: shorter than a
     vector (the scalar loop alone), one vector, a tail after the vectors, several threads' shares;
     values spanning the exponential's underflow (|h| > 13)."""
@@ -68,9 +68,19 @@ def test_compiled_kernels_refuse_what_they_do_not_compute(gelu_value_and_grad):
         native.ops().star_relu_backward(h, torch.empty(4, 5), None, one, one)
 
 
+@pytest.fixture(params=[1, 2], ids=['1_thread', '2_threads'])
+def threads(request):
+    """The suite's workers run one thread each; the kernels' shares of several threads (and the
+    per-thread sums added in thread order) are checked on two as well."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize('with_value', [True, False], ids=['with_value', 'gradient_only'])
 @pytest.mark.parametrize('numel', [1, 7, 8, 100_003, 1 << 20])
-def test_compiled_star_relu_matches_float64(compiled, numel, with_value):
+def test_compiled_star_relu_matches_float64(compiled, numel, with_value, threads):
     """Value, input gradient and the sums that are the gradients of scale and bias (float64 totals
     of float32 blocks)."""
     ops = compiled
