@@ -55,7 +55,7 @@ def test_the_wheel_ships_configs_tools_and_the_model_index(fresh_env):
                  'tools/test.py', 'tools/infer.py', 'tools/dist_train.sh'):
         assert osp.isfile(osp.join(package, '.mim', path)), path
     # and the sources of the CPU kernels it builds on first use
-    assert osp.isfile(osp.join(package, 'kernels', 'csrc', 'gelu.cpp'))
+    assert osp.isfile(osp.join(package, 'kernels', 'csrc', 'activations.cpp'))
 
 
 def test_mim_search_answers_from_the_wheel(fresh_env):

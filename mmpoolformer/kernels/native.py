@@ -1,9 +1,9 @@
 """Compiled CPU kernels for work that PyTorch's operators do in several passes, built for this CPU.
 
-The MLP kernel's activations, in one pass over a chunk each way: GELU's value and derivative in
-backward (``csrc/gelu.cpp``; PyTorch's two operators spend three exponentials on them, this kernel
-one), StarReLU forward and backward (``csrc/star_relu.cpp``; as PyTorch's operators, four passes
-forward and six backward). On the Zen 3 machine (AVX2, 2 threads, 2x512x512, profiled): the GELU
+The MLP kernel's activations (``csrc/activations.cpp``), in one pass over a chunk each way: GELU's
+value and derivative in backward (PyTorch's two operators spend three exponentials on them, this
+kernel one), StarReLU forward and backward (as PyTorch's operators, four passes forward and six
+backward). On the Zen 3 machine (AVX2, 2 threads, 2x512x512, profiled): the GELU
 work of PoolFormer-S12's backward 24-28 against 57-69 ms a training step; ConvFormer-S18's
 element-wise operators around StarReLU 78-92 against 172-216 ms.
 
@@ -23,8 +23,7 @@ from typing import Optional
 
 import torch
 
-SOURCES = tuple(osp.join(osp.dirname(__file__), 'csrc', name)
-                for name in ('gelu.cpp', 'star_relu.cpp'))
+SOURCES = (osp.join(osp.dirname(__file__), 'csrc', 'activations.cpp'), )
 # at::vec selects its instructions by these defines; the compiler needs the matching flags
 CAPABILITY_FLAGS = {
     'AVX2': ['-mavx2', '-mfma', '-DCPU_CAPABILITY=AVX2', '-DCPU_CAPABILITY_AVX2'],
