@@ -52,7 +52,7 @@ setup(
     license='Apache License 2.0',
     packages=find_packages(include=['mmpoolformer', 'mmpoolformer.*']),
     # the compiled CPU kernels' sources, built on first use (mmpoolformer/kernels/native.py)
-    package_data={'mmpoolformer.kernels': ['csrc/*.cpp']},
+    package_data={'mmpoolformer.kernels': ['csrc/*.cpp', 'csrc/*.h']},
     python_requires='>=3.8',
     install_requires=[
         'torch>=2.0',

@@ -10,6 +10,8 @@ import sysconfig
 
 import pytest
 
+from mmpoolformer.kernels import native
+
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
@@ -55,7 +57,9 @@ def test_the_wheel_ships_configs_tools_and_the_model_index(fresh_env):
                  'tools/test.py', 'tools/infer.py', 'tools/dist_train.sh'):
         assert osp.isfile(osp.join(package, '.mim', path)), path
     # and the sources of the CPU kernels it builds on first use
-    assert osp.isfile(osp.join(package, 'kernels', 'csrc', 'activations.cpp'))
+    for source in native.SOURCES + native.HEADERS:
+        name = osp.basename(source)
+        assert osp.isfile(osp.join(package, 'kernels', 'csrc', name)), name
 
 
 def test_mim_search_answers_from_the_wheel(fresh_env):

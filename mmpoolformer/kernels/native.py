@@ -23,7 +23,9 @@ from typing import Optional
 
 import torch
 
-SOURCES = (osp.join(osp.dirname(__file__), 'csrc', 'activations.cpp'), )
+CSRC = osp.join(osp.dirname(__file__), 'csrc')
+SOURCES = tuple(osp.join(CSRC, name) for name in ('activations.cpp', 'pooling.cpp'))
+HEADERS = (osp.join(CSRC, 'common.h'), )
 # at::vec selects its instructions by these defines; the compiler needs the matching flags
 CAPABILITY_FLAGS = {
     'AVX2': ['-mavx2', '-mfma', '-DCPU_CAPABILITY=AVX2', '-DCPU_CAPABILITY_AVX2'],
@@ -42,7 +44,7 @@ BUILT, FAILED = 'built.txt', 'failed.txt'
 def build_dir(capability: str) -> str:
     """The build's folder, named by what it is built from: PyTorch, the sources, the flags."""
     digest = hashlib.sha256(torch.__version__.encode())
-    for path in SOURCES:
+    for path in SOURCES + HEADERS:
         with open(path, 'rb') as f:
             digest.update(f.read())
     digest.update(' '.join(COMPILE_FLAGS + CAPABILITY_FLAGS[capability]).encode())
@@ -96,11 +98,12 @@ def _build(folder: str, capability: str) -> None:
         f.write(f'{NAME}.so, built for {capability} against torch {torch.__version__}\n')
 
 
-def takes(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled kernels are there and take these tensors: contiguous fp32 CPU tensors
-    (what the MLP kernel's chunk buffers and kept hidden map are, unless its products run in bf16)."""
-    return all(t.device.type == 'cpu' and t.dtype == torch.float32 and t.is_contiguous()
-               for t in tensors) and ops() is not None
+def takes(*tensors: torch.Tensor, memory_format=torch.contiguous_format) -> bool:
+    """Whether the compiled kernels are there and take these tensors: fp32 CPU tensors contiguous in
+    ``memory_format`` (what the MLP kernel's chunk buffers and kept hidden map are, unless its
+    products run in bf16; channels-last: the pooling kernel's maps)."""
+    return all(t.device.type == 'cpu' and t.dtype == torch.float32
+               and t.is_contiguous(memory_format=memory_format) for t in tensors) and ops() is not None
 
 
 def _check(namespace) -> Optional[str]:

@@ -5,14 +5,19 @@ Average pooling commutes with a map that is affine per sample and channel, which
 with ``a = gamma * rstd``. The branch thus needs the norm's statistics but never the normalised map:
 ``x + s * a * (pool(x) - x)``, one pooling and one interpolation, keeping only ``x`` for backward.
 ``r`` is ResScale's per-channel factor on the residual (PoolFormerV2's last two stages), or none.
+
+On CPUs the pooling and the interpolation are one compiled pass (``csrc/pooling.cpp``), and so is
+each of backward's two steps; elsewhere, and where they cannot be built, PyTorch's operators do them.
 """
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
-from . import dispatch
+from . import dispatch, native
 from .group_norm import group_stats, per_channel
+
+CHANNELS_LAST = dict(memory_format=torch.channels_last)
 
 
 class _NormPoolResidual(torch.autograd.Function):
@@ -31,9 +36,13 @@ class _NormPoolResidual(torch.autograd.Function):
         ctx.pool_args = (pool_size, 1, pool_size // 2, False, False)  # kernel, stride, pad, ceil, incl.
         pooled = torch.empty_like(x)  # first the statistics' scratch
         mean, rstd = group_stats(x, groups, eps, scratch=pooled)
-        scale = (per_channel(rstd, x.shape[1]) * weight)[:, :, None, None].to(x.dtype)
+        scale = (per_channel(rstd, x.shape[1]) * weight).to(x.dtype)
         ctx.save_for_backward(x, weight, mean, rstd, res_scale)
         ctx.shift_shape = None if shift is None else shift.shape
+        if native.takes(x, pooled, **CHANNELS_LAST):
+            native.ops().pool_mix(x, scale, _float(res_scale), pooled, pool_size)
+            return pooled
+        scale = scale[:, :, None, None]
         torch.ops.aten.avg_pool2d.out(x, *ctx.pool_args, None, out=pooled)
         if res_scale is None:  # (1 - s) x + s pool(x), written over the pooled map
             return pooled.lerp_(x, 1 - scale)
@@ -46,29 +55,48 @@ class _NormPoolResidual(torch.autograd.Function):
         groups = mean.shape[1]
         kernel, stride, pad, ceil_mode, count_include_pad = ctx.pool_args
         rstd_c = per_channel(rstd, c)
-        scale = (rstd_c * weight)[:, :, None, None].to(x.dtype)
+        scale = (rstd_c * weight).to(x.dtype)
         grad_x = grad_weight = grad_shift = grad_res_scale = None
         # (P^T - I) g, with P^T the pooling's adjoint (its backward): the input's gradient at fixed s
         # is r g + s (P^T - I) g, and the gradient of s is sum((P x - x) g) = sum(x (P^T - I) g) per
         # channel, so the pooled map is never recomputed
-        mixed = torch.ops.aten.avg_pool2d_backward(grad, x, [kernel] * 2, [stride] * 2, [pad] * 2,
-                                                   ceil_mode, count_include_pad, None).sub_(grad)
-        grad_scale = (mixed * x).sum(dim=(2, 3), dtype=rstd.dtype)
+        compiled = native.takes(x, **CHANNELS_LAST)
+        if compiled:
+            grad = grad.contiguous(**CHANNELS_LAST)
+            mixed = torch.empty_like(x, **CHANNELS_LAST)
+            grad_scale = native.ops().pool_mix_adjoint(grad, x, mixed, kernel).to(rstd.dtype)
+        else:
+            mixed = torch.ops.aten.avg_pool2d_backward(grad, x, [kernel] * 2, [stride] * 2,
+                                                       [pad] * 2, ceil_mode, count_include_pad,
+                                                       None).sub_(grad)
+            grad_scale = (mixed * x).sum(dim=(2, 3), dtype=rstd.dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_scale * rstd_c).to(weight.dtype)
         if ctx.needs_input_grad[3]:
             grad_res_scale = (grad * x).sum((0, 2, 3), dtype=rstd.dtype).to(res_scale.dtype)
         if ctx.needs_input_grad[0]:
-            residual = grad if res_scale is None else grad * res_scale.view(-1, 1, 1).to(x.dtype)
-            grad_x = torch.addcmul(residual, mixed, scale, out=mixed)
-            # through s = rstd * weight: d rstd / dx = -rstd^3 (x - mean) / count, per (sample, group)
+            # r g + s (P^T - I) g, and through s = rstd * weight, with d rstd / dx = -rstd^3 (x -
+            # mean) / count per (sample, group): coef * x + shift
             grad_rstd = (grad_scale * weight).view(n, groups, -1).sum(2)
             coef = per_channel(-grad_rstd * rstd.pow(3) / (x[0].numel() // groups), c)
-            grad_x.addcmul_(x, coef[:, :, None, None].to(x.dtype))
-            grad_x.sub_((coef * per_channel(mean, c))[:, :, None, None].to(x.dtype))
+            shift = -coef * per_channel(mean, c)
+            if compiled:
+                native.ops().pool_mix_input_grad(mixed, grad, x, scale, _float(res_scale),
+                                                 coef.to(x.dtype), shift.to(x.dtype))
+                grad_x = mixed
+            else:
+                residual = grad if res_scale is None else grad * res_scale.view(-1, 1, 1).to(x.dtype)
+                grad_x = torch.addcmul(residual, mixed, scale[:, :, None, None], out=mixed)
+                grad_x.addcmul_(x, coef[:, :, None, None].to(x.dtype))
+                grad_x.add_(shift[:, :, None, None].to(x.dtype))
         if ctx.needs_input_grad[2]:
             grad_shift = grad.new_zeros(ctx.shift_shape)
         return grad_x, grad_weight, grad_shift, grad_res_scale, None, None, None
+
+
+def _float(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A coefficient as the compiled kernels take it: contiguous fp32."""
+    return None if t is None else t.to(torch.float32).contiguous()
 
 
 def norm_pool_residual(x: torch.Tensor, norm: nn.Module, pool_size: int,

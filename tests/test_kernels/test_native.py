@@ -59,12 +59,12 @@ def test_compiled_kernels_refuse_what_they_do_not_compute(gelu_value_and_grad):
         gelu_value_and_grad(h.t(), torch.empty(6, 4), torch.empty(6, 4))
     with pytest.raises(RuntimeError, match='contiguous float32'):
         gelu_value_and_grad(h.double(), torch.empty(4, 6), torch.empty(4, 6))
-    with pytest.raises(RuntimeError, match='one size'):
+    with pytest.raises(RuntimeError, match='one shape'):
         gelu_value_and_grad(h, torch.empty(4, 5), torch.empty(4, 6))
     one = torch.ones(1)
     with pytest.raises(RuntimeError, match='contiguous float32'):
         native.ops().star_relu(h.t(), torch.empty(6, 4), one, one)
-    with pytest.raises(RuntimeError, match='one size'):
+    with pytest.raises(RuntimeError, match='one shape'):
         native.ops().star_relu_backward(h, torch.empty(4, 5), None, one, one)
 
 
@@ -147,13 +147,85 @@ def test_the_mlp_kernel_takes_the_compiled_activations_and_gives_pytorchs_number
     assert chunks >= 4 and replaced not in names
     if forward_op:
         assert names.count(forward_op) == chunks
-    monkeypatch.setattr(native, 'takes', lambda *tensors: False)
+    monkeypatch.setattr(native, 'takes', lambda *tensors, **kwargs: False)
     monkeypatch.setattr(mlp_kernel.Activation, 'value_and_backward', lambda *args: None)
     with OpLog() as log:
         reference = mlp_step(x, copy.deepcopy(modules), first_half)
     assert not any(name.startswith('mmpoolformer.') for name, _ in log.ops)
     for a, b in zip(ours, reference):
         assert max_rel_err(a, b) <= 1e-6
+
+
+def pool_step(x, norm, layer_scale, res_scale, pool_size):
+    with kernels.forced(kernels.Plan()):
+        y = kernels.norm_pool_residual(x, norm, pool_size, layer_scale, None,
+                                       plain=lambda x: pytest.fail('plain'), res_scale=res_scale)
+    params = [norm.weight, norm.bias, layer_scale] + ([] if res_scale is None else [res_scale])
+    return [y] + list(torch.autograd.grad(y, [x] + params, torch.randn_like(y)))
+
+
+@pytest.mark.parametrize('shape, pool_size, with_res_scale', [
+    ((2, 19, 5, 7), 3, False),  # channels not a multiple of a vector: a scalar tail
+    ((2, 64, 9, 6), 5, True),  # a wider window, ResScale (PoolFormerV2's last stages)
+    ((1, 33, 1, 4), 3, False),  # a map narrower than the window
+    ((2, 48, 16, 16), 3, True),
+])
+def test_the_pooling_kernel_takes_the_compiled_passes_and_gives_pytorchs_numbers(
+        compiled, shape, pool_size, with_res_scale, threads):
+    """Forward is one compiled pass and backward two, in place of avg_pool2d, its backward and the
+    element-wise operators around them; the output and every gradient are as close to float64 as
+    with PyTorch's operators, windows cut by every edge of the map."""
+    torch.manual_seed(0)
+    c = shape[1]
+    norm = nn.GroupNorm(1, c)
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
+    nn.init.uniform_(norm.bias, -1, 1)
+    layer_scale = nn.Parameter(torch.rand(c) + 0.5)
+    res_scale = nn.Parameter(torch.rand(c) + 0.5) if with_res_scale else None
+    x = (torch.randn(shape) * 3 + 2).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+
+    def step(dtype, compiled_ops):
+        torch.manual_seed(1)  # (the same output gradient)
+        modules = [copy.deepcopy(m) for m in (norm, layer_scale, res_scale)]
+        modules = [m.to(dtype) if isinstance(m, nn.Module) else None if m is None else
+                   nn.Parameter(m.detach().to(dtype)) for m in modules]
+        with OpLog() as log:
+            out = pool_step(x.detach().to(dtype).requires_grad_(), *modules, pool_size)
+        names = [name for name, _ in log.ops]
+        assert any(name.startswith('mmpoolformer.') for name in names) == compiled_ops
+        return out, names
+
+    ours, names = step(torch.float32, True)
+    assert names.count('mmpoolformer.pool_mix') == 1
+    assert names.count('mmpoolformer.pool_mix_adjoint') == 1
+    assert names.count('mmpoolformer.pool_mix_input_grad') == 1
+    assert 'aten.avg_pool2d' not in names and 'aten.avg_pool2d_backward' not in names
+    reference, _ = step(torch.float64, False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, 'takes', lambda *tensors, **kwargs: False)
+        pytorchs, _ = step(torch.float32, False)
+    for name, a, b, r in zip(('output', 'x', 'weight', 'bias', 'layer_scale', 'res_scale'), ours,
+                             pytorchs, reference):
+        if name == 'bias':  # (cancelled by the difference: exactly zero either way)
+            assert not a.any() and not b.any()
+            continue
+        assert max_rel_err(a, r) <= max(2 * max_rel_err(b, r), 1e-6), name
+
+
+def test_the_compiled_pooling_refuses_what_it_does_not_compute(compiled):
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    out, scale = torch.empty_like(x), torch.ones(2, 8)
+    with pytest.raises(RuntimeError, match='channels-last'):
+        compiled.pool_mix(x.contiguous(), scale, None, out, 3)
+    with pytest.raises(RuntimeError, match='odd pool size'):
+        compiled.pool_mix(x, scale, None, out, 4)
+    with pytest.raises(RuntimeError, match=r'coefficients of shape \[2, 8\]'):
+        compiled.pool_mix(x, torch.ones(8), None, out, 3)
+    with pytest.raises(RuntimeError, match=r'coefficients of shape \[8\]'):
+        compiled.pool_mix(x, scale, torch.ones(2, 8), out, 3)
+    with pytest.raises(RuntimeError, match='one shape'):
+        compiled.pool_mix_adjoint(torch.empty(2, 8, 4, 5, memory_format=torch.channels_last), x, out, 3)
 
 
 def test_kernels_that_cannot_be_built_leave_the_work_to_pytorch(tmp_path, monkeypatch):

@@ -14,23 +14,18 @@
 // weight gradient again, the derivative 2 s relu(h), and the sums of g relu(h)^2 and g that are the
 // gradients of s and b). Here: one each. The sums go over blocks of a few hundred values in float,
 // then into a double per thread, added in thread order.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
+#include "common.h"
+
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-
-void check(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(), name,
-              " takes contiguous float32 CPU tensors");
-  TORCH_CHECK(t.numel() == like.numel(), name, " takes tensors of one size");
-}
+using mmpoolformer::check;
+using mmpoolformer::Vec;
 
 // ---------------------------------------------------------------------------------------- GELU
 constexpr float kP = 0.3275911f;  // 7.1.26: erf(z) = 1 - t (a1 + a2 t + ... + a5 t^4) t exp(-z^2)
@@ -153,7 +148,7 @@ at::Tensor star_relu_backward(const at::Tensor& h, const at::Tensor& grad,
 
 }  // namespace
 
-TORCH_LIBRARY(mmpoolformer, m) {
+TORCH_LIBRARY_FRAGMENT(mmpoolformer, m) {
   m.def("gelu_value_and_grad(Tensor h, Tensor(a!) value, Tensor(b!) grad) -> ()");
   m.def("star_relu(Tensor h, Tensor(a!) out, Tensor scale, Tensor bias) -> ()");
   m.def("star_relu_backward(Tensor h, Tensor(a!) grad, Tensor(b!)? value, Tensor scale, "
