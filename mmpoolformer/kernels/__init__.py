@@ -11,8 +11,8 @@ device at hand, the plain formulation always among them (``dispatch``).
 - ``conv``: the stem's, the downsamplings' and the depthwise convolutions: their precision under
   autocast, and in training their weight gradient as a product over patches or as a correlation;
 - ``group_norm``: the statistics and the per-sample affine map the others share.
-- ``native``: compiled CPU kernels (``csrc/``) for the element-wise work of ``mlp`` and ``pooling``,
-  built on first use for the CPU at hand.
+- ``native``: compiled CPU kernels (``csrc/``) for the element-wise work of ``mlp``, ``pooling`` and
+  ``group_norm``, built on first use for the CPU at hand.
 """
 from .conv import conv2d
 from .dispatch import PLAIN, Plan, chosen, cpu_info, forced

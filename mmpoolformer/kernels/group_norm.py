@@ -8,6 +8,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import native
+
 
 def tokens(x: torch.Tensor) -> torch.Tensor:
     """The ``(N, H * W, C)`` token view of a channels-last ``(N, C, H, W)`` map (a copy otherwise)."""
@@ -27,8 +29,13 @@ def group_stats(x: torch.Tensor, groups: int, eps: float,
     ``E[x^2] - E[x]^2`` (what PyTorch's channels-last GroupNorm computes) it loses nothing where the
     mean is large against the spread. It takes a quarter to a third of the time of PyTorch's BatchNorm
     statistics kernel and a tenth of ``torch.var_mean``'s (AVX2, 2x64x128x128: 0.5-0.8 against 2.2
-    and 7.5 ms).
+    and 7.5 ms). Where each group is one block of memory, the compiled kernel (``native``) sums
+    without writing: half that time again.
     """
+    blocks = _group_blocks(x, groups)
+    if blocks is not None and native.takes(blocks):  # compiled: two passes that only read
+        mean, rstd = native.ops().row_stats(blocks, eps)
+        return mean.view(x.shape[0], groups), rstd.view(x.shape[0], groups)
     stat_dtype = torch.promote_types(x.dtype, torch.float32)
     rows, dims = _grouped(x, groups)
     rows = rows.to(stat_dtype)
@@ -42,6 +49,16 @@ def group_stats(x: torch.Tensor, groups: int, eps: float,
         deviations = rows - mean
     var = deviations.square_().sum(dims) / count
     return mean.view(x.shape[0], groups), (var + eps).rsqrt()
+
+
+def _group_blocks(x: torch.Tensor, groups: int) -> Optional[torch.Tensor]:
+    """A ``(N * groups, count)`` view of ``x`` where each group is one contiguous block of memory (an
+    NCHW map; a channels-last one with one group), else None."""
+    if x.is_contiguous():
+        return x.view(x.shape[0] * groups, -1)
+    if groups == 1 and x.is_contiguous(memory_format=torch.channels_last):
+        return tokens(x).flatten(1)
+    return None
 
 
 def _grouped(x: torch.Tensor, groups: int) -> Tuple[torch.Tensor, tuple]:

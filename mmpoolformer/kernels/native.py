@@ -11,6 +11,9 @@ The pooling branch (``csrc/pooling.cpp``), on channels-last maps: pooling and in
 forward, two passes backward (PyTorch's operators: two and six). On the Zen 4 machine (AVX-512, 2
 threads): S12's stage-0 branch, forward and backward, 7.0 against 12.0 ms.
 
+GroupNorm's statistics (``csrc/group_norm.cpp``) where each group is one block of memory: two passes
+that only read (PyTorch's operators: four, two of them writing).
+
 The kernels are built on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about
 15 s on two cores), for the instruction set PyTorch's own CPU kernels use here (AVX2 or AVX-512), into
 a folder of ``$MMPF_CACHE/native`` (default ``~/.cache/mmpoolformer/native``) named by what they are
@@ -28,7 +31,8 @@ from typing import Optional
 import torch
 
 CSRC = osp.join(osp.dirname(__file__), 'csrc')
-SOURCES = tuple(osp.join(CSRC, name) for name in ('activations.cpp', 'pooling.cpp'))
+SOURCES = tuple(osp.join(CSRC, name)
+                for name in ('activations.cpp', 'pooling.cpp', 'group_norm.cpp'))
 HEADERS = (osp.join(CSRC, 'common.h'), )
 # at::vec selects its instructions by these defines; the compiler needs the matching flags
 CAPABILITY_FLAGS = {

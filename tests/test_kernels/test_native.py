@@ -228,6 +228,33 @@ def test_the_compiled_pooling_refuses_what_it_does_not_compute(compiled):
         compiled.pool_mix_adjoint(torch.empty(2, 8, 4, 5, memory_format=torch.channels_last), x, out, 3)
 
 
+@pytest.mark.parametrize('shape, groups, channels_last, compiled_ops', [
+    ((2, 64, 32, 32), 1, True, True),  # PoolFormer's GroupNorm(1, C) on a channels-last map
+    ((2, 64, 33, 17), 4, False, True),  # NCHW: every group one block; a tail after the vectors
+    ((3, 5, 1, 1), 1, True, True),  # shorter than a vector
+    ((2, 64, 8, 8), 4, True, False),  # channels-last with several groups: strided, PyTorch's
+])
+def test_group_statistics_compiled_where_each_group_is_one_block(compiled, shape, groups,
+                                                                  channels_last, compiled_ops,
+                                                                  threads):
+    """Two reading passes where each group is contiguous in memory, within a rounding of float64
+    where the mean is large against the spread (PyTorch's float sums: a few)."""
+    from mmpoolformer.kernels.group_norm import group_stats
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.1 + 30
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with OpLog() as log:
+        mean, rstd = group_stats(x, groups, 1e-5)
+    assert ('mmpoolformer.row_stats' in [name for name, _ in log.ops]) == compiled_ops
+    grouped = x.double().reshape(shape[0], groups, -1)
+    reference_mean = grouped.mean(-1)
+    reference_rstd = (grouped.var(-1, unbiased=False) + 1e-5).rsqrt()
+    assert mean.shape == rstd.shape == (shape[0], groups) and mean.dtype == torch.float32
+    # compiled: within a rounding of the mean (an ulp of 30 is 1.9e-6); PyTorch's sums: a few
+    assert (mean.double() - reference_mean).abs().max() <= (2e-6 if compiled_ops else 1e-5)
+    assert max_rel_err(rstd, reference_rstd) <= (1e-6 if compiled_ops else 1e-5)
+
+
 def test_kernels_that_cannot_be_built_leave_the_work_to_pytorch(tmp_path, monkeypatch):
     """A failed build warns once, says why and how to retry, is not retried by the next process, and
     the MLP kernel then computes with PyTorch's operators."""
