@@ -29,6 +29,7 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 CSRC = osp.join(osp.dirname(__file__), 'csrc')
 SOURCES = tuple(osp.join(CSRC, name)
@@ -87,7 +88,9 @@ def ops():
             pass
         _unavailable(reason)
         return None
-    problem = _check(torch.ops.mmpoolformer)
+    # (first used inside a dispatch mode, as a FLOP counter's, the check is no work of the caller's)
+    with _disable_current_modes():
+        problem = _check(torch.ops.mmpoolformer)
     if problem:
         _unavailable(problem)
         return None
