@@ -25,6 +25,9 @@
 namespace {
 
 using mmpoolformer::check;
+using mmpoolformer::kBlock;
+using mmpoolformer::lane_sum;
+using mmpoolformer::ThreadSums;
 using mmpoolformer::Vec;
 
 // ---------------------------------------------------------------------------------------- GELU
@@ -65,8 +68,6 @@ void gelu_value_and_grad(const at::Tensor& h, const at::Tensor& value, const at:
 }
 
 // ------------------------------------------------------------------------------------ StarReLU
-constexpr int64_t kBlock = 64 * Vec::size();  // values summed in float before a double takes them
-
 // out = scale * relu(h)^2 + bias
 void star_relu(const at::Tensor& h, const at::Tensor& out, const at::Tensor& scale,
                const at::Tensor& bias) {
@@ -102,7 +103,7 @@ at::Tensor star_relu_backward(const at::Tensor& h, const at::Tensor& grad,
   const float* hp = h.const_data_ptr<float>();
   float* gp = grad.data_ptr<float>();
   float* vp = with_value ? value->data_ptr<float>() : nullptr;
-  std::vector<double> sums(2 * at::get_num_threads(), 0.);  // (g relu^2, g) per thread
+  ThreadSums sums(2);  // g relu^2, g
   at::parallel_for(0, h.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
     const Vec vs(s), vb(b), two_s(2.f * s), zero(0.f);
     double sum_gr2 = 0., sum_g = 0.;
@@ -119,13 +120,8 @@ at::Tensor star_relu_backward(const at::Tensor& h, const at::Tensor& grad,
         if (vp != nullptr) at::vec::fmadd(vs * r, r, vb).store(vp + i);
         (gr * two_s).store(gp + i);
       }
-      float lanes_gr2[Vec::size()], lanes_g[Vec::size()];
-      acc_gr2.store(lanes_gr2);
-      acc_g.store(lanes_g);
-      for (int64_t lane = 0; lane < Vec::size(); ++lane) {
-        sum_gr2 += lanes_gr2[lane];
-        sum_g += lanes_g[lane];
-      }
+      sum_gr2 += lane_sum(acc_gr2);
+      sum_g += lane_sum(acc_g);
       for (; i < stop; ++i) {
         const float r = hp[i] > 0.f ? hp[i] : 0.f;
         sum_gr2 += static_cast<double>(gp[i]) * r * r;
@@ -134,16 +130,12 @@ at::Tensor star_relu_backward(const at::Tensor& h, const at::Tensor& grad,
         gp[i] *= 2.f * s * r;
       }
     }
-    const int thread = at::get_thread_num();
-    sums[2 * thread] += sum_gr2;
-    sums[2 * thread + 1] += sum_g;
+    double* mine = sums.mine();
+    mine[0] += sum_gr2;
+    mine[1] += sum_g;
   });
-  double total_gr2 = 0., total_g = 0.;
-  for (size_t thread = 0; thread < sums.size(); thread += 2) {
-    total_gr2 += sums[thread];
-    total_g += sums[thread + 1];
-  }
-  return at::tensor({total_gr2, total_g}, at::kDouble);
+  const std::vector<double> totals = sums.totals();
+  return at::tensor({totals[0], totals[1]}, at::kDouble);
 }
 
 }  // namespace

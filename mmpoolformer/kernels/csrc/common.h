@@ -1,8 +1,13 @@
-// What the compiled kernels share: at::vec's float vector (AVX2 or AVX-512, as native.py builds them)
-// and the check of the tensors they are given.
+// What the compiled kernels share: at::vec's float vector (AVX2 or AVX-512, as native.py builds them),
+// the check of the tensors they are given, and how they sum: float vectors over blocks of a few
+// hundred values, each block's lanes then in float64, into slots of each thread's own, totalled in
+// thread order (the same totals on the same number of threads).
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+
+#include <vector>
 
 namespace mmpoolformer {
 
@@ -16,5 +21,38 @@ inline void check(const at::Tensor& t, const at::Tensor& like, const char* name,
               format == at::MemoryFormat::ChannelsLast ? " in channels-last" : "");
   TORCH_CHECK(t.sizes() == like.sizes(), name, " takes tensors of one shape");
 }
+
+constexpr int64_t kBlock = 64 * Vec::size();  // values summed in float before a double takes them
+
+// the lanes of a vector, summed in float64
+inline double lane_sum(const Vec& v) {
+  float lanes[Vec::size()];
+  v.store(lanes);
+  double sum = 0.;
+  for (int64_t lane = 0; lane < Vec::size(); ++lane) sum += lanes[lane];
+  return sum;
+}
+
+// float64 sums into `slots` slots, each thread of at::parallel_for adding into its own
+class ThreadSums {
+ public:
+  explicit ThreadSums(int64_t slots)
+      : slots_(slots), sums_(static_cast<size_t>(at::get_num_threads()) * slots, 0.) {}
+
+  // this thread's slots (inside the parallel region)
+  double* mine() { return sums_.data() + at::get_thread_num() * slots_; }
+
+  // every slot's total, the threads' parts added in thread order
+  std::vector<double> totals() const {
+    std::vector<double> totals(slots_, 0.);
+    for (size_t start = 0; start < sums_.size(); start += slots_)
+      for (int64_t slot = 0; slot < slots_; ++slot) totals[slot] += sums_[start + slot];
+    return totals;
+  }
+
+ private:
+  int64_t slots_;
+  std::vector<double> sums_;
+};
 
 }  // namespace mmpoolformer

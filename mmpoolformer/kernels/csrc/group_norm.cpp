@@ -19,19 +19,20 @@
 namespace {
 
 using mmpoolformer::check;
+using mmpoolformer::kBlock;
+using mmpoolformer::lane_sum;
+using mmpoolformer::ThreadSums;
 using mmpoolformer::Vec;
-constexpr int64_t kBlock = 64 * Vec::size();  // values summed in float before a double takes them
 
 // sum over each row of f(x) (f on vectors and on scalars), rows of `width` values, in float64
 template <typename VecFn, typename ScalarFn>
 std::vector<double> row_sums(const float* xp, int64_t rows, int64_t width, VecFn vec_fn,
                              ScalarFn scalar_fn) {
-  const int threads = at::get_num_threads();
-  std::vector<double> partial(static_cast<size_t>(threads) * rows, 0.);
+  ThreadSums sums(rows);
   // blocks of one row each, spread over the threads: a map of two samples still uses every thread
   const int64_t blocks_per_row = (width + kBlock - 1) / kBlock;
   at::parallel_for(0, rows * blocks_per_row, 16, [&](int64_t begin, int64_t end) {
-    double* sums = partial.data() + at::get_thread_num() * rows;
+    double* mine = sums.mine();
     for (int64_t block = begin; block < end; ++block) {
       const int64_t row = block / blocks_per_row, first = (block % blocks_per_row) * kBlock;
       const int64_t stop = std::min(first + kBlock, width);
@@ -39,18 +40,12 @@ std::vector<double> row_sums(const float* xp, int64_t rows, int64_t width, VecFn
       Vec acc(0.f);
       int64_t i = first;
       for (; i + Vec::size() <= stop; i += Vec::size()) acc = acc + vec_fn(Vec::loadu(values + i));
-      float lanes[Vec::size()];
-      acc.store(lanes);
-      double sum = 0.;
-      for (int64_t lane = 0; lane < Vec::size(); ++lane) sum += lanes[lane];
+      double sum = lane_sum(acc);
       for (; i < stop; ++i) sum += scalar_fn(values[i]);
-      sums[row] += sum;
+      mine[row] += sum;
     }
   });
-  std::vector<double> totals(rows, 0.);
-  for (int thread = 0; thread < threads; ++thread)
-    for (int64_t row = 0; row < rows; ++row) totals[row] += partial[thread * rows + row];
-  return totals;
+  return sums.totals();
 }
 
 // mean and 1 / sqrt(var + eps) of each row of a (rows, width) float32 tensor, as float32 (rows, )

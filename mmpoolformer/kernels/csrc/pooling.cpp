@@ -23,6 +23,7 @@
 namespace {
 
 using mmpoolformer::check;
+using mmpoolformer::ThreadSums;
 using mmpoolformer::Vec;
 constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
 
@@ -135,10 +136,9 @@ at::Tensor pool_mix_adjoint(const at::Tensor& grad, const at::Tensor& x, const a
   const float* xp = x.const_data_ptr<float>();
   float* mp = mixed.data_ptr<float>();
   const int64_t row = width * channels;
-  const int threads = at::get_num_threads();
-  std::vector<double> partial(static_cast<size_t>(threads) * n * channels, 0.);  // per thread
+  ThreadSums sums(n * channels);
   at::parallel_for(0, n * height, 1, [&](int64_t begin, int64_t end) {
-    double* sums = partial.data() + at::get_thread_num() * n * channels;
+    double* mine = sums.mine();
     std::vector<float> row_sums(channels);  // one row's terms in float, then into the double
     std::vector<Vec> shares(kernel * kernel);  // of the window's values, row by row
     for (int64_t nh = begin; nh < end; ++nh) {
@@ -174,14 +174,11 @@ at::Tensor pool_mix_adjoint(const at::Tensor& grad, const at::Tensor& x, const a
           row_sums[c] += mp[pos + c] * xp[pos + c];
         }
       }
-      for (int64_t c = 0; c < channels; ++c) sums[sample * channels + c] += row_sums[c];
+      for (int64_t c = 0; c < channels; ++c) mine[sample * channels + c] += row_sums[c];
     }
   });
-  at::Tensor totals = at::zeros({n, channels}, at::kDouble);
-  double* tp = totals.data_ptr<double>();
-  for (int thread = 0; thread < threads; ++thread)
-    for (int64_t i = 0; i < n * channels; ++i) tp[i] += partial[thread * n * channels + i];
-  return totals;
+  const std::vector<double> totals = sums.totals();
+  return at::tensor(totals, at::kDouble).view({n, channels});
 }
 
 // mixed = scale * mixed + res_scale * grad + coef * x + shift, in place: the input's gradient from the
