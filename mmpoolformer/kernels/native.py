@@ -140,6 +140,41 @@ def _check(namespace) -> Optional[str]:
             and torch.allclose(ours.double(), grad.double() * 1.6 * relu, rtol=1e-6, atol=1e-6)
             and sums_ok):
         return "their StarReLU disagrees with PyTorch's"
+    return _check_pooling(namespace) or _check_statistics(namespace)
+
+
+def _check_pooling(namespace) -> Optional[str]:
+    # a channel tail after the vectors, windows cut by every edge
+    shape = (2, 19, 5, 7)
+    x, grad = (torch.sin(torch.arange(2 * 19 * 35.) * k).view(shape).contiguous(
+        memory_format=torch.channels_last) for k in (0.37, 0.11))
+    scale = torch.linspace(0.5, 1.5, 38).view(2, 19)
+    out, mixed = torch.empty_like(x), torch.empty_like(x)
+    namespace.pool_mix(x, scale, None, out, 3)
+    pool = torch.nn.functional.avg_pool2d(x.double(), 3, 1, 1, count_include_pad=False)
+    s = scale.double()[:, :, None, None]
+    reference_mixed = torch.ops.aten.avg_pool2d_backward(grad.double(), x.double(), [3, 3], [1, 1],
+                                                         [1, 1], False, False, None) - grad.double()
+    sums = namespace.pool_mix_adjoint(grad, x, mixed, 3)
+    if not (torch.allclose(out.double(), x.double() + s * (pool - x.double()), atol=1e-6)
+            and torch.allclose(mixed.double(), reference_mixed, atol=1e-6)
+            and torch.allclose(sums, (reference_mixed * x.double()).sum((2, 3)), atol=1e-5)):
+        return "their pooling disagrees with PyTorch's"
+    namespace.pool_mix_input_grad(mixed, grad, x, scale, None, scale, scale)
+    if not torch.allclose(mixed.double(), s * reference_mixed + grad.double() + s * x.double() + s,
+                          atol=1e-5):
+        return "their pooling's input gradient disagrees with PyTorch's"
+    return None
+
+
+def _check_statistics(namespace) -> Optional[str]:
+    rows = torch.sin(torch.arange(3 * 1001.)).view(3, 1001) + 30  # a tail; a large mean
+    mean, rstd = namespace.row_stats(rows, 1e-5)
+    reference = rows.double()
+    if not (torch.allclose(mean.double(), reference.mean(1), rtol=1e-6)
+            and torch.allclose(rstd.double(), (reference.var(1, unbiased=False) + 1e-5).rsqrt(),
+                               rtol=1e-5)):
+        return "their GroupNorm statistics disagree with PyTorch's"
     return None
 
 

@@ -314,3 +314,34 @@ def test_the_load_check_is_not_the_callers_work(compiled):
         assert log.ops == []
     finally:
         native.ops.cache_clear()
+
+
+class _Off:
+    """The compiled kernels with one of them wrong by about 1e-4."""
+
+    def __init__(self, ops, name):
+        self._ops, self._name = ops, name
+
+    def __getattr__(self, name):
+        kernel = getattr(self._ops, name)
+        if name != self._name:
+            return kernel
+
+        def wrong(*args):
+            result = kernel(*args)
+            if name == 'row_stats':
+                return result[0], result[1] * 1.0001
+            out = args[{'gelu_value_and_grad': 1, 'star_relu': 1, 'pool_mix': 3,
+                        'pool_mix_adjoint': 2, 'pool_mix_input_grad': 0}[name]]
+            out[(0, ) * out.dim()] += 1e-3
+            return result
+        return wrong
+
+
+@pytest.mark.parametrize('kernel', ['gelu_value_and_grad', 'star_relu', 'pool_mix', 'pool_mix_adjoint',
+                                    'pool_mix_input_grad', 'row_stats'])
+def test_the_load_check_refuses_a_wrong_kernel(compiled, kernel):
+    """Each kernel is checked against PyTorch's operators when loaded: one off by a small error
+    is refused (and PyTorch's operators then do its work)."""
+    assert native._check(compiled) is None
+    assert native._check(_Off(compiled, kernel)) is not None
