@@ -255,13 +255,12 @@ class _NormMlpResidual(torch.autograd.Function):
             act_params = tuple(t.to(dtype) for t in act_params)
             tx, tout = tokens(x), tokens(out)
             for_backward = records and any(ctx.needs_input_grad)
-            h_all = None
-            if for_backward and c > RECOMPUTE_HIDDEN_UP_TO:
-                h_all = tx.new_empty(tx.shape[:2] + w1.shape[:1], dtype=dtype)
+            # the hidden map for backward, chunk by chunk as the products return it (oneDNN's own
+            # results, kept as they are instead of copied into one map)
+            kept_h = [] if for_backward and c > RECOMPUTE_HIDDEN_UP_TO else None
             fused_act = act.onednn_post_op if plan.backend == 'onednn' and not for_backward else None
             bufs = _Buffers(tx, w1.shape[0], dtype)
             rows_x, rows_out = tx.flatten(0, 1), tout.flatten(0, 1)
-            rows_h = None if h_all is None else h_all.flatten(0, 1)
             dropped = lambda i: _residual(tx[i], res_scale, out=tout[i])  # noqa: E731
             for start, end, samples, scale in _chunks(tx, bufs.rows, scales, dropped):
                 xc = rows_x[start:end]
@@ -273,10 +272,11 @@ class _NormMlpResidual(torch.autograd.Function):
                 if fused_act:  # inference: oneDNN applies the activation as it writes fc1's output
                     ac = torch.ops.mkldnn._linear_pointwise(nc, w1, b1, *fused_act)
                 else:
-                    if rows_h is None:
+                    if kept_h is None:
                         hc = _linear(plan.backend, nc, w1, b1, scratch=bufs.hidden(end - start))
                     else:
-                        hc = _linear(plan.backend, nc, w1, b1, out=rows_h[start:end])
+                        hc = _linear(plan.backend, nc, w1, b1)
+                        kept_h.append(hc)
                     ac = act.forward(hc, act_out, act_params)
                 if first_half:
                     if fused_act or act_out is not oc:
@@ -287,15 +287,16 @@ class _NormMlpResidual(torch.autograd.Function):
                 else:
                     torch.add(_residual(xc, res_scale), _linear(plan.backend, ac, w2, b2),
                               alpha=scale, out=oc)
-        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, h_all, res_scale,
-                              *act_params)
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, res_scale, *act_params,
+                              *(kept_h or ()))
         ctx.norm, ctx.act, ctx.scales, ctx.plan = norm, act, scales, plan
+        ctx.act_params = len(act_params)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, h_all, res_scale, *act_params = \
-            ctx.saved_tensors
+        x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, res_scale, *rest = ctx.saved_tensors
+        act_params, kept_h = rest[:ctx.act_params], rest[ctx.act_params:]
         needs = ctx.needs_input_grad
         plan, norm, act, scales = ctx.plan, ctx.norm, ctx.act, ctx.scales
         dtype, hidden = w1.dtype, w1.shape[0]
@@ -326,7 +327,6 @@ class _NormMlpResidual(torch.autograd.Function):
             w1_t = w1.t().contiguous() if plan.backend == 'onednn' else w1.t()
             bufs = _Buffers(tx, hidden, dtype)
             rows_x, rows_g = tx.flatten(0, 1), tg.flatten(0, 1)
-            rows_h = None if h_all is None else h_all.flatten(0, 1)
             joint = act.value_and_backward(x.device, dtype) if (
                 needs[5] and into_hidden and not first_half) else None
 
@@ -334,15 +334,16 @@ class _NormMlpResidual(torch.autograd.Function):
                 if rows_gr is not None:
                     rows_gr[i * tx.shape[1]:(i + 1) * tx.shape[1]].zero_()
 
-            for start, end, samples, scale in _chunks(tx, bufs.rows, scales, dropped):
+            for index, (start, end, samples, scale) in enumerate(
+                    _chunks(tx, bufs.rows, scales, dropped)):
                 k = end - start
                 gc = rows_g[start:end]
                 if not first_half and (scale != 1 or gc.dtype != dtype):
                     gc = torch.mul(gc, scale, out=bufs.grad(k))
                 nc, row_stats = norm.normalize(rows_x, start, end, samples, coefficients,
                                                bufs.normed(k))
-                hc = rows_h[start:end] if rows_h is not None else _linear(
-                    plan.backend, nc, w1, b1, scratch=bufs.hidden(k))
+                hc = kept_h[index] if kept_h else _linear(plan.backend, nc, w1, b1,
+                                                          scratch=bufs.hidden(k))
                 if needs[6]:
                     gb2 += gc.sum(0)
                 if joint is not None:  # the activation's value and gradient in one pass
