@@ -59,12 +59,14 @@ class Activation:
         self.onednn_post_op = None  # (attr, scalars, algorithm) of oneDNN's fused activation
         self.params = ()
         self._value_and_backward = None  # a compiled kernel's, if there is one for it
+        self._compiled_dtypes = (torch.float32, )  # what that kernel takes
         kind = type(module)
         if kind is nn.GELU:
             approximate = module.approximate
             self.onednn_post_op = ('gelu', [], approximate)
             if approximate == 'none':
                 self._value_and_backward = _gelu_value_and_backward
+                self._compiled_dtypes = (torch.float32, torch.bfloat16)
             self.forward = lambda h, out, params: torch.ops.aten.gelu.out(
                 h, approximate=approximate, out=out)
             self.backward = lambda g, h, *unused: torch.ops.aten.gelu_backward.grad_input(
@@ -91,8 +93,8 @@ class Activation:
         ``g`` in place (as ``backward``), in one pass, where a compiled kernel does that for this
         device and dtype (``native.py``; it takes contiguous chunks, as the kernel's buffers and kept
         hidden map are); else None, and backward calls ``forward`` and ``backward``."""
-        if (self._value_and_backward is None or device.type != 'cpu' or dtype != torch.float32
-                or native.ops() is None):
+        if (self._value_and_backward is None or device.type != 'cpu'
+                or dtype not in self._compiled_dtypes or native.ops() is None):
             return None
         return self._value_and_backward
 

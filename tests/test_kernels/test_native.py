@@ -53,6 +53,28 @@ def test_compiled_gelu_value_and_gradient_match_pytorch(gelu_value_and_grad, num
     assert (ours.double() - reference_grad).abs().max() <= torch_grad_err + 3e-7
 
 
+@pytest.mark.parametrize('numel', [1, 31, 32, 100_003, 1 << 20])
+def test_compiled_gelu_in_bf16_rounds_once_as_pytorchs_operators(gelu_value_and_grad, numel, threads):
+    """bf16 chunks (the MLP kernel's under bf16 autocast): computed in float32 and rounded once, so
+    within half a bf16 unit of float64 (plus the float32 formula's own error, 2e-6 as above, which
+    is all there is where the result is tiny), and no further than PyTorch's bf16 operators, on every
+    length class (the scalar tail, one vector of 32, several threads' shares)."""
+    g = torch.Generator().manual_seed(numel)
+    h = (torch.randn(numel, generator=g) * 4).bfloat16()
+    grad = torch.randn(numel, generator=g).bfloat16()
+    value, ours = torch.full_like(h, float('nan')), grad.clone()
+    gelu_value_and_grad(h, value, ours)
+    assert value.dtype == ours.dtype == torch.bfloat16
+    reference = torch.nn.functional.gelu(h.double())
+    reference_grad = torch.ops.aten.gelu_backward(grad.double(), h.double())
+    for result, exact, pytorchs in (
+            (value, reference, torch.nn.functional.gelu(h)),
+            (ours, reference_grad, torch.ops.aten.gelu_backward(grad, h))):
+        error = (result.double() - exact).abs()
+        assert (error <= exact.abs() * 2 ** -8 + 2e-6).all()
+        assert error.max() <= (pytorchs.double() - exact).abs().max() + 2e-6
+
+
 def test_compiled_kernels_refuse_what_they_do_not_compute(gelu_value_and_grad):
     h = torch.randn(4, 6)
     with pytest.raises(RuntimeError, match='contiguous float32'):
@@ -61,6 +83,8 @@ def test_compiled_kernels_refuse_what_they_do_not_compute(gelu_value_and_grad):
         gelu_value_and_grad(h.double(), torch.empty(4, 6), torch.empty(4, 6))
     with pytest.raises(RuntimeError, match='one shape'):
         gelu_value_and_grad(h, torch.empty(4, 5), torch.empty(4, 6))
+    with pytest.raises(RuntimeError, match='all of one dtype'):
+        gelu_value_and_grad(h.bfloat16(), torch.empty(4, 6), torch.empty(4, 6).bfloat16())
     one = torch.ones(1)
     with pytest.raises(RuntimeError, match='contiguous float32'):
         native.ops().star_relu(h.t(), torch.empty(6, 4), one, one)
@@ -154,6 +178,33 @@ def test_the_mlp_kernel_takes_the_compiled_activations_and_gives_pytorchs_number
     assert not any(name.startswith('mmpoolformer.') for name, _ in log.ops)
     for a, b in zip(ours, reference):
         assert max_rel_err(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize('backend', kernels.dispatch.backends(torch.device('cpu'), torch.bfloat16))
+def test_the_mlp_kernel_under_bf16_autocast_takes_the_compiled_gelu(compiled, backend, monkeypatch):
+    """With bf16 products, GELU's backward is the compiled pass over each bf16 chunk too (in place of
+    PyTorch's bf16 gelu and gelu_backward), and the gradients are those of PyTorch's operators, up to
+    bf16 roundings."""
+    monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 64 * 48 * 2)  # several chunks
+    modules = branch(nn.GELU(), False)
+    x = torch.randn(2, 12, 15, 13, requires_grad=True)
+
+    def step():
+        with torch.autocast('cpu', dtype=torch.bfloat16), OpLog() as log, kernels.forced(
+                kernels.Plan(backend=backend, dtype=torch.bfloat16)):
+            y = kernels.norm_mlp_residual(x, *modules, None, None, plain=lambda x: pytest.fail('plain'))
+            grads = torch.autograd.grad(y.float().square().sum(), [x, modules[1].weight,
+                                                                   modules[3].weight])
+        return [y] + list(grads), log.ops
+
+    ours, ops = step()
+    names = [name for name, _ in ops]
+    assert names.count('mmpoolformer.gelu_value_and_grad') >= 4 and 'aten.gelu_backward' not in names
+    monkeypatch.setattr(mlp_kernel.Activation, 'value_and_backward', lambda *args: None)
+    pytorchs, ops = step()
+    assert 'aten.gelu_backward' in [name for name, _ in ops]
+    for a, b in zip(ours, pytorchs):
+        assert max_rel_err(a, b) <= 1e-2
 
 
 def pool_step(x, norm, layer_scale, res_scale, pool_size):

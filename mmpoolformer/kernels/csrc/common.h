@@ -5,6 +5,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>  // (the bfloat16 conversions)
 #include <ATen/cpu/vec/vec.h>
 
 #include <vector>
@@ -19,6 +20,13 @@ inline void check(const at::Tensor& t, const at::Tensor& like, const char* name,
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(format) && t.device().is_cpu(), name,
               " takes contiguous float32 CPU tensors",
               format == at::MemoryFormat::ChannelsLast ? " in channels-last" : "");
+  TORCH_CHECK(t.sizes() == like.sizes(), name, " takes tensors of one shape");
+}
+
+// bfloat16 CPU tensors, contiguous, of `like`'s size
+inline void check_bf16(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.device().is_cpu(), name,
+              " takes contiguous float32 or bfloat16 CPU tensors, all of one dtype");
   TORCH_CHECK(t.sizes() == like.sizes(), name, " takes tensors of one shape");
 }
 
