@@ -69,3 +69,11 @@ def test_the_paired_speedup_compares_runs_of_the_same_round(benchmark):
     q1, median, q3 = benchmark.paired_speedup(ours, peers)
     assert median == pytest.approx(1.25) and q1 <= 1. and q3 >= 1.5
     assert benchmark.paired_speedup([2.], [[1.], [3.]]) == [0.5] * 3
+
+
+def test_the_memory_run_reports_the_plans_its_own_process_chose(benchmark):
+    """The peak of a training step comes from a process of its own, which times the plans anew: it
+    reports them, since a plan that keeps more for backward moves the peak."""
+    peaks, plans = benchmark.peak_step_memory('ours', benchmark.parse_args(['--size', '64', '64']))
+    assert len(peaks) == 2 and all(p > 0 for p in peaks)
+    assert plans and all(' train ' in key for key in plans)  # (that process ran training steps only)

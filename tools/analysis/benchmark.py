@@ -200,9 +200,11 @@ def check_same_outputs(models: dict, x) -> dict:
     return errors
 
 
-def peak_step_memory(impl, args) -> list:
+def peak_step_memory(impl, args) -> tuple:
     """Peak bytes of one training step above the model and input, with the gradients allocated in
-    the step and with them kept (see the module docstring)."""
+    the step and with them kept (see the module docstring), and the kernel plans that step took (on
+    CPUs measured in a process of its own, which chooses them anew: a plan that keeps more for
+    backward, taken where its trial was faster, shows in the peak)."""
     if args.device.startswith('cuda'):
         device = torch.device(args.device)
         model = build(impl, args.family, args.arch).to(device)
@@ -219,7 +221,7 @@ def peak_step_memory(impl, args) -> list:
             train_step(model, x, args.amp)
             torch.cuda.synchronize()
             peaks.append(torch.cuda.max_memory_allocated(device) - base)
-        return peaks
+        return peaks, kernels.chosen()
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='65536')
     cmd = [sys.executable, os.path.abspath(__file__), '--memory-worker', impl, '--family',
            args.family, '--arch', args.arch,
@@ -231,7 +233,8 @@ def peak_step_memory(impl, args) -> list:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f'benchmark: the memory run of {impl} failed:\n{proc.stderr[-2000:]}')
-    return [float(v) for v in proc.stdout.strip().splitlines()[-1].split()]
+    *_, plans, peaks = proc.stdout.strip().splitlines()
+    return [float(v) for v in peaks.split()], json.loads(plans)
 
 
 def _status_bytes(field: str) -> int:
@@ -252,6 +255,7 @@ def memory_worker(args) -> None:
         base = _status_bytes('VmRSS')
         train_step(model, x, args.amp)
         peaks.append(_status_bytes('VmHWM') - base)
+    print(json.dumps(kernels.chosen()))
     print(*peaks)
 
 
@@ -296,7 +300,7 @@ def bench_backbones(args, device) -> list:
             k: paired_speedup(times['ours'][k], [times[p][k] for p in peers]) for k in times['ours']}
     if not args.no_memory:
         for row in rows:
-            peaks = peak_step_memory(row['impl'], args)
+            peaks, row['train_peak_plans'] = peak_step_memory(row['impl'], args)
             row['train_peak_mib'], row['train_peak_kept_grads_mib'] = (p / 2**20 for p in peaks)
     ours = models.get('ours') or build('ours', args.family, args.arch).to(device)
     if any(isinstance(m, nn.Linear) for m in ours.modules()):  # attention: products not timed here
