@@ -341,7 +341,10 @@ class _NormMlpResidual(torch.autograd.Function):
                 k = end - start
                 gc = rows_g[start:end]
                 if not first_half and (scale != 1 or gc.dtype != dtype):
-                    gc = torch.mul(gc, scale, out=bufs.grad(k))
+                    # (a cast alone is one pass; a product into another dtype goes through a
+                    # temporary of the input's)
+                    gc = bufs.grad(k).copy_(gc) if scale == 1 else torch.mul(gc, scale,
+                                                                              out=bufs.grad(k))
                 nc, row_stats = norm.normalize(rows_x, start, end, samples, coefficients,
                                                bufs.normed(k))
                 hc = kept_h[index] if kept_h else _linear(plan.backend, nc, w1, b1,
