@@ -77,3 +77,35 @@ def test_the_memory_run_reports_the_plans_its_own_process_chose(benchmark):
     peaks, plans = benchmark.peak_step_memory('ours', benchmark.parse_args(['--size', '64', '64']))
     assert len(peaks) == 2 and all(p > 0 for p in peaks)
     assert plans and all(' train ' in key for key in plans)  # (that process ran training steps only)
+
+
+def test_own_processes_time_each_implementation_in_a_process_of_its_own(benchmark, tmp_path):
+    """``--own-processes``: every implementation runs its rounds in a process of its own, and the
+    kernel plans reported are those of ours' process (it times them anew), consistent with their
+    trials' times; the outputs are still checked here first."""
+    pytest.importorskip('timm')
+    out = tmp_path / 'bench.json'
+    benchmark.main([*QUICK, '--repeats', '2', '--impls', 'ours', 'timm', '--own-processes',
+                    '--json', str(out)])
+    result = json.loads(out.read_text())
+    rows = {row['impl']: row for row in result['backbones']}
+    assert list(rows) == ['ours', 'timm', 'floor']
+    for impl in ('ours', 'timm'):
+        assert rows[impl]['max_rel_err'] <= 1e-4 and len(rows[impl]['train_runs_s']) == 2
+        assert all(t > 0 for t in rows[impl]['train_runs_s'] + rows[impl]['forward_runs_s'])
+    assert rows['timm']['timing_plans'] == {}  # (no kernels of ours there)
+    plans = rows['ours']['timing_plans']
+    assert result['kernel_plans'] == plans and any(' train ' in key for key in plans)
+    for key, times in result['kernel_timings'].items():
+        fastest = min(times.values())
+        ties = [plan for plan, t in times.items() if t <= fastest * (1 + kernels.dispatch.TIE)]
+        assert plans[key] == ties[0]
+
+
+def test_a_timing_process_that_stops_is_reported_with_its_error(benchmark):
+    process = benchmark.ApartProcess('ours', benchmark.parse_args(['--device', 'no-such-device']))
+    try:
+        with pytest.raises(SystemExit, match=r'(?s)timing process of ours stopped.*no-such-device'):
+            process.ask('round')
+    finally:
+        process.close()

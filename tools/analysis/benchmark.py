@@ -11,8 +11,10 @@ Backbones: every implementation gets the same weights (timm's, mapped by our con
 input, and must produce the same four normalised stage maps before any time is reported (timm's
 ``features_only`` model gets our output norms). The MetaFormer Baselines families (``--family``) are
 compared with timm's only: mmpretrain has none of them. Runs alternate between implementations, in a
-new order each round; the table gives medians. "train" is forward plus backward of the four maps; peak
-memory is that of one training step above what the model and input already hold
+new order each round; the table gives medians. By default all share this process; with
+``--own-processes`` each runs in a process of its own (its own heap and kernel plans, as in a user's
+training process), and the rounds still take turns between them. "train" is forward plus backward of
+the four maps; peak memory is that of one training step above what the model and input already hold
 (CUDA: the allocator's peak; CPU: the peak resident size of a fresh process during its second step,
 with glibc returning every large block to the system at once so that it follows the live tensors),
 with the gradients allocated during the step ("peak MiB") and with them kept from the step before
@@ -37,6 +39,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -72,11 +75,15 @@ def parse_args(argv=None):
     parser.add_argument('--repeats', type=int, default=7, help='timed runs per implementation')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory runs')
+    parser.add_argument('--own-processes', action='store_true',
+                        help='time each implementation in a process of its own (default: all in '
+                        'this one); the rounds still alternate between them')
     parser.add_argument('--configs', nargs='*', default=[],
                         help='mmdet / mmseg configs whose whole-model iteration to time')
     parser.add_argument('--config-batch', type=int, default=2)
     parser.add_argument('--json', help='also write the results here')
     parser.add_argument('--memory-worker', help=argparse.SUPPRESS)  # internal: one impl, one step
+    parser.add_argument('--timing-worker', help=argparse.SUPPRESS)  # internal: one impl, --own-processes
     args = parser.parse_args(argv)
     zoo = FAMILIES[args.family].arch_zoo
     args.arch = args.arch or next(iter(zoo))
@@ -184,6 +191,87 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
+def bench_input(args, device) -> torch.Tensor:
+    """The input every implementation is timed on (the same in every process)."""
+    return torch.randn(args.batch, 3, *args.size,
+                       generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def time_round(model, x, args, device) -> list:
+    """Seconds of a forward pass and of a training step (the step's gradients allocated anew)."""
+    forward_s = timed(lambda: forward(model, x, args.amp), device)
+    model.zero_grad(set_to_none=True)
+    return [forward_s, timed(lambda: train_step(model, x, args.amp), device)]
+
+
+def worker_args(args) -> list:
+    """The options a worker process (memory, timing) needs to build and run what this one does."""
+    argv = ['--family', args.family, '--arch', args.arch, '--batch', str(args.batch),
+            '--size', *map(str, args.size), '--device', args.device]
+    if args.threads:
+        argv += ['--threads', str(args.threads)]
+    if args.amp:
+        argv += ['--amp', args.amp]
+    return argv
+
+
+WORKER_MARK = '@benchmark '  # (a timing worker's answers, among whatever else it prints)
+
+
+class ApartProcess:
+    """An implementation timed in a process of its own (``--own-processes``): the process builds it
+    and runs a round whenever asked, so that the rounds alternate between implementations as in one
+    process, while each has its own heap and kernel plans, as a user's process does (in a shared
+    process a step also pays for the state the others leave: on the Zen 4 machine ours' fp32 step
+    took 0.88-0.96 s there and 0.78-0.93 s alone, in one hour)."""
+
+    def __init__(self, impl: str, args):
+        self.impl, self.errors = impl, tempfile.TemporaryFile(mode='w+')
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), '--timing-worker', impl, *worker_args(args)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True)
+
+    def ask(self, command: str):
+        """``round`` (its seconds, as :func:`time_round`) or ``plans`` (the kernel plans it chose and
+        their trials' times; it then ends)."""
+        try:
+            self.proc.stdin.write(command + '\n')
+            self.proc.stdin.flush()
+            for line in self.proc.stdout:
+                if line.startswith(WORKER_MARK):
+                    return json.loads(line[len(WORKER_MARK):])
+        except BrokenPipeError:
+            pass
+        self.proc.wait()
+        self.errors.seek(0)
+        sys.exit(f'benchmark: the timing process of {self.impl} stopped (exit status '
+                 f'{self.proc.returncode}):\n{self.errors.read()[-2000:]}')
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.errors.close()
+
+
+def timing_worker(args) -> None:
+    """The process of one implementation under ``--own-processes``: commands on stdin, answers on
+    stdout (:class:`ApartProcess`)."""
+    device = torch.device(args.device)
+    impl = args.timing_worker
+    model = build(impl, args.family, args.arch)
+    load_weights(model, impl, shared_weights(args.family, args.arch))
+    model.to(device).train()
+    x = bench_input(args, device)
+    for command in sys.stdin:
+        if command.strip() == 'plans':
+            answer = dict(plans=kernels.chosen(), timings=kernels.dispatch.timings())
+        else:
+            answer = time_round(model, x, args, device)
+        print(WORKER_MARK + json.dumps(answer), flush=True)
+        if command.strip() == 'plans':
+            return
+
+
 def check_same_outputs(models: dict, x) -> dict:
     """Max relative error of each implementation's maps against ours; refuses to go on if any
     differs by more than fp32 rounding."""
@@ -223,13 +311,7 @@ def peak_step_memory(impl, args) -> tuple:
             peaks.append(torch.cuda.max_memory_allocated(device) - base)
         return peaks, kernels.chosen()
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='65536')
-    cmd = [sys.executable, os.path.abspath(__file__), '--memory-worker', impl, '--family',
-           args.family, '--arch', args.arch,
-           '--batch', str(args.batch), '--size', *map(str, args.size), '--device', args.device]
-    if args.threads:
-        cmd += ['--threads', str(args.threads)]
-    if args.amp:
-        cmd += ['--amp', args.amp]
+    cmd = [sys.executable, os.path.abspath(__file__), '--memory-worker', impl, *worker_args(args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f'benchmark: the memory run of {impl} failed:\n{proc.stderr[-2000:]}')
@@ -271,29 +353,41 @@ def bench_backbones(args, device) -> list:
         load_weights(model, impl, official)
         model.to(device).train()  # not chained: mmpretrain's train() returns None
         models[impl] = model
-    x = torch.randn(args.batch, 3, *args.size, generator=torch.Generator().manual_seed(0)).to(device)
+    x = bench_input(args, device)
     errors = check_same_outputs(models, x)
+    apart = {}
+    if args.own_processes:  # from here each lives in a process of its own
+        models.clear()
+        apart = {impl: ApartProcess(impl, args) for impl in impls}
+    run_round = (lambda impl: apart[impl].ask('round')) if apart else (
+        lambda impl: time_round(models[impl], x, args, device))
 
     times = {impl: {'forward': [], 'train': []} for impl in impls}
-    for _ in range(args.warmup):
-        for impl in impls:
-            forward(models[impl], x, args.amp)
-            train_step(models[impl], x, args.amp)
-    shuffle = random.Random(0).sample
-    for _ in range(args.repeats):
-        # a new order each round: rotating a fixed one would give each the same predecessor every
-        # time, whose freed memory it reuses or must fault in again (timm's step frees 600 MiB)
-        for impl in shuffle(impls, len(impls)):
-            times[impl]['forward'].append(timed(lambda: forward(models[impl], x, args.amp), device))
-            models[impl].zero_grad(set_to_none=True)
-            times[impl]['train'].append(
-                timed(lambda: train_step(models[impl], x, args.amp), device))
+    try:
+        for _ in range(args.warmup):
+            for impl in impls:
+                run_round(impl)
+        shuffle = random.Random(0).sample
+        for _ in range(args.repeats):
+            # a new order each round: rotating a fixed one would give each the same predecessor
+            # every time, whose freed memory it reuses or must fault in again (timm's step frees
+            # 600 MiB), or whose data it left in the caches
+            for impl in shuffle(impls, len(impls)):
+                for kind, seconds in zip(('forward', 'train'), run_round(impl)):
+                    times[impl][kind].append(seconds)
+        plans = {impl: process.ask('plans') for impl, process in apart.items()}
+    finally:
+        for process in apart.values():
+            process.close()
     rows = []
     for impl in impls:
         fwd, train = (statistics.median(times[impl][k]) for k in ('forward', 'train'))
         rows.append(dict(impl=impl, forward_s=fwd, train_s=train,
                          train_images_per_s=args.batch / train, max_rel_err=errors[impl],
                          forward_runs_s=times[impl]['forward'], train_runs_s=times[impl]['train']))
+        if impl in plans:  # (its own process's: this one ran no step of it)
+            rows[-1]['timing_plans'], rows[-1]['timing_plan_times'] = (
+                plans[impl]['plans'], plans[impl]['timings'])
     peers = [impl for impl in impls if impl in PEERS]
     if 'ours' in times and peers:
         rows[impls.index('ours')]['paired_speedup'] = {
@@ -495,6 +589,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.memory_worker:
         return memory_worker(args)
+    if args.timing_worker:
+        return timing_worker(args)
     device = torch.device(args.device)
     results = dict(machine=machine(device), family=args.family, arch=args.arch, batch=args.batch,
                    size=list(args.size), amp=args.amp)
@@ -507,8 +603,11 @@ def main(argv=None):
         for r in results['configs']:
             size = 'x'.join(map(str, r['image_size']))
             print(f'{r["config"]:<52}{size:>11}{r["train_iter_s"]:>14.3f}{r["inference_s"]:>13.3f}')
-    results['kernel_plans'] = kernels.chosen()
-    results['kernel_timings'] = kernels.dispatch.timings()  # seconds of each candidate, to audit
+    # (with --own-processes: those of ours' own process)
+    ours = next((r for r in results['backbones'] if r['impl'] == 'ours' and 'timing_plans' in r), None)
+    results['kernel_plans'] = ours['timing_plans'] if ours else kernels.chosen()
+    # seconds of each candidate, to audit
+    results['kernel_timings'] = ours['timing_plan_times'] if ours else kernels.dispatch.timings()
     print(f'\nkernel plans chosen at run time: {results["kernel_plans"]}')
     print(f'\nmachine: {results["machine"]}')
     if args.json:
