@@ -230,6 +230,9 @@ class ApartProcess:
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), '--timing-worker', impl, *worker_args(args)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True)
+        # ready (imported, built) before the next one starts: a process starting beside another's
+        # first steps would slow the trials that choose its kernel plans
+        self._answer()
 
     def ask(self, command: str):
         """``round`` (its seconds, as :func:`time_round`) or ``plans`` (the kernel plans it chose and
@@ -237,11 +240,14 @@ class ApartProcess:
         try:
             self.proc.stdin.write(command + '\n')
             self.proc.stdin.flush()
-            for line in self.proc.stdout:
-                if line.startswith(WORKER_MARK):
-                    return json.loads(line[len(WORKER_MARK):])
         except BrokenPipeError:
             pass
+        return self._answer()
+
+    def _answer(self):
+        for line in self.proc.stdout:
+            if line.startswith(WORKER_MARK):
+                return json.loads(line[len(WORKER_MARK):])
         self.proc.wait()
         self.errors.seek(0)
         sys.exit(f'benchmark: the timing process of {self.impl} stopped (exit status '
@@ -262,6 +268,7 @@ def timing_worker(args) -> None:
     load_weights(model, impl, shared_weights(args.family, args.arch))
     model.to(device).train()
     x = bench_input(args, device)
+    print(WORKER_MARK + json.dumps('ready'), flush=True)
     for command in sys.stdin:
         if command.strip() == 'plans':
             answer = dict(plans=kernels.chosen(), timings=kernels.dispatch.timings())
@@ -356,14 +363,15 @@ def bench_backbones(args, device) -> list:
     x = bench_input(args, device)
     errors = check_same_outputs(models, x)
     apart = {}
-    if args.own_processes:  # from here each lives in a process of its own
-        models.clear()
-        apart = {impl: ApartProcess(impl, args) for impl in impls}
-    run_round = (lambda impl: apart[impl].ask('round')) if apart else (
+    run_round = (lambda impl: apart[impl].ask('round')) if args.own_processes else (
         lambda impl: time_round(models[impl], x, args, device))
 
     times = {impl: {'forward': [], 'train': []} for impl in impls}
     try:
+        if args.own_processes:  # from here each lives in a process of its own
+            models.clear()
+            for impl in impls:
+                apart[impl] = ApartProcess(impl, args)
         for _ in range(args.warmup):
             for impl in impls:
                 run_round(impl)
