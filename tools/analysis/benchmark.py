@@ -270,13 +270,13 @@ def timing_worker(args) -> None:
     x = bench_input(args, device)
     print(WORKER_MARK + json.dumps('ready'), flush=True)
     for command in sys.stdin:
-        if command.strip() == 'plans':
-            answer = dict(plans=kernels.chosen(), timings=kernels.dispatch.timings())
-        else:
-            answer = time_round(model, x, args, device)
+        if command.strip() == 'round':
+            print(WORKER_MARK + json.dumps(time_round(model, x, args, device)), flush=True)
+            continue
+        # 'plans', the last command
+        answer = dict(plans=kernels.chosen(), timings=kernels.dispatch.timings())
         print(WORKER_MARK + json.dumps(answer), flush=True)
-        if command.strip() == 'plans':
-            return
+        return
 
 
 def check_same_outputs(models: dict, x) -> dict:
