@@ -44,6 +44,8 @@ CHUNK_BYTES = 1 << 22  # hidden activations per chunk: stays in cache with room 
 # PoolFormer-S12's stage 0, forward and backward, on the CPUs measured); at C = 128 keeping it makes
 # the block ~15% faster. Keeping it at 96 too would cost ConvFormer-M36 6% more training memory.
 RECOMPUTE_HIDDEN_UP_TO = 96
+# what the compiled activations take: fp32 chunks, and bf16 ones where the products run in bf16
+COMPILED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class Activation:
@@ -66,7 +68,7 @@ class Activation:
             self.onednn_post_op = ('gelu', [], approximate)
             if approximate == 'none':
                 self._value_and_backward = _gelu_value_and_backward
-                self._compiled_dtypes = (torch.float32, torch.bfloat16)
+                self._compiled_dtypes = COMPILED_DTYPES
             self.forward = lambda h, out, params: torch.ops.aten.gelu.out(
                 h, approximate=approximate, out=out)
             self.backward = lambda g, h, *unused: torch.ops.aten.gelu_backward.grad_input(
@@ -85,6 +87,7 @@ class Activation:
             self.params = (module.scale, module.bias)
             self.forward, self.backward = _star_relu_forward, _star_relu_backward
             self._value_and_backward = _star_relu_value_and_backward
+            self._compiled_dtypes = COMPILED_DTYPES
         else:
             raise TypeError(f'no fused kernel for activation {kind.__name__}')
 
@@ -111,7 +114,7 @@ def _gelu_value_and_backward(h, out, g, params, grads):
 def _star_relu_forward(h, out, params):
     """``scale * relu(h) ** 2 + bias``, in ``out``."""
     scale, bias = params
-    if native.takes(h, out):
+    if native.takes(h, out, dtypes=COMPILED_DTYPES):
         native.ops().star_relu(h, out, scale, bias)
         return out
     return torch.clamp_min(h, 0, out=out).square_().mul_(scale).add_(bias)
@@ -131,7 +134,7 @@ def _add_star_relu_grads(sums, grads):
 
 def _star_relu_backward(g, h, params, grads, scratch):
     """``g * 2 * scale * relu(h)`` in ``g``; ``sum(g * relu(h) ** 2)`` and ``sum(g)`` into ``grads``."""
-    if native.takes(g, h):
+    if native.takes(g, h, dtypes=COMPILED_DTYPES):
         _add_star_relu_grads(native.ops().star_relu_backward(h, g, None, *params), grads)
         return g
     scale, _ = params

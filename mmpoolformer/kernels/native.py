@@ -2,8 +2,8 @@
 
 The MLP kernel's activations (``csrc/activations.cpp``), in one pass over a chunk each way: GELU's
 value and derivative in backward (PyTorch's two operators spend three exponentials on them, this
-kernel one; fp32 chunks, and bf16 ones under autocast), StarReLU forward and backward (as PyTorch's
-operators, four passes forward and six backward). On the Zen 3 machine (AVX2, 2 threads,
+kernel one), StarReLU forward and backward (as PyTorch's operators, four passes forward and six
+backward); fp32 chunks, and bf16 ones under autocast. On the Zen 3 machine (AVX2, 2 threads,
 2x512x512, profiled): the GELU work of PoolFormer-S12's backward 24-28 against 57-69 ms a training
 step; ConvFormer-S18's element-wise operators around StarReLU 78-92 against 172-216 ms. On the Zen 4
 machine under bf16 autocast, S12's training step 5.5% faster with the bf16 GELU than without.
@@ -110,12 +110,15 @@ def _build(folder: str, capability: str) -> None:
         f.write(f'{NAME}.so, built for {capability} against torch {torch.__version__}\n')
 
 
-def takes(*tensors: torch.Tensor, memory_format=torch.contiguous_format) -> bool:
-    """Whether the compiled kernels are there and take these tensors: fp32 CPU tensors contiguous in
-    ``memory_format`` (what the MLP kernel's chunk buffers and kept hidden map are, unless its
-    products run in bf16; channels-last: the pooling kernel's maps)."""
-    return all(t.device.type == 'cpu' and t.dtype == torch.float32
-               and t.is_contiguous(memory_format=memory_format) for t in tensors) and ops() is not None
+def takes(*tensors: torch.Tensor, memory_format=torch.contiguous_format,
+          dtypes=(torch.float32, )) -> bool:
+    """Whether the compiled kernels are there and take these tensors: CPU tensors of one of
+    ``dtypes``, all the same, contiguous in ``memory_format`` (what the MLP kernel's chunk buffers and
+    kept hidden map are: fp32, or bf16 where its products run in bf16; channels-last: the pooling
+    kernel's maps)."""
+    return (all(t.device.type == 'cpu' and t.dtype in dtypes
+                and t.is_contiguous(memory_format=memory_format) for t in tensors)
+            and len({t.dtype for t in tensors}) == 1 and ops() is not None)
 
 
 def _check(namespace) -> Optional[str]:
@@ -149,6 +152,12 @@ def _check(namespace) -> Optional[str]:
             and torch.allclose(ours.double(), grad.double() * 1.6 * relu, rtol=1e-6, atol=1e-6)
             and sums_ok):
         return "their StarReLU disagrees with PyTorch's"
+    relu16, ours16 = h16.double().clamp_min(0), grad16.clone()  # bf16: within half a unit
+    namespace.star_relu_backward(h16, ours16, value16, scale, bias)
+    if not (torch.allclose(value16.double(), 0.8 * relu16 ** 2 - 0.1, rtol=2 ** -8, atol=1e-6)
+            and torch.allclose(ours16.double(), grad16.double() * 1.6 * relu16, rtol=2 ** -8,
+                               atol=1e-6)):
+        return "their bf16 StarReLU disagrees with PyTorch's"
     return _check_pooling(namespace) or _check_statistics(namespace)
 
 

@@ -90,6 +90,11 @@ def test_compiled_kernels_refuse_what_they_do_not_compute(gelu_value_and_grad):
         native.ops().star_relu(h.t(), torch.empty(6, 4), one, one)
     with pytest.raises(RuntimeError, match='one shape'):
         native.ops().star_relu_backward(h, torch.empty(4, 5), None, one, one)
+    with pytest.raises(RuntimeError, match='all of one dtype'):
+        native.ops().star_relu(h.bfloat16(), torch.empty(4, 6), one, one)
+    with pytest.raises(RuntimeError, match='all of one dtype'):
+        native.ops().star_relu_backward(h.bfloat16(), torch.empty(4, 6).bfloat16(), torch.empty(4, 6),
+                                        one, one)
 
 
 @pytest.fixture(params=[1, 2], ids=['1_thread', '2_threads'])
@@ -122,6 +127,35 @@ def test_compiled_star_relu_matches_float64(compiled, numel, with_value, threads
         assert torch.equal(backward_value, value)
     for total, terms in zip(sums, (grad.double() * relu ** 2, grad.double())):
         # within about a rounding of the terms' magnitude, however many they are
+        assert (total - terms.sum()).abs() <= 1e-7 * terms.abs().sum()
+
+
+@pytest.mark.parametrize('with_value', [True, False], ids=['with_value', 'gradient_only'])
+@pytest.mark.parametrize('numel', [1, 31, 32, 100_003, 1 << 20])
+def test_compiled_star_relu_in_bf16_rounds_once(compiled, numel, with_value, threads):
+    """bf16 chunks (under bf16 autocast): value and input gradient computed in float32 and rounded
+    once, so within half a bf16 unit of float64 (and closer than PyTorch's bf16 operators, which
+    round after each of their four passes); the sums in float64 over float32 blocks, as in fp32."""
+    ops = compiled
+    g = torch.Generator().manual_seed(numel)
+    h = (torch.randn(numel, generator=g) * 3).bfloat16()
+    grad = torch.randn(numel, generator=g).bfloat16()
+    scale, bias = torch.tensor([0.8]), torch.tensor([-0.1])
+    relu = h.double().clamp_min(0)
+    value = torch.empty_like(h)
+    ops.star_relu(h, value, scale, bias)
+    half_unit = lambda exact: exact.abs() * 2 ** -8 + 1e-6  # noqa: E731
+    exact_value = 0.8 * relu ** 2 - 0.1
+    assert ((value.double() - exact_value).abs() <= half_unit(exact_value)).all()
+    ours, backward_value = grad.clone(), torch.empty_like(h) if with_value else None
+    sums = ops.star_relu_backward(h, ours, backward_value, scale, bias)
+    exact_grad = grad.double() * 1.6 * relu
+    assert ((ours.double() - exact_grad).abs() <= half_unit(exact_grad)).all()
+    if with_value:
+        assert torch.equal(backward_value, value)
+    pytorchs = torch.clamp_min(h, 0).square_().mul_(0.8).add_(-0.1)
+    assert (value.double() - exact_value).abs().max() <= (pytorchs.double() - exact_value).abs().max()
+    for total, terms in zip(sums, (grad.double() * relu ** 2, grad.double())):
         assert (total - terms.sum()).abs() <= 1e-7 * terms.abs().sum()
 
 
@@ -181,28 +215,34 @@ def test_the_mlp_kernel_takes_the_compiled_activations_and_gives_pytorchs_number
 
 
 @pytest.mark.parametrize('backend', kernels.dispatch.backends(torch.device('cpu'), torch.bfloat16))
-def test_the_mlp_kernel_under_bf16_autocast_takes_the_compiled_gelu(compiled, backend, monkeypatch):
-    """With bf16 products, GELU's backward is the compiled pass over each bf16 chunk too (in place of
-    PyTorch's bf16 gelu and gelu_backward), and the gradients are those of PyTorch's operators, up to
-    bf16 roundings."""
+@pytest.mark.parametrize('act', [nn.GELU(), StarReLU(0.8, -0.1)], ids=COMPILED.keys())
+def test_the_mlp_kernel_under_bf16_autocast_takes_the_compiled_activations(compiled, act, backend,
+                                                                          monkeypatch):
+    """With bf16 products, the activation's compiled passes run over each bf16 chunk too (in place of
+    PyTorch's bf16 operators), and the gradients are those of PyTorch's operators, up to bf16
+    roundings."""
     monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 64 * 48 * 2)  # several chunks
-    modules = branch(nn.GELU(), False)
+    modules = branch(copy.deepcopy(act), False)
     x = torch.randn(2, 12, 15, 13, requires_grad=True)
+    params = [x, modules[1].weight, modules[3].weight] + list(modules[2].parameters())
 
     def step():
         with torch.autocast('cpu', dtype=torch.bfloat16), OpLog() as log, kernels.forced(
                 kernels.Plan(backend=backend, dtype=torch.bfloat16)):
             y = kernels.norm_mlp_residual(x, *modules, None, None, plain=lambda x: pytest.fail('plain'))
-            grads = torch.autograd.grad(y.float().square().sum(), [x, modules[1].weight,
-                                                                   modules[3].weight])
-        return [y] + list(grads), log.ops
+            grads = torch.autograd.grad(y.float().square().sum(), params)
+        return [y] + list(grads), [name for name, _ in log.ops]
 
-    ours, ops = step()
-    names = [name for name, _ in ops]
-    assert names.count('mmpoolformer.gelu_value_and_grad') >= 4 and 'aten.gelu_backward' not in names
+    ours, names = step()
+    forward_op, backward_op, replaced = COMPILED['gelu' if isinstance(act, nn.GELU) else 'star_relu']
+    chunks = names.count(backward_op)
+    assert chunks >= 4 and replaced not in names
+    if forward_op:
+        assert names.count(forward_op) == chunks
+    monkeypatch.setattr(native, 'takes', lambda *tensors, **kwargs: False)
     monkeypatch.setattr(mlp_kernel.Activation, 'value_and_backward', lambda *args: None)
-    pytorchs, ops = step()
-    assert 'aten.gelu_backward' in [name for name, _ in ops]
+    pytorchs, names = step()
+    assert replaced in names and not any(name.startswith('mmpoolformer.') for name in names)
     for a, b in zip(ours, pytorchs):
         assert max_rel_err(a, b) <= 1e-2
 
@@ -382,15 +422,16 @@ class _Off:
             result = kernel(*args)
             if name == 'row_stats':
                 return result[0], result[1] * 1.0001
-            out = args[{'gelu_value_and_grad': 1, 'star_relu': 1, 'pool_mix': 3,
-                        'pool_mix_adjoint': 2, 'pool_mix_input_grad': 0}[name]]
+            out = args[{'gelu_value_and_grad': 1, 'star_relu': 1, 'star_relu_backward': 1,
+                        'pool_mix': 3, 'pool_mix_adjoint': 2, 'pool_mix_input_grad': 0}[name]]
             out[(0, ) * out.dim()] += 1e-3
             return result
         return wrong
 
 
-@pytest.mark.parametrize('kernel', ['gelu_value_and_grad', 'star_relu', 'pool_mix', 'pool_mix_adjoint',
-                                    'pool_mix_input_grad', 'row_stats'])
+@pytest.mark.parametrize('kernel', ['gelu_value_and_grad', 'star_relu', 'star_relu_backward',
+                                    'pool_mix', 'pool_mix_adjoint', 'pool_mix_input_grad',
+                                    'row_stats'])
 def test_the_load_check_refuses_a_wrong_kernel(compiled, kernel):
     """Each kernel is checked against PyTorch's operators when loaded: one off by a small error
     is refused (and PyTorch's operators then do its work)."""

@@ -7,17 +7,20 @@
 // Stegun's formula 7.1.26 (as in ATen's vectorised erf, |error| < 1.5e-7), whose exp(-h^2 / 2) is also
 // the density's: one exponential and one division serve both. The exponential is at::vec's exp_u20,
 // inlined (the Sleef call ATen's erf makes stalled this loop), a few units in the last place less
-// exact: the results stay within 3e-7 of PyTorch's distance from float64 (tests/test_kernels). Under
-// bf16 autocast the MLP kernel's chunks are bfloat16: widened to float, computed, rounded once.
+// exact: the results stay within 3e-7 of PyTorch's distance from float64 (tests/test_kernels).
 //
 // StarReLU, s * relu(h)^2 + b (MetaFormer Baselines): as PyTorch's operators, the forward pass is four
 // passes over the hidden map (clamp, square, multiply, add) and the backward six (the value for fc2's
 // weight gradient again, the derivative 2 s relu(h), and the sums of g relu(h)^2 and g that are the
 // gradients of s and b). Here: one each. The sums go over blocks of a few hundred values in float,
 // then into a double per thread, added in thread order.
+//
+// Under bf16 autocast the MLP kernel's chunks are bfloat16, for both: widened to float, computed,
+// rounded once (PyTorch's bf16 StarReLU rounds after each of its four operators).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <utility>
 #include <vector>
@@ -26,8 +29,7 @@
 
 namespace {
 
-using mmpoolformer::check;
-using mmpoolformer::check_bf16;
+using mmpoolformer::check_float_or_bf16;
 using mmpoolformer::kBlock;
 using mmpoolformer::lane_sum;
 using mmpoolformer::ThreadSums;
@@ -62,9 +64,8 @@ inline void gelu_and_grad(float x, float& value, float& grad) {
 // value = gelu(h); grad = grad * gelu'(h), in place; float32, or bfloat16 computed in float32 and
 // rounded once (as PyTorch's bf16 operators): the MLP kernel's chunks under bf16 autocast
 void gelu_value_and_grad(const at::Tensor& h, const at::Tensor& value, const at::Tensor& grad) {
-  if (h.scalar_type() == at::kBFloat16) {
+  if (check_float_or_bf16({&h, &value, &grad}, "gelu_value_and_grad")) {
     using BVec = at::vec::Vectorized<at::BFloat16>;
-    for (const auto* t : {&h, &value, &grad}) check_bf16(*t, h, "gelu_value_and_grad");
     const auto* hp = h.const_data_ptr<at::BFloat16>();
     auto* vp = value.data_ptr<at::BFloat16>();
     auto* gp = grad.data_ptr<at::BFloat16>();
@@ -87,7 +88,6 @@ void gelu_value_and_grad(const at::Tensor& h, const at::Tensor& value, const at:
     });
     return;
   }
-  for (const auto* t : {&h, &value, &grad}) check(*t, h, "gelu_value_and_grad");
   const float* hp = h.const_data_ptr<float>();
   float* vp = value.data_ptr<float>();
   float* gp = grad.data_ptr<float>();
@@ -103,25 +103,105 @@ void gelu_value_and_grad(const at::Tensor& h, const at::Tensor& value, const at:
 }
 
 // ------------------------------------------------------------------------------------ StarReLU
+// Two float vectors' worth of values at a time, stored as float or as bfloat16 (under bf16 autocast:
+// widened to float, computed, rounded once, as PyTorch's bf16 operators)
+template <typename T>
+struct Pairs;
+
+template <>
+struct Pairs<float> {
+  static constexpr int64_t size = 2 * Vec::size();
+  static std::pair<Vec, Vec> load(const float* p) {
+    return {Vec::loadu(p), Vec::loadu(p + Vec::size())};
+  }
+  static void store(float* p, const Vec& a, const Vec& b) {
+    a.store(p);
+    b.store(p + Vec::size());
+  }
+};
+
+template <>
+struct Pairs<at::BFloat16> {
+  using BVec = at::vec::Vectorized<at::BFloat16>;
+  static constexpr int64_t size = BVec::size();
+  static std::pair<Vec, Vec> load(const at::BFloat16* p) {
+    const auto [a, b] = at::vec::convert_to_float<at::BFloat16>(BVec::loadu(p));
+    return {a, b};
+  }
+  static void store(at::BFloat16* p, const Vec& a, const Vec& b) {
+    at::vec::convert_from_float<at::BFloat16>(a, b).store(p);
+  }
+};
+
 // out = scale * relu(h)^2 + bias
-void star_relu(const at::Tensor& h, const at::Tensor& out, const at::Tensor& scale,
-               const at::Tensor& bias) {
-  check(h, h, "star_relu");
-  check(out, h, "star_relu");
-  const float s = scale.item<float>(), b = bias.item<float>();
-  const float* hp = h.const_data_ptr<float>();
-  float* op = out.data_ptr<float>();
+template <typename T>
+void star_relu_pass(const at::Tensor& h, const at::Tensor& out, float s, float b) {
+  const T* hp = h.const_data_ptr<T>();
+  T* op = out.data_ptr<T>();
   at::parallel_for(0, h.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
     const Vec vs(s), vb(b), zero(0.f);
     int64_t i = begin;
-    for (; i + Vec::size() <= end; i += Vec::size()) {
-      const Vec r = at::vec::maximum(Vec::loadu(hp + i), zero);
-      at::vec::fmadd(vs * r, r, vb).store(op + i);
+    for (; i + Pairs<T>::size <= end; i += Pairs<T>::size) {
+      auto [r0, r1] = Pairs<T>::load(hp + i);
+      r0 = at::vec::maximum(r0, zero);
+      r1 = at::vec::maximum(r1, zero);
+      Pairs<T>::store(op + i, at::vec::fmadd(vs * r0, r0, vb), at::vec::fmadd(vs * r1, r1, vb));
     }
     for (; i < end; ++i) {
-      const float r = hp[i] > 0.f ? hp[i] : 0.f;
+      const float r = std::max(static_cast<float>(hp[i]), 0.f);
       op[i] = s * r * r + b;
     }
+  });
+}
+
+void star_relu(const at::Tensor& h, const at::Tensor& out, const at::Tensor& scale,
+               const at::Tensor& bias) {
+  const float s = scale.item<float>(), b = bias.item<float>();
+  if (check_float_or_bf16({&h, &out}, "star_relu")) {
+    star_relu_pass<at::BFloat16>(h, out, s, b);
+  } else {
+    star_relu_pass<float>(h, out, s, b);
+  }
+}
+
+// grad = grad * 2 scale relu(h), in place; value = scale * relu(h)^2 + bias where vp is given; the
+// sums of grad * relu(h)^2 and of grad (the incoming grad) into `sums`' slots 0 and 1
+template <typename T>
+void star_relu_backward_pass(const T* hp, T* gp, T* vp, int64_t n, float s, float b,
+                             ThreadSums& sums) {
+  at::parallel_for(0, n, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    const Vec vs(s), vb(b), two_s(2.f * s), zero(0.f);
+    double sum_gr2 = 0., sum_g = 0.;
+    for (int64_t block = begin; block < end; block += kBlock) {
+      const int64_t stop = std::min(block + kBlock, end);
+      Vec acc_gr2(0.f), acc_g(0.f);
+      int64_t i = block;
+      for (; i + Pairs<T>::size <= stop; i += Pairs<T>::size) {
+        auto [r0, r1] = Pairs<T>::load(hp + i);
+        r0 = at::vec::maximum(r0, zero);
+        r1 = at::vec::maximum(r1, zero);
+        const auto [g0, g1] = Pairs<T>::load(gp + i);
+        const Vec gr0 = g0 * r0, gr1 = g1 * r1;
+        acc_gr2 = at::vec::fmadd(gr1, r1, at::vec::fmadd(gr0, r0, acc_gr2));
+        acc_g = acc_g + g0 + g1;
+        if (vp != nullptr) {
+          Pairs<T>::store(vp + i, at::vec::fmadd(vs * r0, r0, vb), at::vec::fmadd(vs * r1, r1, vb));
+        }
+        Pairs<T>::store(gp + i, gr0 * two_s, gr1 * two_s);
+      }
+      sum_gr2 += lane_sum(acc_gr2);
+      sum_g += lane_sum(acc_g);
+      for (; i < stop; ++i) {
+        const float r = std::max(static_cast<float>(hp[i]), 0.f), g = static_cast<float>(gp[i]);
+        sum_gr2 += static_cast<double>(g) * r * r;
+        sum_g += g;
+        if (vp != nullptr) vp[i] = s * r * r + b;
+        gp[i] = g * (2.f * s * r);
+      }
+    }
+    double* mine = sums.mine();
+    mine[0] += sum_gr2;
+    mine[1] += sum_g;
   });
 }
 
@@ -130,45 +210,20 @@ void star_relu(const at::Tensor& h, const at::Tensor& out, const at::Tensor& sca
 at::Tensor star_relu_backward(const at::Tensor& h, const at::Tensor& grad,
                               const std::optional<at::Tensor>& value, const at::Tensor& scale,
                               const at::Tensor& bias) {
-  check(h, h, "star_relu_backward");
-  check(grad, h, "star_relu_backward");
   const bool with_value = value.has_value() && value->defined();
-  if (with_value) check(*value, h, "star_relu_backward");
+  const bool bf16 = with_value ? check_float_or_bf16({&h, &grad, &*value}, "star_relu_backward")
+                               : check_float_or_bf16({&h, &grad}, "star_relu_backward");
   const float s = scale.item<float>(), b = bias.item<float>();
-  const float* hp = h.const_data_ptr<float>();
-  float* gp = grad.data_ptr<float>();
-  float* vp = with_value ? value->data_ptr<float>() : nullptr;
   ThreadSums sums(2);  // g relu^2, g
-  at::parallel_for(0, h.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-    const Vec vs(s), vb(b), two_s(2.f * s), zero(0.f);
-    double sum_gr2 = 0., sum_g = 0.;
-    for (int64_t block = begin; block < end; block += kBlock) {
-      const int64_t stop = std::min(block + kBlock, end);
-      Vec acc_gr2(0.f), acc_g(0.f);
-      int64_t i = block;
-      for (; i + Vec::size() <= stop; i += Vec::size()) {
-        const Vec r = at::vec::maximum(Vec::loadu(hp + i), zero);
-        const Vec g = Vec::loadu(gp + i);
-        const Vec gr = g * r;
-        acc_gr2 = at::vec::fmadd(gr, r, acc_gr2);
-        acc_g = acc_g + g;
-        if (vp != nullptr) at::vec::fmadd(vs * r, r, vb).store(vp + i);
-        (gr * two_s).store(gp + i);
-      }
-      sum_gr2 += lane_sum(acc_gr2);
-      sum_g += lane_sum(acc_g);
-      for (; i < stop; ++i) {
-        const float r = hp[i] > 0.f ? hp[i] : 0.f;
-        sum_gr2 += static_cast<double>(gp[i]) * r * r;
-        sum_g += gp[i];
-        if (vp != nullptr) vp[i] = s * r * r + b;
-        gp[i] *= 2.f * s * r;
-      }
-    }
-    double* mine = sums.mine();
-    mine[0] += sum_gr2;
-    mine[1] += sum_g;
-  });
+  if (bf16) {
+    star_relu_backward_pass<at::BFloat16>(
+        h.const_data_ptr<at::BFloat16>(), grad.data_ptr<at::BFloat16>(),
+        with_value ? value->data_ptr<at::BFloat16>() : nullptr, h.numel(), s, b, sums);
+  } else {
+    star_relu_backward_pass<float>(h.const_data_ptr<float>(), grad.data_ptr<float>(),
+                                   with_value ? value->data_ptr<float>() : nullptr, h.numel(), s,
+                                   b, sums);
+  }
   const std::vector<double> totals = sums.totals();
   return at::tensor({totals[0], totals[1]}, at::kDouble);
 }

@@ -8,6 +8,7 @@
 #include <ATen/cpu/vec/functional.h>  // (the bfloat16 conversions)
 #include <ATen/cpu/vec/vec.h>
 
+#include <initializer_list>
 #include <vector>
 
 namespace mmpoolformer {
@@ -28,6 +29,21 @@ inline void check_bf16(const at::Tensor& t, const at::Tensor& like, const char* 
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.device().is_cpu(), name,
               " takes contiguous float32 or bfloat16 CPU tensors, all of one dtype");
   TORCH_CHECK(t.sizes() == like.sizes(), name, " takes tensors of one shape");
+}
+
+// float32 tensors, or bfloat16 ones, all of one dtype and shape (contiguous CPU tensors); whether
+// they are bfloat16
+inline bool check_float_or_bf16(std::initializer_list<const at::Tensor*> tensors, const char* name) {
+  const at::Tensor& like = **tensors.begin();
+  const bool bf16 = like.scalar_type() == at::kBFloat16;
+  for (const at::Tensor* t : tensors) {
+    if (bf16) {
+      check_bf16(*t, like, name);
+    } else {
+      check(*t, like, name);
+    }
+  }
+  return bf16;
 }
 
 constexpr int64_t kBlock = 64 * Vec::size();  // values summed in float before a double takes them
