@@ -183,6 +183,22 @@ COMPILED = {'gelu': (None, 'mmpoolformer.gelu_value_and_grad', 'aten.gelu_backwa
             'star_relu': ('mmpoolformer.star_relu', 'mmpoolformer.star_relu_backward', 'aten.clamp_min')}
 
 
+def took_the_compiled_passes(names, act) -> str:
+    """Every chunk's activation ran through the compiled passes (names: the operators run), none
+    through PyTorch's; returns the operator of PyTorch's they replace."""
+    forward_op, backward_op, replaced = COMPILED['gelu' if isinstance(act, nn.GELU) else 'star_relu']
+    chunks = names.count(backward_op)
+    assert chunks >= 4 and replaced not in names
+    if forward_op:
+        assert names.count(forward_op) == chunks
+    return replaced
+
+
+def without_compiled_kernels(monkeypatch):
+    monkeypatch.setattr(native, 'takes', lambda *tensors, **kwargs: False)
+    monkeypatch.setattr(mlp_kernel.Activation, 'value_and_backward', lambda *args: None)
+
+
 @pytest.mark.parametrize('recompute_up_to', [1000, 0], ids=['hidden_recomputed', 'hidden_kept'])
 @pytest.mark.parametrize('first_half', [False, True], ids=['mlp', 'first_half'])
 @pytest.mark.parametrize('act', [nn.GELU(), StarReLU(0.8, -0.1)], ids=COMPILED.keys())
@@ -199,14 +215,8 @@ def test_the_mlp_kernel_takes_the_compiled_activations_and_gives_pytorchs_number
     x = torch.randn(2, 12, 15, 13, requires_grad=True)
     with OpLog() as log:
         ours = mlp_step(x, modules, first_half)
-    names = [name for name, _ in log.ops]
-    forward_op, backward_op, replaced = COMPILED['gelu' if isinstance(act, nn.GELU) else 'star_relu']
-    chunks = names.count(backward_op)
-    assert chunks >= 4 and replaced not in names
-    if forward_op:
-        assert names.count(forward_op) == chunks
-    monkeypatch.setattr(native, 'takes', lambda *tensors, **kwargs: False)
-    monkeypatch.setattr(mlp_kernel.Activation, 'value_and_backward', lambda *args: None)
+    took_the_compiled_passes([name for name, _ in log.ops], act)
+    without_compiled_kernels(monkeypatch)
     with OpLog() as log:
         reference = mlp_step(x, copy.deepcopy(modules), first_half)
     assert not any(name.startswith('mmpoolformer.') for name, _ in log.ops)
@@ -234,13 +244,8 @@ def test_the_mlp_kernel_under_bf16_autocast_takes_the_compiled_activations(compi
         return [y] + list(grads), [name for name, _ in log.ops]
 
     ours, names = step()
-    forward_op, backward_op, replaced = COMPILED['gelu' if isinstance(act, nn.GELU) else 'star_relu']
-    chunks = names.count(backward_op)
-    assert chunks >= 4 and replaced not in names
-    if forward_op:
-        assert names.count(forward_op) == chunks
-    monkeypatch.setattr(native, 'takes', lambda *tensors, **kwargs: False)
-    monkeypatch.setattr(mlp_kernel.Activation, 'value_and_backward', lambda *args: None)
+    replaced = took_the_compiled_passes(names, act)
+    without_compiled_kernels(monkeypatch)
     pytorchs, names = step()
     assert replaced in names and not any(name.startswith('mmpoolformer.') for name in names)
     for a, b in zip(ours, pytorchs):
