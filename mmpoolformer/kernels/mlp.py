@@ -190,9 +190,12 @@ class GroupNormRows:
     def backward(self, grad_normed, x, stats, weight, needs):
         """Gradients of ``x``, the weight and the bias from the whole normalised map's."""
         n, c = x.shape[:2]
-        mean, rstd = (t.to(x.dtype) for t in stats)
-        return torch.ops.aten.native_group_norm_backward(
-            grad_normed, x, mean, rstd, weight, n, c, x[0, 0].numel(), self.groups, list(needs))
+        dtype = torch.promote_types(x.dtype, torch.float32)  # (a bf16 map's: in fp32)
+        mean, rstd = (t.to(dtype) for t in stats)
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
+            grad_normed.to(dtype), x.to(dtype), mean, rstd, weight, n, c, x[0, 0].numel(),
+            self.groups, list(needs))
+        return None if grad_x is None else grad_x.to(x.dtype), grad_weight, grad_bias
 
 
 class LayerNormRows:
@@ -213,7 +216,9 @@ class LayerNormRows:
         """The chunk's rows normalised into ``out``, with their ``(mean, rstd)`` for backward."""
         weight, bias = coefficients
         rows = rows_x[start:end]
-        mean, rstd = rows.new_empty(len(rows), 1), rows.new_empty(len(rows), 1)
+        # (statistics of bf16 rows in fp32, as PyTorch's LayerNorm keeps them)
+        stats = dict(dtype=torch.promote_types(rows.dtype, torch.float32))
+        mean, rstd = rows.new_empty(len(rows), 1, **stats), rows.new_empty(len(rows), 1, **stats)
         # low-precision products: normalised in the input's precision, then rounded
         normed = out if out.dtype == rows.dtype else torch.empty_like(rows)
         torch.ops.aten.native_layer_norm.out(rows, rows.shape[1:], weight, bias, self.eps,
@@ -493,9 +498,12 @@ def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def _fused_plans(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> Optional[List[Plan]]:
     """The kernel's plans for ``x`` (every product dtype and backend here), or None where it does not
-    apply: tracing, another norm or activation, fp16 or other dtypes."""
+    apply: tracing, another norm or activation, fp16, bf16 outside bf16 autocast or other dtypes."""
+    # (a bf16 map: the residual stream under bf16 autocast where no fp32 factor meets it, as in
+    # ConvFormer's stages without ResScale; its products then run in bf16)
+    low = x.dtype == torch.bfloat16 and x.dtype == dispatch.autocast_dtype(x.device)
     if dispatch.tracing() or norm_rows(norm) is None or not Activation.supports(act) or not (
-            x.dtype in (torch.float32, torch.float64) and x.dim() == 4):
+            (x.dtype in (torch.float32, torch.float64) or low) and x.dim() == 4):
         return None
     dtypes = [d for d in dispatch.product_dtypes(x.device, x.dtype) if d != torch.float16]
     return [Plan(backend=backend, dtype=dtype) for dtype in dtypes

@@ -256,6 +256,50 @@ def test_norm_linear_act_with_bf16_products_tracks_fp32():
     assert all(max_rel_err(a, b) <= 3e-2 for a, b in zip(g16, g32))
 
 
+@pytest.mark.parametrize('first_half', [False, True], ids=['mlp', 'expansion'])
+@pytest.mark.parametrize('groups', [1, None], ids=['group_norm', 'layer_norm'])
+def test_a_bf16_map_under_bf16_autocast_takes_the_kernel(groups, first_half, monkeypatch):
+    """Under bf16 autocast a stage's residual stream is itself bf16 where no fp32 factor meets it
+    (ConvFormer's and CAFormer's stages without ResScale, as in timm's model): the kernel takes such a
+    map, with bf16 products, over several chunks; its output is bf16 (the MLP's as the modules'; the
+    modules' expansion is fp32 where StarReLU's fp32 scale promotes it, and the depthwise convolution
+    after it takes bf16 under autocast either way), and output and every gradient track fp32 as the
+    kernel's bf16 products do on an fp32 map (above). Outside autocast a bf16 map is left to the
+    plain formulation."""
+    monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 100 * 64 * 2)
+    norm, fc1, act, fc2, _ = branch(dim=16, hidden=64, groups=groups, act=StarReLU(0.8, -0.1),
+                                    dtype=torch.float32)
+    params = [*norm.parameters(), *fc1.parameters(), *act.parameters()] + (
+        [] if first_half else list(fc2.parameters()))
+
+    def written(x):
+        y = act(fc1(norm(x)))
+        return y if first_half else x + fc2(y)
+
+    def kernel(x, plain=lambda x: pytest.fail('plain')):
+        if first_half:
+            return kernels.norm_linear_act(x, norm, fc1, act, plain=plain)
+        return kernels.norm_mlp_residual(x, norm, fc1, act, fc2, None, None, None, plain=plain)
+
+    def step(fn, x, autocast=True):
+        x = x.detach().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            y = fn(x)
+        return [y] + list(torch.autograd.grad(y.float().square().sum(), [x] + params))
+
+    x = torch.randn(2, 16, 20, 20).contiguous(memory_format=torch.channels_last).bfloat16()
+    with kernels.forced(kernels.Plan(dtype=torch.bfloat16)):
+        ours = step(kernel, x)
+    assert ours[0].dtype == torch.bfloat16
+    assert first_half or step(written, x)[0].dtype == torch.bfloat16
+    fp32 = step(written, x.float(), autocast=False)
+    assert 0 < max_rel_err(ours[0], fp32[0]) <= 1e-2
+    assert all(max_rel_err(a, b) <= 3e-2 for a, b in zip(ours[1:], fp32[1:]))
+    taken = []
+    kernel(x, plain=lambda x: taken.append(x) or x)  # (no autocast)
+    assert len(taken) == 1
+
+
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('res_scale', [False, True], ids=['', 'res_scale'])
 @pytest.mark.parametrize('groups', [1, 3])
