@@ -35,76 +35,8 @@ using mmpoolformer::lane_sum;
 using mmpoolformer::ThreadSums;
 using mmpoolformer::Vec;
 
-// ---------------------------------------------------------------------------------------- GELU
-constexpr float kP = 0.3275911f;  // 7.1.26: erf(z) = 1 - t (a1 + a2 t + ... + a5 t^4) t exp(-z^2)
-constexpr float kA1 = 0.254829592f, kA2 = -0.284496736f, kA3 = 1.421413741f, kA4 = -1.453152027f,
-                kA5 = 1.061405429f;
-constexpr float kRsqrt2 = 0.70710678118654752f;    // 1 / sqrt(2)
-constexpr float kRsqrt2Pi = 0.39894228040143268f;  // 1 / sqrt(2 pi)
-
-// gelu(x) and gelu'(x) * g, for float vectors
-inline std::pair<Vec, Vec> gelu_and_grad(const Vec& x, const Vec& g) {
-  const Vec one(1.f), half(0.5f), zero(0.f), neg_half(-0.5f), p(kP), rsqrt2(kRsqrt2),
-      rsqrt2pi(kRsqrt2Pi), a1(kA1), a2(kA2), a3(kA3), a4(kA4), a5(kA5);
-  const Vec t = one / at::vec::fmadd(p, (x * rsqrt2).abs(), one);
-  const Vec poly = at::vec::fmadd(
-      at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(a5, t, a4), t, a3), t, a2), t, a1) * t;
-  const Vec e = (x * x * neg_half).exp_u20();  // exp(-h^2 / 2): erf's exp(-z^2) and the density's
-  const Vec erf_abs = one - poly * e;
-  const Vec cdf = at::vec::fmadd(half, Vec::blendv(erf_abs, zero - erf_abs, x < zero), half);
-  return {x * cdf, g * at::vec::fmadd(x * e, rsqrt2pi, cdf)};
-}
-
-inline void gelu_and_grad(float x, float& value, float& grad) {
-  const float cdf = 0.5f * (1.f + std::erf(x * kRsqrt2));
-  value = x * cdf;
-  grad *= cdf + x * std::exp(-0.5f * x * x) * kRsqrt2Pi;
-}
-
-// value = gelu(h); grad = grad * gelu'(h), in place; float32, or bfloat16 computed in float32 and
-// rounded once (as PyTorch's bf16 operators): the MLP kernel's chunks under bf16 autocast
-void gelu_value_and_grad(const at::Tensor& h, const at::Tensor& value, const at::Tensor& grad) {
-  if (check_float_or_bf16({&h, &value, &grad}, "gelu_value_and_grad")) {
-    using BVec = at::vec::Vectorized<at::BFloat16>;
-    const auto* hp = h.const_data_ptr<at::BFloat16>();
-    auto* vp = value.data_ptr<at::BFloat16>();
-    auto* gp = grad.data_ptr<at::BFloat16>();
-    at::parallel_for(0, h.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-      int64_t i = begin;
-      for (; i + BVec::size() <= end; i += BVec::size()) {
-        const auto [x0, x1] = at::vec::convert_to_float<at::BFloat16>(BVec::loadu(hp + i));
-        const auto [g0, g1] = at::vec::convert_to_float<at::BFloat16>(BVec::loadu(gp + i));
-        const auto [v0, d0] = gelu_and_grad(x0, g0);
-        const auto [v1, d1] = gelu_and_grad(x1, g1);
-        at::vec::convert_from_float<at::BFloat16>(v0, v1).store(vp + i);
-        at::vec::convert_from_float<at::BFloat16>(d0, d1).store(gp + i);
-      }
-      for (; i < end; ++i) {
-        float v, g = static_cast<float>(gp[i]);
-        gelu_and_grad(static_cast<float>(hp[i]), v, g);
-        vp[i] = v;
-        gp[i] = g;
-      }
-    });
-    return;
-  }
-  const float* hp = h.const_data_ptr<float>();
-  float* vp = value.data_ptr<float>();
-  float* gp = grad.data_ptr<float>();
-  at::parallel_for(0, h.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    for (; i + Vec::size() <= end; i += Vec::size()) {
-      const auto [v, g] = gelu_and_grad(Vec::loadu(hp + i), Vec::loadu(gp + i));
-      v.store(vp + i);
-      g.store(gp + i);
-    }
-    for (; i < end; ++i) gelu_and_grad(hp[i], vp[i], gp[i]);
-  });
-}
-
-// ------------------------------------------------------------------------------------ StarReLU
 // Two float vectors' worth of values at a time, stored as float or as bfloat16 (under bf16 autocast:
-// widened to float, computed, rounded once, as PyTorch's bf16 operators)
+// widened to float, computed, rounded once, as PyTorch's bf16 operators), for both activations
 template <typename T>
 struct Pairs;
 
@@ -133,6 +65,68 @@ struct Pairs<at::BFloat16> {
   }
 };
 
+// ---------------------------------------------------------------------------------------- GELU
+constexpr float kP = 0.3275911f;  // 7.1.26: erf(z) = 1 - t (a1 + a2 t + ... + a5 t^4) t exp(-z^2)
+constexpr float kA1 = 0.254829592f, kA2 = -0.284496736f, kA3 = 1.421413741f, kA4 = -1.453152027f,
+                kA5 = 1.061405429f;
+constexpr float kRsqrt2 = 0.70710678118654752f;    // 1 / sqrt(2)
+constexpr float kRsqrt2Pi = 0.39894228040143268f;  // 1 / sqrt(2 pi)
+
+// gelu(x) and gelu'(x) * g, for float vectors
+inline std::pair<Vec, Vec> gelu_and_grad(const Vec& x, const Vec& g) {
+  const Vec one(1.f), half(0.5f), zero(0.f), neg_half(-0.5f), p(kP), rsqrt2(kRsqrt2),
+      rsqrt2pi(kRsqrt2Pi), a1(kA1), a2(kA2), a3(kA3), a4(kA4), a5(kA5);
+  const Vec t = one / at::vec::fmadd(p, (x * rsqrt2).abs(), one);
+  const Vec poly = at::vec::fmadd(
+      at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(a5, t, a4), t, a3), t, a2), t, a1) * t;
+  const Vec e = (x * x * neg_half).exp_u20();  // exp(-h^2 / 2): erf's exp(-z^2) and the density's
+  const Vec erf_abs = one - poly * e;
+  const Vec cdf = at::vec::fmadd(half, Vec::blendv(erf_abs, zero - erf_abs, x < zero), half);
+  return {x * cdf, g * at::vec::fmadd(x * e, rsqrt2pi, cdf)};
+}
+
+inline void gelu_and_grad(float x, float& value, float& grad) {
+  const float cdf = 0.5f * (1.f + std::erf(x * kRsqrt2));
+  value = x * cdf;
+  grad *= cdf + x * std::exp(-0.5f * x * x) * kRsqrt2Pi;
+}
+
+// value = gelu(h); grad = grad * gelu'(h), in place
+template <typename T>
+void gelu_pass(const at::Tensor& h, const at::Tensor& value, const at::Tensor& grad) {
+  const T* hp = h.const_data_ptr<T>();
+  T* vp = value.data_ptr<T>();
+  T* gp = grad.data_ptr<T>();
+  at::parallel_for(0, h.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + Pairs<T>::size <= end; i += Pairs<T>::size) {
+      const auto [x0, x1] = Pairs<T>::load(hp + i);
+      const auto [g0, g1] = Pairs<T>::load(gp + i);
+      const auto [v0, d0] = gelu_and_grad(x0, g0);
+      const auto [v1, d1] = gelu_and_grad(x1, g1);
+      Pairs<T>::store(vp + i, v0, v1);
+      Pairs<T>::store(gp + i, d0, d1);
+    }
+    for (; i < end; ++i) {
+      float v, g = static_cast<float>(gp[i]);
+      gelu_and_grad(static_cast<float>(hp[i]), v, g);
+      vp[i] = v;
+      gp[i] = g;
+    }
+  });
+}
+
+// float32, or bfloat16 computed in float32 and rounded once (as PyTorch's bf16 operators): the MLP
+// kernel's chunks under bf16 autocast
+void gelu_value_and_grad(const at::Tensor& h, const at::Tensor& value, const at::Tensor& grad) {
+  if (check_float_or_bf16({&h, &value, &grad}, "gelu_value_and_grad")) {
+    gelu_pass<at::BFloat16>(h, value, grad);
+  } else {
+    gelu_pass<float>(h, value, grad);
+  }
+}
+
+// ------------------------------------------------------------------------------------ StarReLU
 // out = scale * relu(h)^2 + bias
 template <typename T>
 void star_relu_pass(const at::Tensor& h, const at::Tensor& out, float s, float b) {
