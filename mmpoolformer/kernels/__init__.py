@@ -7,19 +7,22 @@ device at hand, the plain formulation always among them (``dispatch``).
 
 - ``mlp``: GroupNorm or channel LayerNorm, fc1, activation, fc2, scales and residual in token chunks
   (or the first three alone: SepConv's expansion);
-- ``pooling``: GroupNorm, pooling, scale and residual as one interpolation;
+- ``pooling``: GroupNorm, pooling, scale and residual as one interpolation; the plain pooling with a
+  backward that is right on CUDA's channels-last maps;
 - ``conv``: the stem's, the downsamplings' and the depthwise convolutions: their precision under
   autocast, and in training their weight gradient as a product over patches or as a correlation;
-- ``group_norm``: the statistics and the per-sample affine map the others share.
+- ``group_norm``: the statistics and the per-sample affine map the others share; GroupNorm on its
+  own, on CUDA devices from statistics spread over the whole device.
 - ``native``: compiled CPU kernels (``csrc/``) for the element-wise work of ``mlp``, ``pooling`` and
   ``group_norm``, built on first use for the CPU at hand.
 """
 from .conv import conv2d
 from .dispatch import PLAIN, Plan, chosen, cpu_info, forced
+from .group_norm import group_normalize
 from .mlp import norm_linear_act, norm_mlp_residual
-from .pooling import norm_pool_residual
+from .pooling import avg_pool, norm_pool_residual
 
 __all__ = [
-    'Plan', 'PLAIN', 'forced', 'chosen', 'cpu_info', 'conv2d', 'norm_linear_act', 'norm_mlp_residual',
-    'norm_pool_residual'
+    'Plan', 'PLAIN', 'forced', 'chosen', 'cpu_info', 'avg_pool', 'conv2d', 'group_normalize',
+    'norm_linear_act', 'norm_mlp_residual', 'norm_pool_residual'
 ]

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from . import dispatch, native
 from .dispatch import Plan
-from .group_norm import affine, group_stats, tokens
+from .group_norm import affine, group_norm_backward, group_stats, tokens
 
 CHUNK_BYTES = 1 << 22  # hidden activations per chunk: stays in cache with room for the rest
 # Training keeps the hidden map ``h`` (four times as wide as the block) for backward, except in blocks
@@ -189,13 +189,7 @@ class GroupNormRows:
 
     def backward(self, grad_normed, x, stats, weight, needs):
         """Gradients of ``x``, the weight and the bias from the whole normalised map's."""
-        n, c = x.shape[:2]
-        dtype = torch.promote_types(x.dtype, torch.float32)  # (a bf16 map's: in fp32)
-        mean, rstd = (t.to(dtype) for t in stats)
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
-            grad_normed.to(dtype), x.to(dtype), mean, rstd, weight, n, c, x[0, 0].numel(),
-            self.groups, list(needs))
-        return None if grad_x is None else grad_x.to(x.dtype), grad_weight, grad_bias
+        return group_norm_backward(grad_normed, x, *stats, weight, needs)
 
 
 class LayerNormRows:

@@ -8,11 +8,18 @@ with ``a = gamma * rstd``. The branch thus needs the norm's statistics but never
 
 On CPUs the pooling and the interpolation are one compiled pass (``csrc/pooling.cpp``), and so is
 each of backward's two steps; elsewhere, and where they cannot be built, PyTorch's operators do them.
+
+The pooling's backward (its adjoint) goes through :func:`pool_adjoint` here and in the plain
+formulation (:func:`avg_pool`): PyTorch's CUDA backward of ``avg_pool2d`` with padding on channels-last
+maps gave gradients 0.8-1.0 relative error away from the right ones in PyTorch 2.11 (every size and
+dtype tried on an H200; its issue 188344), while its NCHW backward was right.
 """
+import functools
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import dispatch, native
 from .group_norm import group_stats, per_channel
@@ -53,7 +60,7 @@ class _NormPoolResidual(torch.autograd.Function):
         x, weight, mean, rstd, res_scale = ctx.saved_tensors
         n, c = x.shape[:2]
         groups = mean.shape[1]
-        kernel, stride, pad, ceil_mode, count_include_pad = ctx.pool_args
+        kernel = ctx.pool_args[0]
         rstd_c = per_channel(rstd, c)
         scale = (rstd_c * weight).to(x.dtype)
         grad_x = grad_weight = grad_shift = grad_res_scale = None
@@ -66,9 +73,7 @@ class _NormPoolResidual(torch.autograd.Function):
             mixed = torch.empty_like(x, **CHANNELS_LAST)
             grad_scale = native.ops().pool_mix_adjoint(grad, x, mixed, kernel).to(rstd.dtype)
         else:
-            mixed = torch.ops.aten.avg_pool2d_backward(grad, x, [kernel] * 2, [stride] * 2,
-                                                       [pad] * 2, ceil_mode, count_include_pad,
-                                                       None).sub_(grad)
+            mixed = pool_adjoint(grad, kernel).sub_(grad)
             grad_scale = (mixed * x).sum(dim=(2, 3), dtype=rstd.dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_scale * rstd_c).to(weight.dtype)
@@ -92,6 +97,56 @@ class _NormPoolResidual(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_shift = grad.new_zeros(ctx.shift_shape)
         return grad_x, grad_weight, grad_shift, grad_res_scale, None, None, None
+
+
+def pool_adjoint(grad: torch.Tensor, kernel: int) -> torch.Tensor:
+    """``P^T grad``, with ``P`` the average pooling of the Pooling mixer (``kernel`` odd, stride 1,
+    padding ``kernel // 2`` excluded from the average): its backward, in ``grad``'s layout.
+
+    On a device whose channels-last backward is wrong (:func:`channels_last_adjoint_is_right`), on an
+    NCHW copy of ``grad``. (``grad`` also stands for the pooling's input, which the backward reads
+    for its shape and layout only: stride 1 keeps the shape.)"""
+    args = ([kernel] * 2, [1] * 2, [kernel // 2] * 2, False, False, None)
+    if grad.is_contiguous() or channels_last_adjoint_is_right(grad.device.type):
+        return torch.ops.aten.avg_pool2d_backward(grad, grad, *args)
+    grad = grad.contiguous()
+    return torch.ops.aten.avg_pool2d_backward(grad, grad, *args).contiguous(**CHANNELS_LAST)
+
+
+@functools.lru_cache(None)
+def channels_last_adjoint_is_right(device_type: str) -> bool:
+    """Whether PyTorch's ``avg_pool2d`` backward, with padding excluded, gives on channels-last maps
+    of ``device_type`` what it gives on NCHW ones (module docstring); checked once on a small map."""
+    if device_type == 'cpu':
+        return True  # (every CPU test compares channels-last gradients with float64 NCHW ones)
+    grad = torch.randn(2, 3, 7, 5, generator=torch.Generator().manual_seed(0)).to(device_type)
+    args = ([3] * 2, [1] * 2, [1] * 2, False, False, None)
+    nchw = torch.ops.aten.avg_pool2d_backward(grad, grad, *args)
+    grad = grad.contiguous(**CHANNELS_LAST)
+    nhwc = torch.ops.aten.avg_pool2d_backward(grad, grad, *args)
+    return bool(torch.allclose(nchw, nhwc, rtol=1e-5, atol=1e-6))
+
+
+class _AvgPool(torch.autograd.Function):
+    """The Pooling mixer's average pooling, with :func:`pool_adjoint` as its backward."""
+
+    @staticmethod
+    def forward(ctx, x, kernel):
+        ctx.kernel = kernel
+        return F.avg_pool2d(x, kernel, 1, kernel // 2, count_include_pad=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return pool_adjoint(grad, ctx.kernel), None
+
+
+def avg_pool(pool: nn.AvgPool2d, x: torch.Tensor) -> torch.Tensor:
+    """``pool(x)`` for the Pooling mixer's pooling (odd kernel, stride 1, padding excluded), whose
+    gradient is right on every device (module docstring): PyTorch's own wherever it is."""
+    if (dispatch.tracing() or not (torch.is_grad_enabled() and x.requires_grad)
+            or x.is_contiguous() or channels_last_adjoint_is_right(x.device.type)):
+        return pool(x)
+    return _AvgPool.apply(x, pool.kernel_size)
 
 
 def _float(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import conv2d, norm_linear_act, norm_pool_residual
+from ..kernels import avg_pool, conv2d, norm_linear_act, norm_pool_residual
 from ..registry import TOKEN_MIXERS
 from .layers import add_residual, build_act
 
@@ -65,7 +65,7 @@ class Pooling(nn.Module):
             pool_size, stride=1, padding=pool_size // 2, count_include_pad=False)
 
     def forward(self, x):
-        return self.pool(x) - x
+        return avg_pool(self.pool, x) - x  # (``self.pool(x)`` with a backward right on every device)
 
     def fused_residual(self, x, norm, layer_scale, res_scale, factors, plain):
         """After a GroupNorm the branch needs the norm's statistics only (``kernels.pooling``); see
