@@ -31,6 +31,7 @@ Configs: one training iteration (``train_step``: preprocessing, forward, backwar
 one inference (``test_step``) of the whole model on synthetic inputs of the config's training size.
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -125,16 +126,17 @@ def build(impl: str, family: str, arch: str) -> nn.Module:
 OUT_NORMS = ('norm0', 'norm2', 'norm4', 'norm6')  # ours, emitting stages 0-3 (official layout)
 
 
-def available(impl: str, family: str) -> bool:
+def unavailable(impl: str, family: str) -> str:
+    """Why ``impl`` cannot be timed here ('' where it can)."""
     if impl == 'mmpretrain' and family != 'poolformer':
-        return False
+        return f'no {family}'
     if impl not in PEERS:  # (each peer is the package of its name)
-        return True
+        return ''
     try:
         __import__(impl)
-        return True
-    except ImportError:
-        return False
+        return ''
+    except ImportError as e:
+        return f'not importable ({e})'
 
 
 def shared_weights(family: str, arch: str, seed: int = 0) -> dict:
@@ -279,10 +281,21 @@ def timing_worker(args) -> None:
         return
 
 
+@contextlib.contextmanager
+def without_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def check_same_outputs(models: dict, x) -> dict:
     """Max relative error of each implementation's maps against ours; refuses to go on if any
-    differs by more than fp32 rounding."""
-    with torch.no_grad():
+    differs by more than fp32 rounding. TF32 is off for the check: CUDA's convolutions take it by
+    default and its products not, and its 10-bit rounding is a choice of speed, not a difference."""
+    with torch.no_grad(), without_tf32():
         ref = models['ours'](x) if 'ours' in models else next(iter(models.values()))(x)
         errors = {}
         for name, model in models.items():
@@ -349,10 +362,11 @@ def memory_worker(args) -> None:
 
 
 def bench_backbones(args, device) -> list:
-    impls = [i for i in args.impls if available(i, args.family)]
-    skipped = sorted(set(args.impls) - set(impls))
-    if skipped:
-        print(f'not installed or without {args.family}, skipped: {skipped}')
+    reasons = {impl: unavailable(impl, args.family) for impl in args.impls}
+    impls = [impl for impl in args.impls if not reasons[impl]]
+    for impl in args.impls:
+        if reasons[impl]:
+            print(f'{impl} skipped: {reasons[impl]}')
     official = shared_weights(args.family, args.arch)
     models = {}
     for impl in impls:
