@@ -165,3 +165,19 @@ def test_wrong_backbone_key_is_named_with_the_allowed_ones(tmp_path):
         'token_mixers, in_channels, norm_cfg, act_cfg, mlp_bias, downsample_norm_cfg, out_norm_cfg, '
         'drop_rate, drop_path_rate, use_layer_scale, pos_embed_sizes, out_indices, frozen_stages, '
         'norm_eval, with_cp, init_cfg')
+
+
+@pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='a CUDA device is present')
+@pytest.mark.parametrize('argv, message', [
+    (['--gpu'], 'has no CUDA build of PyTorch that sees a GPU (torch '),
+    (['--cpu'], "unknown argument '--cpu'; allowed: --gpu"),
+])
+def test_setup_env_refuses_what_it_cannot_do(argv, message, tmp_path):
+    """``--gpu`` on a machine without a GPU (this interpreter's PyTorch) says so before it touches
+    anything: no environment made."""
+    venv = tmp_path / 'venv'
+    env = dict(os.environ, PYTHON=sys.executable, MMPF_VENV=str(venv), MMPF_CACHE=str(tmp_path))
+    code, out = run(['bash', 'tools/setup_env.sh', *argv], cwd=REPO, env=env)
+    assert code != 0
+    assert message in out and len(out.strip().splitlines()) == 1, out
+    assert not venv.exists()
