@@ -11,15 +11,15 @@
 # cached outside the repository (MMPF_CACHE, default ~/.cache/mmpoolformer) and every later set-up
 # installs it in seconds.
 #
-# With --gpu: the PyTorch that PYTHON already has (a CUDA build; default: python3's) is kept: the
-# virtual environment sees it (--system-site-packages) and nothing installs another.  mmcv 2.1.0 is
-# built with its CUDA ops for this machine's GPU architecture only (TORCH_CUDA_ARCH_LIST, read from
-# the device unless set), cached per PyTorch build and architecture, and checked by running its CUDA
-# ops.  Offline (a cluster node without internet): pip's own PIP_NO_INDEX=1 and PIP_FIND_LINKS=DIR
+# With --gpu: everything goes into the environment of PYTHON (default: python3), the one that has
+# your CUDA build of PyTorch, which is kept (no virtual environment is made: one made from a conda or
+# venv interpreter would not see that environment's packages).  mmcv 2.1.0 is built with its CUDA ops
+# for this machine's GPU architecture only (TORCH_CUDA_ARCH_LIST, read from the device unless set),
+# cached per PyTorch build and architecture, and checked by running its CUDA ops.  Offline (a cluster node without internet): pip's own PIP_NO_INDEX=1 and PIP_FIND_LINKS=DIR
 # (a folder of wheels: mmengine, mmdet, mmsegmentation, ...), and MMCV_SDIST=mmcv-2.1.0.tar.gz.
 #
-# Environment: MMPF_VENV (default <repo>/.venv), MMPF_CACHE, PYTHON (default python3.11 or python3;
-# with --gpu python3), MMCV_SDIST (mmcv's source archive; default: downloaded once into the cache),
+# Environment: MMPF_VENV (default <repo>/.venv; not with --gpu), MMPF_CACHE, PYTHON (default
+# python3.11 or python3; with --gpu python3), MMCV_SDIST (mmcv's source archive; default: downloaded once into the cache),
 # MAX_JOBS (parallel compiler jobs; default: all cores).
 set -euo pipefail
 
@@ -62,13 +62,18 @@ install one (https://pytorch.org/get-started/locally/) or set PYTHON to the inte
     say "GPU mode: PyTorch $GPU_TORCH from $PYTHON, mmcv's CUDA ops for architecture $TORCH_CUDA_ARCH_LIST"
 fi
 
-if [[ ! -x "$VENV/bin/python" ]]; then
+if (( GPU )); then
+    PY=$PYTHON
+    VENV=$("$PY" -c 'import sys; print(sys.prefix)')
+    say "installing into $VENV, the environment of $PY"
+elif [[ ! -x "$VENV/bin/python" ]]; then
     say "creating virtual environment $VENV with $($PYTHON --version)"
-    if (( GPU )); then "$PYTHON" -m venv --system-site-packages "$VENV"; else "$PYTHON" -m venv "$VENV"; fi
+    "$PYTHON" -m venv "$VENV"
+    PY="$VENV/bin/python"
 else
     say "virtual environment $VENV exists"
+    PY="$VENV/bin/python"
 fi
-PY="$VENV/bin/python"
 # pip, without this machine's notes about local index folders that lack a package
 pip_() {
     "$PY" -m pip --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
@@ -80,9 +85,6 @@ has_version() {
 }
 
 if (( GPU )); then
-    [[ "$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)" == "$GPU_TORCH" ]] ||
-        die "--gpu: $VENV does not see $PYTHON's PyTorch $GPU_TORCH; remove it (or set MMPF_VENV) so \
-that it is made anew with --system-site-packages"
     WHEELS="$CACHE/wheels/torch-$GPU_TORCH-sm${TORCH_CUDA_ARCH_LIST//[^0-9]/}"
     MMCV_OPS=(MMCV_WITH_OPS=1 FORCE_CUDA=1)
     OPS_CHECK='import mmcv.ops, torch; assert torch.cuda.is_available()'
