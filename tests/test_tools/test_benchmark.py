@@ -105,3 +105,20 @@ def test_own_processes_time_each_implementation_in_a_process_of_its_own(benchmar
 def test_a_timing_process_that_stops_is_reported_with_its_error(benchmark):
     with pytest.raises(SystemExit, match=r'(?s)timing process of ours stopped.*no-such-device'):
         benchmark.ApartProcess('ours', benchmark.parse_args(['--device', 'no-such-device']))
+
+
+def test_whole_models_with_our_backbone_and_mmpretrains_in_its_place(benchmark, tmp_path):
+    """``--configs`` with ``--config-backbones ours mmpretrain``: a row for each, the second model
+    built with mmpretrain's PoolFormer; under ``--amp`` through the AMP optimizer wrapper."""
+    pytest.importorskip('mmpretrain')
+    out = tmp_path / 'bench.json'
+    config = osp.join(REPO, 'configs/demo/fpn_poolformer_s12_shapes.py')
+    benchmark.main(['--impls', 'ours', *QUICK, '--amp', 'bf16', '--configs', config,
+                    '--config-backbones', 'ours', 'mmpretrain', '--config-batch', '1',
+                    '--json', str(out)])
+    rows = json.loads(out.read_text())['configs']
+    assert [r['backbone'] for r in rows] == ['ours', 'mmpretrain']
+    assert rows[0]['backbone_class'] == 'mmpoolformer.models.metaformer.PoolFormer'
+    assert rows[1]['backbone_class'].startswith('mmpretrain.models.backbones')
+    for row in rows:
+        assert row['train_iter_s'] > 0 < row['inference_s'] and row['train_peak_mib'] is None

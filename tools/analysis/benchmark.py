@@ -82,6 +82,9 @@ def parse_args(argv=None):
     parser.add_argument('--configs', nargs='*', default=[],
                         help='mmdet / mmseg configs whose whole-model iteration to time')
     parser.add_argument('--config-batch', type=int, default=2)
+    parser.add_argument('--config-backbones', nargs='+', default=['ours'], choices=['ours', 'mmpretrain'],
+                        help="the configs' backbone: ours, or mmpretrain's PoolFormer of the same arch "
+                        'and stages in its place (PoolFormer configs only)')
     parser.add_argument('--json', help='also write the results here')
     parser.add_argument('--memory-worker', help=argparse.SUPPRESS)  # internal: one impl, one step
     parser.add_argument('--timing-worker', help=argparse.SUPPRESS)  # internal: one impl, --own-processes
@@ -491,30 +494,57 @@ def median_time(fn, device, repeats):
 
 
 def bench_configs(args, device) -> list:
+    """One training iteration and one inference of each config's whole model, with each backbone of
+    ``--config-backbones``; under ``--amp`` through our ``AmpOptimWrapper`` (mmengine's on a GPU).
+    On CUDA also the allocator's peak during the training iteration."""
     from mmengine.config import Config
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import MODELS, init_default_scope
 
     rows = []
     for path in args.configs:
-        cfg = Config.fromfile(path)
-        init_default_scope(cfg.get('default_scope', 'mmdet'))
-        cfg.model.backbone.init_cfg = None  # random weights: no download
-        model = MODELS.build(cfg.model).to(device)
-        optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-        data = synthetic_batch(cfg, args.config_batch)
-        train, infer = [], []
-        for i in range(args.warmup + args.repeats):
-            model.train()
-            t_train = timed(lambda: model.train_step(data, optim_wrapper), device)
-            model.eval()
-            t_infer = timed(lambda: model.test_step(data), device)
-            if i >= args.warmup:
-                train.append(t_train)
-                infer.append(t_infer)
-        rows.append(dict(config=os.path.relpath(path), train_iter_s=statistics.median(train),
-                         inference_s=statistics.median(infer), batch=args.config_batch,
-                         image_size=list(data['inputs'][0].shape[1:])))
+        for backbone in args.config_backbones:
+            cfg = Config.fromfile(path)
+            cfg.model.backbone.init_cfg = None  # random weights: no download
+            if backbone == 'mmpretrain':
+                if not cfg.model.backbone.type.endswith('.PoolFormer'):
+                    print(f'{path}: mmpretrain has no {cfg.model.backbone.type}, skipped')
+                    continue
+                __import__('mmpretrain.models')  # (its registry's entries)
+                ours = cfg.model.backbone
+                # mmpretrain numbers the network's entries: stage i is entry 2 i
+                cfg.model.backbone = dict(type='mmpretrain.PoolFormer', arch=ours.arch,
+                                          out_indices=tuple(2 * i for i in ours.out_indices),
+                                          frozen_stages=-1)
+            if args.amp:
+                cfg.optim_wrapper = dict(cfg.optim_wrapper, type='mmpoolformer.AmpOptimWrapper',
+                                         dtype=AMP_DTYPES[args.amp])
+            init_default_scope(cfg.get('default_scope', 'mmdet'))
+            model = MODELS.build(cfg.model).to(device)
+            optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+            data = synthetic_batch(cfg, args.config_batch)
+            train, infer, peaks = [], [], []
+            for i in range(args.warmup + args.repeats):
+                model.train()
+                if device.type == 'cuda':
+                    torch.cuda.reset_peak_memory_stats(device)
+                t_train = timed(lambda: model.train_step(data, optim_wrapper), device)
+                if device.type == 'cuda':
+                    peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
+                model.eval()
+                t_infer = timed(lambda: model.test_step(data), device)
+                if i >= args.warmup:
+                    train.append(t_train)
+                    infer.append(t_infer)
+            rows.append(dict(config=os.path.relpath(path), backbone=backbone,
+                             backbone_class=f'{type(model.backbone).__module__}.'
+                             f'{type(model.backbone).__name__}',
+                             train_iter_s=statistics.median(train),
+                             train_images_per_s=args.config_batch / statistics.median(train),
+                             inference_s=statistics.median(infer), batch=args.config_batch,
+                             image_size=list(data['inputs'][0].shape[1:]),
+                             train_peak_mib=max(peaks) if peaks else None))
+            del model, optim_wrapper
     return rows
 
 
@@ -621,10 +651,13 @@ def main(argv=None):
     if args.configs:
         results['configs'] = bench_configs(args, device)
         print(f'\nWhole models, batch {args.config_batch}, median of {args.repeats}')
-        print(f'{"config":<52}{"size":>11}{"train iter s":>14}{"inference s":>13}')
+        print(f'{"config":<52}{"backbone":>11}{"size":>11}{"train iter s":>14}{"img/s":>8}'
+              f'{"inference s":>13}{"peak MiB":>10}')
         for r in results['configs']:
             size = 'x'.join(map(str, r['image_size']))
-            print(f'{r["config"]:<52}{size:>11}{r["train_iter_s"]:>14.3f}{r["inference_s"]:>13.3f}')
+            peak = 'n/a' if r['train_peak_mib'] is None else f'{r["train_peak_mib"]:.0f}'
+            print(f'{r["config"]:<52}{r["backbone"]:>11}{size:>11}{r["train_iter_s"]:>14.3f}'
+                  f'{r["train_images_per_s"]:>8.2f}{r["inference_s"]:>13.3f}{peak:>10}')
     # (with --own-processes: those of ours' own process)
     ours = next((r for r in results['backbones'] if r['impl'] == 'ours' and 'timing_plans' in r), None)
     results['kernel_plans'] = ours['timing_plans'] if ours else kernels.chosen()
