@@ -20,7 +20,8 @@
 #
 # Environment: MMPF_VENV (default <repo>/.venv; not with --gpu), MMPF_CACHE, PYTHON (default
 # python3.11 or python3; with --gpu python3), MMCV_SDIST (mmcv's source archive; default: downloaded once into the cache),
-# MAX_JOBS (parallel compiler jobs; default: all cores).
+# MAX_JOBS (parallel compiler jobs; default: all cores), MMPF_EXTRAS (this package's extras to install;
+# default tests: the test suite's oracles and tools; empty: none).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -146,13 +147,14 @@ fi
 # pip takes half a minute to find everything present, so the install is redone only when what it
 # reads changed: setup.py (dependencies), the version, or where the checkout is.
 stamp="$VENV/.mmpoolformer-installed"
-wanted=$(cat "$REPO/setup.py" "$REPO/mmpoolformer/version.py" <(echo "$REPO") | sha256sum | cut -d' ' -f1)
+EXTRAS=${MMPF_EXTRAS-tests}
+wanted=$(cat "$REPO/setup.py" "$REPO/mmpoolformer/version.py" <(echo "$REPO $EXTRAS") | sha256sum | cut -d' ' -f1)
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]] && "$PY" -c "import importlib.metadata as m; m.version('mmpoolformer')" 2>/dev/null; then
-    say "mmpoolformer (editable) with its dependencies and test extras present"
+    say "mmpoolformer (editable) with its dependencies and ${EXTRAS:-no} extras present"
 else
-    say "installing mmpoolformer (editable) with its dependencies and test extras"
+    say "installing mmpoolformer (editable) with its dependencies and ${EXTRAS:-no} extras"
     rm -f "$stamp"
-    pip_ install -q -e "$REPO[tests]"
+    pip_ install -q -e "$REPO${EXTRAS:+[$EXTRAS]}"
     echo "$wanted" > "$stamp"
 fi
 
