@@ -113,12 +113,18 @@ else
             say "building mmcv $MMCV_VERSION from source with its CPU ops (20-40 min on 2 cores);"
         fi
         say "  the wheel is cached in $WHEELS for every later set-up"
-        # mmcv's setup.py imports pkg_resources, which setuptools dropped in release 82 (and torch's
-        # own requirement may have upgraded it), so pin it for the build; opencv only where no
-        # build of it is importable (a GPU image may have the headless one)
-        needs=('setuptools<82' wheel ninja numpy packaging addict yapf 'mmengine>=0.10,<0.11')
-        "$PY" -c 'import cv2' 2>/dev/null || needs+=(opencv-python)
-        pip_ install -q "${needs[@]}"
+        # What the build imports, where it is missing. mmcv's setup.py imports pkg_resources,
+        # which setuptools dropped in release 82 (and torch's own requirement may have upgraded
+        # it), so that is pinned for the build; opencv only where no build of it is importable (a
+        # GPU image may have the headless one, which pip does not count as opencv-python).
+        needs=()
+        "$PY" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) >= 82)' \
+            2>/dev/null || needs+=('setuptools<82')
+        for req in wheel ninja numpy packaging addict yapf cv2:opencv-python \
+                   'mmengine:mmengine>=0.10,<0.11'; do
+            "$PY" -c "import ${req%%:*}" 2>/dev/null || needs+=("${req#*:}")
+        done
+        (( ${#needs[@]} == 0 )) || pip_ install -q "${needs[@]}"
         sdist=${MMCV_SDIST:-$CACHE/src/mmcv-$MMCV_VERSION.tar.gz}
         if [[ ! -f "$sdist" ]]; then
             [[ -z "${MMCV_SDIST:-}" ]] || die "MMCV_SDIST=$MMCV_SDIST: no such file"
