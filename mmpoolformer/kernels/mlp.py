@@ -421,7 +421,7 @@ class _Buffers:
     """Chunk-sized scratch tensors, allocated once per call and reused by every chunk."""
 
     def __init__(self, tx: torch.Tensor, hidden: int, dtype: torch.dtype):
-        self.rows, self.c, self.hidden_dim = _rows(hidden, dtype), tx.shape[2], hidden
+        self.rows, self.c, self.hidden_dim = _rows(hidden, dtype, tx), tx.shape[2], hidden
         self.tx, self.dtype, self._bufs = tx, dtype, {}
 
     def _get(self, name, width, k, dtype=None):
@@ -449,7 +449,12 @@ class _Buffers:
         return self._get('scratch', self.hidden_dim, k)
 
 
-def _rows(hidden: int, dtype: torch.dtype) -> int:
+def _rows(hidden: int, dtype: torch.dtype, tx: torch.Tensor) -> int:
+    """Token rows per chunk: on a CPU, hidden activations of about :data:`CHUNK_BYTES`, which stay in
+    its cache; elsewhere every row of ``tx`` at once (a GPU's products need many rows to fill it, and
+    one chunk launches each kernel once)."""
+    if tx.device.type != 'cpu':
+        return tx.shape[0] * tx.shape[1]
     return max(16, CHUNK_BYTES // (hidden * dtype.itemsize))
 
 

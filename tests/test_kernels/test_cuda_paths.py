@@ -169,3 +169,12 @@ def test_group_norm_on_cuda_equals_pytorchs(groups, layout):
         assert got[1].is_contiguous(memory_format=layout)
     with torch.autocast('cuda', dtype=torch.bfloat16), kernels.forced(kernels.Plan()):
         assert ours.float()(x.to('cuda', torch.bfloat16)).dtype == torch.float32
+
+
+def test_off_the_cpu_the_mlp_kernel_takes_every_row_in_one_chunk():
+    """A GPU's products need many rows to fill it: one chunk of all ``N * HW`` token rows there; a
+    CPU's chunks hold about ``CHUNK_BYTES`` of hidden activations, which stay in its cache."""
+    from mmpoolformer.kernels import mlp
+    tokens = dict(size=(2, 5000, 64), dtype=torch.float32)
+    assert mlp._rows(256, torch.float32, torch.empty(**tokens, device='meta')) == 10000
+    assert mlp._rows(256, torch.float32, torch.empty(**tokens)) == mlp.CHUNK_BYTES // (256 * 4)
