@@ -127,9 +127,10 @@ def backward_by_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rs
     channel."""
     n, c = x.shape[:2]
     groups = mean.shape[1]
-    acc = torch.promote_types(x.dtype, torch.float32)
-    sum_g = grad.sum((2, 3), dtype=acc)  # (N, C)
-    sum_gx = (grad * x).sum((2, 3), dtype=acc)
+    acc, out_dtype = torch.promote_types(x.dtype, torch.float32), x.dtype
+    x, grad = x.to(acc), grad.to(acc)  # (a bf16 map's: in fp32, rounded once, as on CPUs)
+    sum_g = grad.sum((2, 3))  # (N, C)
+    sum_gx = (grad * x).sum((2, 3))
     mean_c, rstd_c = per_channel(mean.to(acc), c), per_channel(rstd.to(acc), c)
     grad_weight = ((sum_gx - mean_c * sum_g) * rstd_c).sum(0) if needs[1] else None
     grad_bias = sum_g.sum(0) if needs[2] else None
@@ -144,9 +145,10 @@ def backward_by_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rs
     rstd, mean = rstd.to(acc), mean.to(acc)
     coef_x = -rstd.pow(3) * (sums_gx - mean * sums_g) / count
     shift = -rstd * sums_g / count - coef_x * mean
-    grad_x = torch.addcmul(per_channel(shift, c)[:, :, None, None].to(x.dtype), x,
-                           per_channel(coef_x, c)[:, :, None, None].to(x.dtype))
-    return grad_x.addcmul_(grad, (rstd_c * w)[:, :, None, None].to(x.dtype)), grad_weight, grad_bias
+    grad_x = torch.addcmul(per_channel(shift, c)[:, :, None, None], x,
+                           per_channel(coef_x, c)[:, :, None, None])
+    grad_x.addcmul_(grad, (rstd_c * w)[:, :, None, None])
+    return grad_x.to(out_dtype), grad_weight, grad_bias
 
 
 class _GroupNorm(torch.autograd.Function):
