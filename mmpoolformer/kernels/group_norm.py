@@ -174,6 +174,11 @@ class _GroupNorm(torch.autograd.Function):
 LOW = (torch.float16, torch.bfloat16)
 
 
+def offered_on(device: torch.device) -> bool:
+    """Where :func:`group_normalize` offers :class:`_GroupNorm` (module docstring): off the CPU."""
+    return device.type != 'cpu'
+
+
 def group_normalize(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` by the faster of PyTorch's GroupNorm and :class:`_GroupNorm` on CUDA devices
     (module docstring); PyTorch's elsewhere (its CPU kernel already uses every core), in tracing,
@@ -183,7 +188,7 @@ def group_normalize(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
 
     # (a low-precision map outside autocast: PyTorch's, whose output keeps that dtype)
     autocast = dispatch.autocast_dtype(x.device) is not None
-    if (x.device.type == 'cpu' or dispatch.tracing() or x.dim() != 4
+    if (not offered_on(x.device) or dispatch.tracing() or x.dim() != 4
             or x.dtype not in ((torch.float32, torch.float64) + (LOW if autocast else ()))):
         return plain(x)
 

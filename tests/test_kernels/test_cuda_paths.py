@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from mmpoolformer import kernels
 from mmpoolformer.kernels import group_norm as gn
 from mmpoolformer.kernels import pooling
-from mmpoolformer.models import PoolFormer
+from mmpoolformer.models import ConvFormer, PoolFormer, PoolFormerV2
 from mmpoolformer.models.layers import GroupNorm
 from mmpoolformer.models.token_mixers import Pooling
-from mmpoolformer.testing import max_rel_err
+from mmpoolformer.testing import max_rel_err, randomize_weights
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
 LAYOUTS = dict(contiguous=torch.contiguous_format, channels_last=torch.channels_last)
@@ -96,6 +96,40 @@ def test_group_norm_module_is_pytorchs_on_the_cpu():
     ours.load_state_dict(norm.state_dict())
     assert torch.equal(ours(x), norm(x))
     assert isinstance(PoolFormer('s12').norm0, GroupNorm)
+
+
+@pytest.mark.parametrize('cls', [PoolFormer, PoolFormerV2, ConvFormer], ids=lambda c: c.__name__)
+def test_a_backbone_with_the_gpu_group_norm_equals_it_without(cls, monkeypatch):
+    """End to end on the CPU in float64, the GroupNorm plan CUDA devices are offered forced in (the
+    suite's deterministic mode takes every first candidate), with CUDA's backward, and the fused
+    branches off, so that every norm is the module: outputs and every gradient as with PyTorch's
+    GroupNorm, to 1e-10."""
+    from mmpoolformer.kernels import mlp
+    from mmpoolformer.models import token_mixers
+    monkeypatch.setattr(mlp, '_fused_plans', lambda *args: None)
+    monkeypatch.setattr(token_mixers, 'norm_pool_residual',
+                        lambda x, norm, size, layer_scale, factors, plain, res_scale: plain(x))
+    model = randomize_weights(cls(arch=next(iter(cls.arch_zoo)), out_indices=(0, 1, 2, 3))).double()
+    calls = []
+    forward = gn._GroupNorm.forward
+    monkeypatch.setattr(gn._GroupNorm, 'forward', staticmethod(
+        lambda *args: calls.append(1) or forward(*args)))
+    monkeypatch.setattr(gn, 'group_norm_backward', gn.backward_by_sums)  # (CUDA's backward)
+    x = torch.randn(2, 3, 45, 37, dtype=torch.float64)
+    results = []
+    for offered in (False, True):
+        monkeypatch.setattr(gn, 'offered_on', lambda device: offered)
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        outs = model(xi)
+        sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype)).sum()
+            for i, o in enumerate(outs)).backward()
+        results.append([*outs, xi.grad, *(p.grad for p in model.parameters())])
+    plain, ours = results
+    assert len(calls) == sum(isinstance(m, nn.GroupNorm) for m in model.modules())
+    for a, b in zip(ours, plain):
+        # (or both rounding noise: PoolFormer's norm1.bias, which pooling minus identity cancels)
+        assert max_rel_err(a, b) < 1e-10 or (a - b).abs().max() < 1e-13
 
 
 def pool_gradient(x, pool_fn):
