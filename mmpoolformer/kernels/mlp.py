@@ -497,14 +497,17 @@ def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def _fused_plans(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> Optional[List[Plan]]:
     """The kernel's plans for ``x`` (every product dtype and backend here), or None where it does not
-    apply: tracing, another norm or activation, fp16, bf16 outside bf16 autocast or other dtypes."""
+    apply: tracing, another norm or activation, an fp16 map, bf16 outside bf16 autocast or other
+    dtypes."""
     # (a bf16 map: the residual stream under bf16 autocast where no fp32 factor meets it, as in
     # ConvFormer's stages without ResScale; its products then run in bf16)
     low = x.dtype == torch.bfloat16 and x.dtype == dispatch.autocast_dtype(x.device)
     if dispatch.tracing() or norm_rows(norm) is None or not Activation.supports(act) or not (
             (x.dtype in (torch.float32, torch.float64) or low) and x.dim() == 4):
         return None
-    dtypes = [d for d in dispatch.product_dtypes(x.device, x.dtype) if d != torch.float16]
+    # fp16 products where the device multiplies them (a GPU: what --amp gives there), as autocast does
+    dtypes = [d for d in dispatch.product_dtypes(x.device, x.dtype)
+              if d != torch.float16 or dispatch.native_low_precision(x.device, d)]
     return [Plan(backend=backend, dtype=dtype) for dtype in dtypes
             for backend in dispatch.backends(x.device, dtype)]
 
