@@ -54,9 +54,9 @@ for name in "${STEPS[@]}"; do
             tests/test_models/test_cuda.py tests/test_kernels
         grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/tests.log" | tail -n 20 ;;
     profile)
-        step profile "$PY" tools/analysis/gpu_profile.py --size 800 1216 --amp bf16 --compile \
+        step profile "$PY" tools/analysis/gpu_profile.py --size 800 1216 --amp bf16 --compile --cuda-graphs \
             --json "$OUT/profile.json"
-        grep -E 'ms of GPU kernels|torch.compile|pooling, worst' "$OUT/profile.log" ;;
+        grep -E 'ms of GPU kernels|torch.compile|CUDA graphs|pooling, worst' "$OUT/profile.log" ;;
     bench)
         for spec in "det 2 800 1216" "seg 4 512 512"; do
             read -r shape batch h w <<< "$spec"

@@ -4,7 +4,9 @@
 
 For each implementation (ours, timm's; the same weights, as in ``benchmark.py``): the GPU kernels of
 one training step by their time (``torch.profiler``), grouped into products, normalisation, pooling,
-element-wise work and copies, so that what fusing can win is read off before writing a kernel.
+element-wise work and copies, so that what fusing can win is read off before writing a kernel; with
+``--compile`` and ``--cuda-graphs`` the step under ``torch.compile`` and replayed from CUDA graphs, the
+honest alternatives to writing kernels.
 
 The checks, on the PyTorch at hand:
 - pooling: ``avg_pool2d(3, 1, 1, count_include_pad=False)``'s output and input gradient on
@@ -89,6 +91,27 @@ def compiled_step_times(model, x, amp, steps=10) -> dict:
     compile_s = time.perf_counter() - start
     return dict(eager_ms=eager, compiled_ms=event_time(lambda: step(compiled), steps),
                 compile_s=compile_s)
+
+
+def graphed_step_ms(model, x, amp, steps=10) -> dict:
+    """Milliseconds of a training step replayed from CUDA graphs of forward and backward
+    (``torch.cuda.make_graphed_callables``: no launch overhead), or why it could not be captured.
+    Captured after the eager steps, so that our kernels' plans are chosen (their timing syncs) and
+    then only replayed."""
+    dtype = benchmark.AMP_DTYPES[amp]
+    try:
+        graphed = torch.cuda.make_graphed_callables(model, (x, ))
+
+        def step():
+            model.zero_grad(set_to_none=False)  # (the graphs write into the same gradient tensors)
+            with torch.autocast('cuda', dtype=dtype, enabled=dtype is not None, cache_enabled=False):
+                outs = graphed(x)
+                loss = sum(o.float().mean() for o in outs)
+            loss.backward()
+
+        return dict(graphed_ms=event_time(step, steps))
+    except Exception as e:  # noqa: BLE001  (a report, not a failure: say why)
+        return dict(graphed_error=f'{type(e).__name__}: {e}'[:500])
 
 
 def event_time(fn, repeats=20) -> float:
@@ -186,6 +209,8 @@ def main():
     parser.add_argument('--impls', nargs='+', default=['ours', 'timm'])
     parser.add_argument('--compile', action='store_true',
                         help='also time each implementation under torch.compile')
+    parser.add_argument('--cuda-graphs', action='store_true',
+                        help='also time each implementation replayed from CUDA graphs')
     parser.add_argument('--no-checks', action='store_true',
                         help='skip the pooling and GroupNorm checks')
     parser.add_argument('--json')
@@ -201,26 +226,46 @@ def main():
 
     official = benchmark.shared_weights(args.family, args.arch)
     x = benchmark.bench_input(args, device)
-    for impl in args.impls:
+
+    def built(impl):
         model = benchmark.build(impl, args.family, args.arch)
         benchmark.load_weights(model, impl, official)
-        model.to(device).train()
+        return model.to(device).train()
+
+    def save():  # after every measurement: what was measured survives a later crash
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump(results, f, indent=1)
+
+    for impl in args.impls:
+        model = built(impl)
         prof = results.setdefault('profiles', {})[impl] = profile_step(model, x, args.amp)
         print(f'\n{impl}: {prof["total_us"] / 1e3:.2f} ms of GPU kernels a step; by kind (ms): ' +
               ', '.join(f'{k} {v / 1e3:.2f}' for k, v in sorted(prof['kinds'].items(),
                                                                  key=lambda kv: -kv[1])))
         for name, us in prof['top'][:15]:
             print(f'  {us / 1e3:7.3f} ms  {name[:110]}')
+        save()
         if args.compile:
             times = results.setdefault('compiled', {})[impl] = compiled_step_times(model, x, args.amp)
             print(f'{impl} training step: eager {times["eager_ms"]:.2f} ms, torch.compile '
                   f'{times["compiled_ms"]:.2f} ms (compiled in {times["compile_s"]:.0f} s)')
+            save()
         del model
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=1)
-
+    # last: a capture that fails can leave the device unusable for what would follow
+    for impl in args.impls if args.cuda_graphs else ():
+        model = built(impl)
+        for _ in range(3):  # eager steps first: our plans are chosen (timed) before the capture
+            model.zero_grad(set_to_none=True)
+            benchmark.train_step(model, x, args.amp)
+        graphed = results.setdefault('cuda_graphs', {})[impl] = graphed_step_ms(model, x, args.amp)
+        print(f'{impl} training step from CUDA graphs: '
+              + (f'{graphed["graphed_ms"]:.2f} ms' if 'graphed_ms' in graphed
+                 else graphed['graphed_error']))
+        save()
+        del model
+        torch.cuda.empty_cache()
 
 if __name__ == '__main__':
     main()
