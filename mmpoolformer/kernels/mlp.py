@@ -14,7 +14,9 @@ Backward goes through the same chunks. Only ``x`` and (in blocks wider than
 :data:`RECOMPUTE_HIDDEN_UP_TO` channels) the hidden map ``h`` are kept; the normalised map, the
 activation and any ``h`` not kept are recomputed per chunk, and the weight gradients accumulate chunk by
 chunk. A LayerNorm's backward is per token and runs in the chunks too; GroupNorm's needs the whole
-map's gradient, which the chunks gather for PyTorch's own GroupNorm backward. The activation's value
+map's gradient, which the chunks gather for its backward (``group_norm.group_norm_backward``). On a
+GPU there is one chunk of every token row: no cache to stay in, and its products need many rows to
+fill the device; what remains of the kernel there is what it keeps for backward. The activation's value
 (for fc2's weight gradient) and derivative come from one compiled pass where there is one for it
 (GELU and StarReLU on CPUs, ``native.py``), else from its forward and backward operators.
 
