@@ -105,3 +105,70 @@ def test_autocast_training_steps_stay_finite_and_track_fp32(dtype):
     assert low[-1] < low[0]
     for a, b in zip(low, fp32):
         assert abs(a - b) <= 2e-2 * abs(b)
+
+
+AMP_WRAPPER = 'AmpOptimWrapper'  # mmengine's, as the configs' --amp gives it on a GPU
+
+
+def mmcv_ops_run_on_cuda() -> bool:
+    """Whether mmcv's compiled ops here were built with CUDA (``tools/setup_env.sh --gpu``)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from mmcv.ops import nms
+        boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 11., 11.]], device=DEVICE)
+        nms(boxes, torch.tensor([0.9, 0.8], device=DEVICE), 0.5)
+        return True
+    except Exception:  # noqa: BLE001  (not built, or without CUDA)
+        return False
+
+
+@pytest.mark.skipif(not mmcv_ops_run_on_cuda(), reason="mmcv's ops without CUDA")
+@pytest.mark.parametrize('config, dtype', [
+    ('detection/retinanet_poolformer_s12.py', torch.float16),
+    ('detection/mask_rcnn_poolformer_s12.py', torch.float16),
+    ('segmentation/fpn_poolformer_s12.py', torch.bfloat16),
+])
+def test_whole_models_train_and_predict_on_cuda(config, dtype):
+    """The paper's detectors and segmentor on CUDA: three training iterations through mmengine's AMP
+    optimizer wrapper (as ``--amp`` runs them; fp16 with a loss scaler, here starting at 2^10 so that
+    no step is skipped for overflow) with finite losses, parameters that moved and stayed finite,
+    then a prediction per image."""
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import MODELS, init_default_scope
+
+    from mmpoolformer import config_path
+    cfg = Config.fromfile(config_path(config))
+    scope = cfg.get('default_scope', 'mmdet')
+    init_default_scope(scope)
+    cfg.model.backbone.init_cfg = None  # no download in tests
+    model = MODELS.build(cfg.model)
+    model.init_weights()  # (as the runner does: RetinaNet's classification prior, or fp16 overflows)
+    model = model.to(DEVICE)
+    optim = build_optim_wrapper(model, dict(cfg.optim_wrapper, type=AMP_WRAPPER, dtype=dtype,
+                                            loss_scale=dict(init_scale=2.**10)))
+    if scope == 'mmseg':
+        from mmengine.structures import PixelData
+        from mmseg.structures import SegDataSample
+        samples = []
+        for _ in range(2):
+            sample = SegDataSample(metainfo=dict(img_shape=(256, 256), ori_shape=(256, 256)))
+            sample.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, 256, 256)))
+            samples.append(sample)
+        data = dict(inputs=[torch.randint(0, 256, (3, 256, 256), dtype=torch.uint8)] * 2,
+                    data_samples=samples)
+    else:
+        from mmdet.testing import demo_mm_inputs
+        data = demo_mm_inputs(batch_size=2, image_shapes=[(3, 320, 416), (3, 288, 352)],
+                              num_items=[3, 1], num_classes=80, with_mask='mask' in config)
+    model.train()
+    before = copy.deepcopy(model.backbone.state_dict())
+    for _ in range(3):
+        losses = model.train_step(data, optim)
+        assert all(torch.isfinite(v).all() for v in losses.values()), losses
+    after = model.backbone.state_dict()
+    assert all(torch.isfinite(t).all() for t in after.values())
+    assert not torch.equal(before['patch_embed.proj.weight'], after['patch_embed.proj.weight'])
+    model.eval()
+    assert len(model.test_step(data)) == 2
