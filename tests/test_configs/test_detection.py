@@ -143,3 +143,22 @@ def test_train_step_and_prediction(name):
         assert pred.bboxes.shape[1] == 4 and len(pred.scores) == len(pred.labels)
         if with_mask:
             assert pred.masks.shape[1:] == res.ori_shape
+
+
+def test_mask_rcnn_trains_under_cpu_amp():
+    """``--amp`` on a CPU: bf16 autocast reaches mmcv's NMS and RoIAlign, whose CPU kernels take fp32
+    only (they stopped with "expected scalar type Float but found BFloat16"); our AMP wrapper runs them
+    in fp32. Two iterations: finite losses, the backbone moved."""
+    from mmengine.optim import build_optim_wrapper
+    cfg = load('mask_rcnn_poolformer_s12')
+    model = build_detector(cfg)
+    model.init_weights()  # (as the runner does)
+    optim = build_optim_wrapper(model, dict(cfg.optim_wrapper, type='mmpoolformer.AmpOptimWrapper'))
+    before = model.backbone.patch_embed.proj.weight.detach().clone()
+    torch.manual_seed(0)
+    data = det_inputs(with_mask=True)
+    model.train()
+    for _ in range(2):
+        losses = model.train_step(data, optim)
+        assert all(torch.isfinite(v).all() for v in losses.values()), losses
+    assert not torch.equal(before, model.backbone.patch_embed.proj.weight)

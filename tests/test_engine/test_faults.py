@@ -135,3 +135,32 @@ def test_amp_on_cpu_autocasts_in_bf16_by_default():
     wrapper = AmpOptimWrapper(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     with wrapper.optim_context(model):
         assert model(torch.randn(2, 8)).dtype == torch.bfloat16
+
+
+def test_fp32_only_cpu_ops_run_in_fp32_under_cpu_autocast():
+    """An autograd Function whose CPU kernel takes fp32 only, wrapped as the AMP wrapper wraps mmcv's
+    NMS and RoIAlign: under bf16 autocast it sees fp32, returns the input's dtype, and its backward
+    too; without low-precision inputs it is called as it is."""
+    from mmpoolformer.engine.amp import in_fp32_on_cpu
+
+    class Fp32Only(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, factor):
+            assert x.dtype == torch.float32 and not torch.is_autocast_enabled('cpu')
+            ctx.factor = factor
+            return x * factor
+
+        @staticmethod
+        def backward(ctx, grad):
+            assert grad.dtype == torch.float32
+            return grad * ctx.factor, None
+
+    Fp32Only.forward = staticmethod(in_fp32_on_cpu(Fp32Only.forward))
+    Fp32Only.backward = staticmethod(in_fp32_on_cpu(Fp32Only.backward))
+    x = torch.randn(4, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = Fp32Only.apply(x.bfloat16(), 3.0)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, torch.full((4, ), 3.0))
+    assert Fp32Only.apply(torch.ones(2), 2.0).dtype == torch.float32
