@@ -40,7 +40,10 @@ def in_fp32_on_cpu(method):
         args = [a.float() if isinstance(a, torch.Tensor) and a.dtype in LOW else a for a in args]
         with torch.autocast('cpu', enabled=False):
             out = method(ctx, *args)
-        back = lambda t: t.to(low) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa
+
+        def back(t):
+            return t.to(low) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
         return tuple(map(back, out)) if isinstance(out, tuple) else back(out)
 
     wrapped.in_fp32_on_cpu = True
