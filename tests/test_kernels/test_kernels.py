@@ -169,19 +169,28 @@ def test_mlp_kernel_with_star_relu_equals_the_branch_as_written(backend, monkeyp
         assert max_rel_err(a, b) <= 1e-5
 
 
-@pytest.mark.parametrize('groups', [1, None], ids=['group_norm', 'layer_norm'])
-def test_mlp_kernel_with_bf16_products_tracks_fp32(groups):
+def low_products_against_fp32(groups, low):
+    """The MLP kernel's output and gradients (x, fc1's and fc2's weights) under ``low`` autocast with
+    products in ``low``, and their largest relative errors against the same with fp32 products."""
     norm, fc1, act, fc2, ls = branch(dim=16, hidden=64, groups=groups, dtype=torch.float32)
     x = torch.randn(2, 16, 20, 20, requires_grad=True)
     results = []
-    for dtype in (torch.float32, torch.bfloat16):
-        with torch.autocast('cpu', dtype=torch.bfloat16), kernels.forced(kernels.Plan(dtype=dtype)):
+    for dtype in (torch.float32, low):
+        with torch.autocast('cpu', dtype=low), kernels.forced(kernels.Plan(dtype=dtype)):
+            assert mlp_kernel._fused_plans(x, norm, act)[0].dtype == low  # (offered, the first)
             y = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, ls, None, None, plain=None)
         assert y.dtype == torch.float32
         results.append((y, torch.autograd.grad(y.square().sum(), [x, fc1.weight, fc2.weight])))
-    (y32, g32), (y16, g16) = results
-    assert 0 < max_rel_err(y16, y32) <= 1e-2
-    assert all(max_rel_err(a, b) <= 3e-2 for a, b in zip(g16, g32))
+    (y32, g32), (y_low, g_low) = results
+    return max_rel_err(y_low, y32), [max_rel_err(a, b) for a, b in zip(g_low, g32)]
+
+
+@pytest.mark.parametrize('groups', [1, None], ids=['group_norm', 'layer_norm'])
+def test_mlp_kernel_with_bf16_products_tracks_fp32(groups, monkeypatch):
+    monkeypatch.setattr(kernels.dispatch, 'native_low_precision', lambda device, dtype: True)
+    out_err, grad_errs = low_products_against_fp32(groups, torch.bfloat16)
+    assert 0 < out_err <= 1e-2
+    assert all(err <= 3e-2 for err in grad_errs)
 
 
 @pytest.mark.parametrize('groups', [1, None], ids=['group_norm', 'layer_norm'])
@@ -189,24 +198,17 @@ def test_mlp_kernel_with_fp16_products_tracks_fp32_where_the_device_has_them(gro
     """fp16 products, offered where the device multiplies fp16 natively (CUDA: what ``--amp`` gives
     there; here the CPU made to say so): the output fp32 and within fp16's bounds of fp32 (tighter
     than bf16's); without native fp16 they are not offered."""
-    norm, fc1, act, fc2, ls = branch(dim=16, hidden=64, groups=groups, dtype=torch.float32)
-    x = torch.randn(2, 16, 20, 20, requires_grad=True)
+    norm, _, act, _, _ = branch(dim=16, hidden=64, groups=groups, dtype=torch.float32)
+    x = torch.randn(2, 16, 20, 20)
     with torch.autocast('cpu', dtype=torch.float16):
         offered = mlp_kernel._fused_plans(x, norm, act)
         assert offered and all(plan.dtype != torch.float16 for plan in offered) or \
             kernels.dispatch.native_low_precision(x.device, torch.float16)
     monkeypatch.setattr(kernels.dispatch, 'native_low_precision', lambda device, dtype: True)
-    results = []
-    for dtype in (torch.float32, torch.float16):
-        with torch.autocast('cpu', dtype=torch.float16), kernels.forced(kernels.Plan(dtype=dtype)):
-            assert mlp_kernel._fused_plans(x, norm, act)[0].dtype == torch.float16
-            y = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, ls, None, None, plain=None)
-        assert y.dtype == torch.float32
-        results.append((y, torch.autograd.grad(y.square().sum(), [x, fc1.weight, fc2.weight])))
-    (y32, g32), (y16, g16) = results
+    out_err, grad_errs = low_products_against_fp32(groups, torch.float16)
     # (measured: 1.5e-4 and at most 5e-4, a tenth of bf16's 1.5e-3 and 6e-3)
-    assert 0 < max_rel_err(y16, y32) <= 5e-4
-    assert all(max_rel_err(a, b) <= 1.5e-3 for a, b in zip(g16, g32))
+    assert 0 < out_err <= 5e-4
+    assert all(err <= 1.5e-3 for err in grad_errs)
 
 
 def gradcheck_first_half(norm, fc1, act, device='cpu'):
