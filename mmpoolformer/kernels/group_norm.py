@@ -186,10 +186,11 @@ def group_normalize(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     def plain(x):
         return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
+    if not offered_on(x.device) or dispatch.tracing() or x.dim() != 4:
+        return plain(x)
     # (a low-precision map outside autocast: PyTorch's, whose output keeps that dtype)
     autocast = dispatch.autocast_dtype(x.device) is not None
-    if (not offered_on(x.device) or dispatch.tracing() or x.dim() != 4
-            or x.dtype not in ((torch.float32, torch.float64) + (LOW if autocast else ()))):
+    if x.dtype not in (torch.float32, torch.float64) + (LOW if autocast else ()):
         return plain(x)
 
     def compute(plan, x):
