@@ -88,7 +88,8 @@ has_version() {
 if (( GPU )); then
     WHEELS="$CACHE/wheels/torch-$GPU_TORCH-sm${TORCH_CUDA_ARCH_LIST//[^0-9]/}"
     MMCV_OPS=(MMCV_WITH_OPS=1 FORCE_CUDA=1)
-    OPS_CHECK='import mmcv.ops, torch; assert torch.cuda.is_available()'
+    # (an mmcv built without CUDA has compiled ops too: its CUDA version says 'not available')
+    OPS_CHECK='from mmcv.ops import get_compiling_cuda_version as v; assert v() != "not available"'
 elif has_version torch "$TORCH_VERSION" && has_version torchvision "$TORCHVISION_VERSION"; then
     say "torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION present"
 else
