@@ -106,11 +106,15 @@ def pool_adjoint(grad: torch.Tensor, kernel: int) -> torch.Tensor:
     On a device whose channels-last backward is wrong (:func:`channels_last_adjoint_is_right`), on an
     NCHW copy of ``grad``. (``grad`` also stands for the pooling's input, which the backward reads
     for its shape and layout only: stride 1 keeps the shape.)"""
-    args = ([kernel] * 2, [1] * 2, [kernel // 2] * 2, False, False, None)
     if grad.is_contiguous() or channels_last_adjoint_is_right(grad.device.type):
-        return torch.ops.aten.avg_pool2d_backward(grad, grad, *args)
-    grad = grad.contiguous()
-    return torch.ops.aten.avg_pool2d_backward(grad, grad, *args).contiguous(**CHANNELS_LAST)
+        return _pytorch_adjoint(grad, kernel)
+    return _pytorch_adjoint(grad.contiguous(), kernel).contiguous(**CHANNELS_LAST)
+
+
+def _pytorch_adjoint(grad: torch.Tensor, kernel: int) -> torch.Tensor:
+    """PyTorch's backward of that pooling, in the layout of ``grad`` (which stands for the input)."""
+    return torch.ops.aten.avg_pool2d_backward(grad, grad, [kernel] * 2, [1] * 2, [kernel // 2] * 2,
+                                              False, False, None)
 
 
 @functools.lru_cache(None)
@@ -120,10 +124,8 @@ def channels_last_adjoint_is_right(device_type: str) -> bool:
     if device_type == 'cpu':
         return True  # (every CPU test compares channels-last gradients with float64 NCHW ones)
     grad = torch.randn(2, 3, 7, 5, generator=torch.Generator().manual_seed(0)).to(device_type)
-    args = ([3] * 2, [1] * 2, [1] * 2, False, False, None)
-    nchw = torch.ops.aten.avg_pool2d_backward(grad, grad, *args)
-    grad = grad.contiguous(**CHANNELS_LAST)
-    nhwc = torch.ops.aten.avg_pool2d_backward(grad, grad, *args)
+    nchw = _pytorch_adjoint(grad, 3)
+    nhwc = _pytorch_adjoint(grad.contiguous(**CHANNELS_LAST), 3)
     return bool(torch.allclose(nchw, nhwc, rtol=1e-5, atol=1e-6))
 
 
