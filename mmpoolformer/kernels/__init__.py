@@ -14,7 +14,8 @@ device at hand, the plain formulation always among them (``dispatch``).
 - ``group_norm``: the statistics and the per-sample affine map the others share; GroupNorm on its
   own, on CUDA devices from statistics spread over the whole device.
 - ``native``: compiled CPU kernels (``csrc/``) for the element-wise work of ``mlp``, ``pooling`` and
-  ``group_norm``, built on first use for the CPU at hand.
+  ``group_norm``, built on first use for the CPU at hand;
+- ``triton_ops``: the pooling branch's passes as Triton kernels, a plan of ``pooling`` on CUDA devices.
 """
 from .conv import conv2d
 from .dispatch import PLAIN, Plan, chosen, cpu_info, forced

@@ -7,7 +7,9 @@ with ``a = gamma * rstd``. The branch thus needs the norm's statistics but never
 ``r`` is ResScale's per-channel factor on the residual (PoolFormerV2's last two stages), or none.
 
 On CPUs the pooling and the interpolation are one compiled pass (``csrc/pooling.cpp``), and so is
-each of backward's two steps; elsewhere, and where they cannot be built, PyTorch's operators do them.
+each of backward's two steps; on CUDA devices the same three passes are Triton kernels
+(``triton_ops.py``), a plan timed against PyTorch's operators; elsewhere, and where they cannot be
+built, PyTorch's operators do them.
 
 The pooling's backward (its adjoint) goes through :func:`pool_adjoint` here and in the plain
 formulation (:func:`avg_pool`): PyTorch's CUDA backward of ``avg_pool2d`` with padding on channels-last
@@ -21,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import dispatch, native
+from . import dispatch, native, triton_ops
 from .group_norm import group_stats, per_channel
 
 CHANNELS_LAST = dict(memory_format=torch.channels_last)
@@ -39,15 +41,16 @@ class _NormPoolResidual(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, shift, res_scale, groups, eps, pool_size):
+    def forward(ctx, x, weight, shift, res_scale, groups, eps, pool_size, compiled):
         ctx.pool_args = (pool_size, 1, pool_size // 2, False, False)  # kernel, stride, pad, ceil, incl.
         pooled = torch.empty_like(x)  # first the statistics' scratch
         mean, rstd = group_stats(x, groups, eps, scratch=pooled)
         scale = (per_channel(rstd, x.shape[1]) * weight).to(x.dtype)
         ctx.save_for_backward(x, weight, mean, rstd, res_scale)
         ctx.shift_shape = None if shift is None else shift.shape
-        if native.takes(x, pooled, **CHANNELS_LAST):
-            native.ops().pool_mix(x, scale, _float(res_scale), pooled, pool_size)
+        ctx.compiled = compiled
+        if compiled is not None:
+            compiled.pool_mix(x, scale, _float(res_scale), pooled, pool_size)
             return pooled
         scale = scale[:, :, None, None]
         torch.ops.aten.avg_pool2d.out(x, *ctx.pool_args, None, out=pooled)
@@ -67,11 +70,11 @@ class _NormPoolResidual(torch.autograd.Function):
         # (P^T - I) g, with P^T the pooling's adjoint (its backward): the input's gradient at fixed s
         # is r g + s (P^T - I) g, and the gradient of s is sum((P x - x) g) = sum(x (P^T - I) g) per
         # channel, so the pooled map is never recomputed
-        compiled = native.takes(x, **CHANNELS_LAST)
-        if compiled:
+        compiled = ctx.compiled
+        if compiled is not None:
             grad = grad.contiguous(**CHANNELS_LAST)
             mixed = torch.empty_like(x, **CHANNELS_LAST)
-            grad_scale = native.ops().pool_mix_adjoint(grad, x, mixed, kernel).to(rstd.dtype)
+            grad_scale = compiled.pool_mix_adjoint(grad, x, mixed, kernel).to(rstd.dtype)
         else:
             mixed = pool_adjoint(grad, kernel).sub_(grad)
             grad_scale = (mixed * x).sum(dim=(2, 3), dtype=rstd.dtype)
@@ -85,9 +88,9 @@ class _NormPoolResidual(torch.autograd.Function):
             grad_rstd = (grad_scale * weight).view(n, groups, -1).sum(2)
             coef = per_channel(-grad_rstd * rstd.pow(3) / (x[0].numel() // groups), c)
             shift = -coef * per_channel(mean, c)
-            if compiled:
-                native.ops().pool_mix_input_grad(mixed, grad, x, scale, _float(res_scale),
-                                                 coef.to(x.dtype), shift.to(x.dtype))
+            if compiled is not None:
+                compiled.pool_mix_input_grad(mixed, grad, x, scale, _float(res_scale),
+                                             coef.to(x.dtype), shift.to(x.dtype))
                 grad_x = mixed
             else:
                 residual = grad if res_scale is None else grad * res_scale.view(-1, 1, 1).to(x.dtype)
@@ -96,7 +99,7 @@ class _NormPoolResidual(torch.autograd.Function):
                 grad_x.add_(shift[:, :, None, None].to(x.dtype))
         if ctx.needs_input_grad[2]:
             grad_shift = grad.new_zeros(ctx.shift_shape)
-        return grad_x, grad_weight, grad_shift, grad_res_scale, None, None, None
+        return grad_x, grad_weight, grad_shift, grad_res_scale, None, None, None, None
 
 
 def pool_adjoint(grad: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -151,6 +154,15 @@ def avg_pool(pool: nn.AvgPool2d, x: torch.Tensor) -> torch.Tensor:
     return _AvgPool.apply(x, pool.kernel_size)
 
 
+def _compiled(plan: dispatch.Plan, x: torch.Tensor):
+    """The compiled passes that compute ``x``'s branch with ``plan``: Triton's for its plan (offered on
+    CUDA devices where they work, for channels-last maps), the CPU's wherever they take ``x``, else
+    None (PyTorch's operators)."""
+    if plan.backend == 'triton':
+        return triton_ops.ops(x.device)
+    return native.ops() if native.takes(x, **CHANNELS_LAST) else None
+
+
 def _float(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A coefficient as the compiled kernels take it: contiguous fp32."""
     return None if t is None else t.to(torch.float32).contiguous()
@@ -176,12 +188,16 @@ def norm_pool_residual(x: torch.Tensor, norm: nn.Module, pool_size: int,
                 weight = weight * factor
         if factors is not None:
             weight = weight * factors.view(-1, 1)
-        return _NormPoolResidual.apply(x.to(stat_dtype), weight, norm.bias, res_scale, norm.num_groups,
-                                       norm.eps, pool_size)
+        x = x.to(stat_dtype)
+        return _NormPoolResidual.apply(x, weight, norm.bias, res_scale, norm.num_groups, norm.eps,
+                                       pool_size, _compiled(plan, x))
 
     params = [p for p in (norm.weight, norm.bias, layer_scale, res_scale) if p is not None]
     # fp16 statistics overflow (sums of squares beyond 65504), and CPU autocast leaves GroupNorm
     # in fp16: an fp16 map is normalised here, in fp32, whatever is faster
     candidates = [dispatch.Plan()] + ([] if x.dtype == torch.float16 else [dispatch.PLAIN])
+    if (x.dtype != torch.float64 and x.dim() == 4 and x.is_contiguous(**CHANNELS_LAST)
+            and triton_ops.ops(x.device) is not None):
+        candidates.insert(0, dispatch.Plan(backend='triton'))
     key = ('pool', x.shape[1], pool_size) + (() if res_scale is None else ('res_scale', ))
     return dispatch.run(key, candidates, compute, x, params)

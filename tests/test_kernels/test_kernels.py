@@ -344,7 +344,7 @@ def test_pooling_kernel_gradients_are_exact(groups, channels_last, res_scale, de
     args = [t.requires_grad_() for t in (x, weight, shift)]
     args.append(random_res_scale(6, torch.float64).detach().to(device).requires_grad_()
                 if res_scale else None)
-    assert torch.autograd.gradcheck(lambda *a: _NormPoolResidual.apply(*a, groups, 1e-5, 3), args,
+    assert torch.autograd.gradcheck(lambda *a: _NormPoolResidual.apply(*a, groups, 1e-5, 3, None), args,
                                     rtol=1e-6)
 
 
