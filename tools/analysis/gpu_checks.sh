@@ -11,6 +11,9 @@
 #   models    RetinaNet, Mask R-CNN and Semantic FPN with S12 (benchmark.py --configs), our backbone
 #             against mmpretrain's in its place, fp32 and fp16; needs mmcv's CUDA ops
 #             (tools/setup_env.sh --gpu)
+#   dist      tools/dist_train.sh CONFIG 1 and tools/dist_test.sh CONFIG CHECKPOINT 1 with the RetinaNet
+#             demo config (two epochs on the shapes data, generated into data/shapes if missing);
+#             needs mmcv's CUDA ops too
 #
 # Each step writes its log (and JSON) into OUT_DIR, stops at its time limit (STEP_TIMEOUT seconds,
 # default 600) and, if it fails, is reported while the next one runs; the exit status is the number
@@ -18,10 +21,10 @@
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-OUT=${1:?usage: tools/analysis/gpu_checks.sh OUT_DIR [tests profile bench models]}
+OUT=${1:?usage: tools/analysis/gpu_checks.sh OUT_DIR [tests profile bench models dist]}
 shift
 STEPS=("$@")
-(( ${#STEPS[@]} )) || STEPS=(tests profile bench models)
+(( ${#STEPS[@]} )) || STEPS=(tests profile bench models dist)
 PY=${PYTHON:-python3}
 LIMIT=${STEP_TIMEOUT:-600}
 mkdir -p "$OUT"
@@ -79,8 +82,17 @@ for name in "${STEPS[@]}"; do
                 --json "$OUT/models_$amp.json"
             grep -A 8 '^Whole models' "$OUT/models_$amp.log"
         done ;;
+    dist)
+        "$PY" -c 'from mmpoolformer.demo import generate, is_generated
+is_generated("data/shapes") or generate("data/shapes")'
+        cfg=configs/demo/retinanet_poolformer_s12_shapes.py
+        step dist_train env PYTHON="$PY" tools/dist_train.sh "$cfg" 1 --work-dir "$OUT/dist" \
+            --cfg-options train_cfg.max_epochs=2 train_cfg.val_interval=2 default_hooks.checkpoint.interval=2
+        step dist_test env PYTHON="$PY" tools/dist_test.sh "$cfg" "$OUT/dist/epoch_2.pth" 1 \
+            --work-dir "$OUT/dist"
+        grep -hE 'coco/bbox_mAP:|Epoch\((val|test)\)' "$OUT/dist_train.log" "$OUT/dist_test.log" | tail -n 4 ;;
     *)
-        echo "[gpu_checks] unknown step '$name'; allowed: tests profile bench models" >&2
+        echo "[gpu_checks] unknown step '$name'; allowed: tests profile bench models dist" >&2
         exit 2 ;;
     esac
 done
