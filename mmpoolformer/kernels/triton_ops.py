@@ -109,7 +109,7 @@ def _pool_mix_input_grad(mixed_ptr, grad_ptr, x_ptr, scale_ptr, res_ptr, coef_pt
                          HAS_RES: constexpr, BLOCK_P: constexpr, BLOCK_C: constexpr):
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # (sample, position) rows
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    inside = (p >= 0)[:, None] & (c < C)[None, :]  # (the caller launches whole rows only)
+    inside = (c < C)[None, :]  # (the caller launches whole rows only)
     at = p[:, None] * C + c[None, :]
     per_sample = (p // HW)[:, None] * C + c[None, :]
     mixed = tl.load(mixed_ptr + at, mask=inside, other=0.)
