@@ -19,6 +19,8 @@ from mmpoolformer import kernels
 from mmpoolformer.kernels import triton_ops
 from mmpoolformer.testing import max_rel_err
 
+triton = triton_ops.triton
+
 INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'
 interpreted = pytest.mark.skipif(not INTERPRETED, reason='run by the test that sets TRITON_INTERPRET')
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton_ops.triton is None,
@@ -171,6 +173,31 @@ def test_on_a_cpu_the_triton_plan_is_not_offered(timed_choices):
     kernels.norm_pool_residual(x, norm, 3, ls, None, plain)
     timings, = kernels.dispatch.timings().values()
     assert set(timings) == {'fused/blas', 'plain'}
+
+
+@pytest.mark.skipif(triton_ops.triton is None, reason='no Triton')
+@pytest.mark.parametrize('arch', [80, 90], ids=['sm_80', 'sm_90'])
+def test_the_kernels_compile_for_the_gpus_without_one(arch, tmp_path, monkeypatch):
+    """Triton's whole pipeline down to the GPU's machine code (cubin) needs no GPU: what the
+    interpreter does not check (types, layouts, what the compiler supports) is checked here for the
+    A100's and the H100's / H200's architectures, with each variant the launchers use."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    monkeypatch.setenv('TRITON_CACHE_DIR', str(tmp_path))  # (compiled here, not taken from a cache)
+    kernels_ = triton_ops._kernels()
+    variants = dict(pool_mix=[dict(PAD=1, HAS_RES=True), dict(PAD=2, HAS_RES=False)],
+                    pool_mix_adjoint=[dict(PAD=1)],
+                    pool_mix_input_grad=[dict(HAS_RES=True, BLOCK_P=16), dict(HAS_RES=False, BLOCK_P=1)])
+    for name, settings in variants.items():
+        fn = getattr(kernels_, name)
+        for setting in settings:
+            consts = dict(dict(BLOCK_W=triton_ops.BLOCK_W, BLOCK_C=64), **setting)
+            signature = {arg: ('constexpr' if arg in consts else '*fp32' if arg.endswith('_ptr') else 'i32')
+                         for arg in fn.arg_names}
+            consts = {(fn.arg_names.index(k), ): v for k, v in consts.items() if k in fn.arg_names}
+            compiled = triton.compile(ASTSource(fn, signature, constexprs=consts),
+                                      target=GPUTarget('cuda', arch, 32))
+            assert compiled.asm['cubin'], (name, setting)
 
 
 # ----------------------------------------------------------------------------------- on CUDA
