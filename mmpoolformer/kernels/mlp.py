@@ -20,6 +20,15 @@ fill the device; what remains of the kernel there is what it keeps for backward.
 (for fc2's weight gradient) and derivative come from one compiled pass where there is one for it
 (GELU and StarReLU on CPUs, ``native.py``), else from its forward and backward operators.
 
+On a CPU with several threads one more plan (:data:`THREADS`) runs the whole chunk loop compiled,
+for GroupNorm and GELU blocks (PoolFormer's; ``csrc/mlp.cpp``): each thread takes whole chunks of
+about one core's L2 cache, with single-threaded products, where the loop here splits every operation
+of every chunk between the threads (which then wait for each other, and for Python, at every
+operation). On the Zen 4 machine, a block's MLP forward and backward at S12's stage 0 took 0.71-0.77
+of the time of the other plans, at stage 1 0.89-0.92, at stages 2-3 about as long (their chunks
+are a few hundred rows: the products lose what the waits cost); the run-time choice takes it where
+it pays.
+
 ``s`` is a per-channel scale folded into fc2 by the caller (LayerScale) times a per-sample factor
 (stochastic depth: 0 for a dropped sample, whose output is then its residual, ``1 / keep``
 otherwise); ``r`` is ResScale's per-channel factor on the residual, or none.
@@ -48,6 +57,10 @@ CHUNK_BYTES = 1 << 22  # hidden activations per chunk: stays in cache with room 
 RECOMPUTE_HIDDEN_UP_TO = 96
 # what the compiled activations take: fp32 chunks, and bf16 ones where the products run in bf16
 COMPILED_DTYPES = (torch.float32, torch.bfloat16)
+# The plan whose chunks the threads share out, each taking its chunks whole (csrc/mlp.cpp), for
+# GroupNorm and GELU blocks on CPUs: hidden activations per chunk, about one core's L2 cache.
+THREADS = 'threads'
+THREAD_CHUNK_BYTES = 1 << 20
 
 
 class Activation:
@@ -268,7 +281,13 @@ class _NormMlpResidual(torch.autograd.Function):
             bufs = _Buffers(tx, w1.shape[0], dtype)
             rows_x, rows_out = tx.flatten(0, 1), tout.flatten(0, 1)
             dropped = lambda i: _residual(tx[i], res_scale, out=tout[i])  # noqa: E731
-            for start, end, samples, scale in _chunks(tx, bufs.rows, scales, dropped):
+            if plan.backend == THREADS:  # the whole chunk loop compiled, chunks shared by the threads
+                kept_h = None if kept_h is None else [rows_x.new_empty(len(rows_x), w1.shape[0])]
+                native.ops().mlp_gelu_forward(rows_x, *coefficients, w1, b1, w2, b2, res_scale,
+                                              scales[0], tx.shape[1], _thread_rows(w1.shape[0], dtype),
+                                              rows_out, kept_h and kept_h[0])
+            for start, end, samples, scale in (() if plan.backend == THREADS else
+                                               _chunks(tx, bufs.rows, scales, dropped)):
                 xc = rows_x[start:end]
                 nc, _ = norm.normalize(rows_x, start, end, samples, coefficients,
                                        bufs.normed(end - start))
@@ -335,13 +354,18 @@ class _NormMlpResidual(torch.autograd.Function):
             rows_x, rows_g = tx.flatten(0, 1), tg.flatten(0, 1)
             joint = act.value_and_backward(x.device, dtype) if (
                 needs[5] and into_hidden and not first_half) else None
+            if plan.backend == THREADS:  # the whole chunk loop compiled (forward's)
+                rows_gr = rows_gr if into_norm else torch.empty_like(rows_x)
+                native.ops().mlp_gelu_backward(rows_g, rows_x, *coefficients, w1, b1, w2,
+                                               kept_h[0] if kept_h else None, scales[0], tx.shape[1],
+                                               _thread_rows(hidden, dtype), rows_gr, gw1, gb1, gw2, gb2)
 
             def dropped(i):  # the branch has no gradient: the residual's alone, added below
                 if rows_gr is not None:
                     rows_gr[i * tx.shape[1]:(i + 1) * tx.shape[1]].zero_()
 
             for index, (start, end, samples, scale) in enumerate(
-                    _chunks(tx, bufs.rows, scales, dropped)):
+                    () if plan.backend == THREADS else _chunks(tx, bufs.rows, scales, dropped)):
                 k = end - start
                 gc = rows_g[start:end]
                 if not first_half and (scale != 1 or gc.dtype != dtype):
@@ -460,6 +484,23 @@ def _rows(hidden: int, dtype: torch.dtype, tx: torch.Tensor) -> int:
     return max(16, CHUNK_BYTES // (hidden * dtype.itemsize))
 
 
+def _thread_rows(hidden: int, dtype: torch.dtype) -> int:
+    """Token rows per chunk of the :data:`THREADS` plan: :data:`THREAD_CHUNK_BYTES` of hidden
+    activations (each thread's chunk stays in its core's cache)."""
+    return max(16, THREAD_CHUNK_BYTES // (hidden * dtype.itemsize))
+
+
+def _threads_plan(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> List[Plan]:
+    """The :data:`THREADS` plan where the compiled chunk loop computes this branch: on a CPU with the
+    compiled kernels, several threads, a GroupNorm, the exact GELU, products in ``x``'s dtype."""
+    if (x.device.type == 'cpu' and torch.get_num_threads() > 1 and isinstance(norm, nn.GroupNorm)
+            and type(act) is nn.GELU and act.approximate == 'none'
+            and x.dtype in (torch.float32, torch.float64) and dispatch.autocast_dtype(x.device) is None
+            and native.ops() is not None):
+        return [Plan(backend=THREADS, dtype=x.dtype)]
+    return []
+
+
 def _chunks(tx: torch.Tensor, rows: int, scales: List[float], on_dropped):
     """``(start, end, samples, scale)`` of every chunk of the ``(N * HW, C)`` token rows: its rows, the
     samples whose tokens it holds as ``(sample, start, end)`` rows, and the factor of its output.
@@ -543,6 +584,8 @@ def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.
     def compute(plan, x):
         if not plan.fused:
             return plain(x)
+        if plan.backend == THREADS and len(set(scales)) > 1:  # (its chunks run across samples)
+            plan = Plan(dtype=plan.dtype)
         w2, b2 = fc2.weight.flatten(1), fc2.bias
         if layer_scale is not None:
             w2 = w2 * layer_scale[:, None]
@@ -554,7 +597,8 @@ def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.
 
     key = ('mlp', type(norm).__name__, fc1.in_channels, fc1.out_channels, type(act).__name__,
            'res_scale' if res_scale is not None else 'residual')
-    return dispatch.run(key, fused + [dispatch.PLAIN], compute, x, params)
+    return dispatch.run(key, fused + _threads_plan(x, norm, act) + [dispatch.PLAIN], compute, x,
+                        params)
 
 
 def norm_linear_act(x: torch.Tensor, norm: nn.Module, fc: nn.Conv2d, act: nn.Module,

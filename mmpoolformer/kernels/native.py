@@ -15,6 +15,9 @@ threads): S12's stage-0 branch, forward and backward, 7.0 against 12.0 ms.
 GroupNorm's statistics (``csrc/group_norm.cpp``) where each group is one block of memory: two passes
 that only read (PyTorch's operators: four, two of them writing).
 
+The MLP kernel's chunk loop for GroupNorm and GELU blocks (``csrc/mlp.cpp``), its chunks shared out
+among the threads, each computing its own from the normalisation to the output and back.
+
 The kernels are built on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about
 15 s on two cores), for the instruction set PyTorch's own CPU kernels use here (AVX2 or AVX-512), into
 a folder of ``$MMPF_CACHE/native`` (default ``~/.cache/mmpoolformer/native``) named by what they are
@@ -34,7 +37,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 CSRC = osp.join(osp.dirname(__file__), 'csrc')
 SOURCES = tuple(osp.join(CSRC, name)
-                for name in ('activations.cpp', 'pooling.cpp', 'group_norm.cpp'))
+                for name in ('activations.cpp', 'pooling.cpp', 'group_norm.cpp', 'mlp.cpp'))
 HEADERS = (osp.join(CSRC, 'common.h'), )
 # at::vec selects its instructions by these defines; the compiler needs the matching flags
 CAPABILITY_FLAGS = {
@@ -90,7 +93,9 @@ def ops():
         _unavailable(reason)
         return None
     # (first used inside a dispatch mode, as a FLOP counter's, the check is no work of the caller's)
-    with _disable_current_modes():
+    # (nor is it the caller's autograd, inference mode or autocast)
+    with _disable_current_modes(), torch.inference_mode(False), torch.enable_grad(), \
+            torch.autocast('cpu', enabled=False):
         problem = _check(torch.ops.mmpoolformer)
     if problem:
         _unavailable(problem)
@@ -158,7 +163,7 @@ def _check(namespace) -> Optional[str]:
             and torch.allclose(ours16.double(), grad16.double() * 1.6 * relu16, rtol=2 ** -8,
                                atol=1e-6)):
         return "their bf16 StarReLU disagrees with PyTorch's"
-    return _check_pooling(namespace) or _check_statistics(namespace)
+    return _check_pooling(namespace) or _check_statistics(namespace) or _check_mlp(namespace)
 
 
 def _check_pooling(namespace) -> Optional[str]:
@@ -193,6 +198,41 @@ def _check_statistics(namespace) -> Optional[str]:
             and torch.allclose(rstd.double(), (reference.var(1, unbiased=False) + 1e-5).rsqrt(),
                                rtol=1e-5)):
         return "their GroupNorm statistics disagree with PyTorch's"
+    return None
+
+
+def _check_mlp(namespace) -> Optional[str]:
+    # chunks of 7 rows over samples of 10 (a chunk across two samples), a residual factor, a scale
+    c, hidden, per_sample = 5, 12, 10
+    draw = torch.Generator().manual_seed(0)  # (the process's random state is the caller's)
+    x, grad, a, b, w1, b1, w2, b2, res = (
+        torch.randn(shape, generator=draw) for shape in ((3 * per_sample, c), (3 * per_sample, c),
+                                                         (3, c), (3, c), (hidden, c), (hidden, ),
+                                                         (c, hidden), (c, ), (c, )))
+    a, res = a.abs() + 0.5, res.abs() + 0.5
+    tensors = [t.double().requires_grad_() for t in (x, a, b, w1, b1, w2, b2)]
+    xd, ad, bd, w1d, b1d, w2d, b2d = tensors
+    sample = torch.arange(len(x)) // per_sample
+    hd = (ad[sample] * xd + bd[sample]) @ w1d.t() + b1d
+    reference = res.double() * xd + 0.5 * (torch.nn.functional.gelu(hd) @ w2d.t() + b2d)
+    out, hidden_map = torch.empty_like(x), torch.empty(len(x), hidden)
+    namespace.mlp_gelu_forward(x, a, b, w1, b1, w2, b2, res, 0.5, per_sample, 7, out, hidden_map)
+    if not (torch.allclose(out.double(), reference, rtol=1e-5, atol=1e-5)
+            and torch.allclose(hidden_map.double(), hd, rtol=1e-5, atol=1e-5)):
+        return "their MLP disagrees with PyTorch's"
+    # backward to the normalised rows: autograd's through hd's input, and the weights' gradients
+    normed = ad[sample] * xd + bd[sample]
+    normed.retain_grad()
+    (res.double() * xd + 0.5 * (torch.nn.functional.gelu(normed @ w1d.t() + b1d) @ w2d.t() + b2d)
+     ).backward(grad.double())
+    grad_normed = torch.empty_like(x)
+    weights = [torch.zeros_like(t) for t in (w1, b1, w2, b2)]
+    namespace.mlp_gelu_backward(grad, x, a, b, w1, b1, w2, None, 0.5, per_sample, 7, grad_normed,
+                                *weights)
+    expected = [normed.grad, w1d.grad, b1d.grad, w2d.grad, b2d.grad]
+    if not all(torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
+               for got, want in zip([grad_normed] + weights, expected)):
+        return "their MLP's backward disagrees with PyTorch's"
     return None
 
 

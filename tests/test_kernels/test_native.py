@@ -252,6 +252,121 @@ def test_the_mlp_kernel_under_bf16_autocast_takes_the_compiled_activations(compi
         assert max_rel_err(a, b) <= 1e-2
 
 
+@pytest.fixture
+def two_threads():
+    """The plan whose chunks the threads share is offered on several threads only."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def threads_branch(c=12, res_scale=False, dtype=torch.float32):
+    torch.manual_seed(0)
+    norm, fc1, fc2 = nn.GroupNorm(1, c), nn.Conv2d(c, 4 * c, 1), nn.Conv2d(4 * c, c, 1)
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
+    nn.init.normal_(norm.bias)
+    layer_scale = nn.Parameter(torch.rand(c) + 0.5)
+    res = nn.Parameter(torch.rand(c) + 0.5) if res_scale else None
+    modules = [m.to(dtype) for m in (norm, fc1, nn.GELU(), fc2)]
+    return modules + [nn.Parameter(layer_scale.to(dtype)), None if res is None else nn.Parameter(res.to(dtype))]
+
+
+def threads_step(x, modules, backend, factors=None):
+    """The branch with ``backend``'s plan forced: its output and every gradient."""
+    norm, fc1, act, fc2, layer_scale, res = modules
+    x = x.detach().requires_grad_()
+    with kernels.forced(kernels.Plan(backend=backend, dtype=x.dtype)), OpLog() as log:
+        y = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, layer_scale, res, factors,
+                                      plain=lambda x: pytest.fail('plain'))
+        params = [x] + [p for m in modules if m is not None for p in
+                        (m.parameters() if isinstance(m, nn.Module) else [m])]
+        grads = torch.autograd.grad(y, params, torch.randn(y.shape, generator=torch.Generator()
+                                                           .manual_seed(1)).to(y.dtype))
+    return [y, *grads], [name for name, _ in log.ops]
+
+
+@pytest.mark.parametrize('recompute_up_to', [1000, 0], ids=['hidden_recomputed', 'hidden_kept'])
+@pytest.mark.parametrize('res_scale', [False, True], ids=['', 'res_scale'])
+def test_the_threads_plan_gives_the_blas_plans_numbers(compiled, res_scale, recompute_up_to,
+                                                       two_threads, monkeypatch):
+    """The chunk loop compiled, its chunks shared by the threads (chunks of 7 rows, several across two
+    samples; a factor on the branch, ResScale on the residual): the same output and gradients as the
+    kernel's loop in Python, to fp32 rounding."""
+    monkeypatch.setattr(mlp_kernel, 'THREAD_CHUNK_BYTES', 7 * 48 * 4)
+    monkeypatch.setattr(mlp_kernel, 'RECOMPUTE_HIDDEN_UP_TO', recompute_up_to)
+    modules = threads_branch(res_scale=res_scale)
+    x = (torch.randn(2, 12, 5, 9) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    factors = torch.full((2, 1, 1, 1), 0.8)
+    ours, names = threads_step(x, modules, 'threads', factors)
+    assert names.count('mmpoolformer.mlp_gelu_forward') == 1
+    assert names.count('mmpoolformer.mlp_gelu_backward') == 1
+    python_loop, names = threads_step(x, modules, 'blas', factors)
+    assert 'mmpoolformer.mlp_gelu_forward' not in names
+    for a, b in zip(ours, python_loop):
+        assert max_rel_err(a, b) <= 1e-6
+
+
+def test_the_threads_plan_gradients_are_exact(compiled, two_threads, monkeypatch):
+    """float64 ``gradcheck`` of the branch with its compiled chunk loop."""
+    monkeypatch.setattr(mlp_kernel, 'THREAD_CHUNK_BYTES', 5 * 24 * 8)
+    norm, fc1, act, fc2, layer_scale, res = threads_branch(c=6, res_scale=True, dtype=torch.float64)
+
+    def branch(x, *params):
+        for module, name, value in zip((norm, norm, fc1, fc1, fc2, fc2),
+                                       ('weight', 'bias') * 3, params):
+            setattr(module, name, value)
+        with kernels.forced(kernels.Plan(backend='threads', dtype=torch.float64)):
+            return kernels.norm_mlp_residual(x, norm, fc1, act, fc2, params[6], params[7], None,
+                                             plain=lambda x: pytest.fail('plain'))
+
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    params = [p.detach().clone() for p in (norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight,
+                                           fc2.bias, layer_scale, res)]
+    for module in (norm, fc1, fc2):  # (the tensors gradcheck differentiates take their place)
+        for name in ('weight', 'bias'):
+            delattr(module, name)
+    inputs = [t.requires_grad_() for t in [x] + params]
+    with OpLog() as log:
+        branch(*inputs)
+    assert ('mmpoolformer.mlp_gelu_forward', ) in {(name, ) for name, _ in log.ops}
+    assert torch.autograd.gradcheck(branch, inputs)
+
+
+def test_the_threads_plan_leaves_unequal_factors_to_the_python_loop(compiled, two_threads,
+                                                                   monkeypatch):
+    """Stochastic depth gives each sample its own factor (0: dropped), which the compiled loop's
+    chunks across samples do not take: with its plan chosen, such a call computes as the Python loop."""
+    monkeypatch.setattr(mlp_kernel, 'THREAD_CHUNK_BYTES', 7 * 48 * 4)
+    modules = threads_branch()
+    x = torch.randn(2, 12, 5, 9).contiguous(memory_format=torch.channels_last)
+    factors = torch.tensor([0., 1.25]).view(2, 1, 1, 1)
+    ours, names = threads_step(x, modules, 'threads', factors)
+    assert not any(name.startswith('mmpoolformer.mlp_gelu') for name in names)
+    for a, b in zip(ours, threads_step(x, modules, 'blas', factors)[0]):
+        assert torch.equal(a, b)
+
+
+def test_the_threads_plan_is_offered_where_it_computes(compiled, monkeypatch):
+    """On several threads, for GroupNorm with the exact GELU in fp32 or fp64, outside autocast."""
+    modules = threads_branch()
+    x = torch.randn(2, 12, 5, 9)
+    offered = lambda x, norm=modules[0], act=modules[2]: mlp_kernel._threads_plan(x, norm, act)  # noqa
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert offered(x) == [kernels.Plan(backend='threads', dtype=torch.float32)]
+        assert offered(x.double()) == [kernels.Plan(backend='threads', dtype=torch.float64)]
+        assert offered(x, act=nn.GELU(approximate='tanh')) == []
+        assert offered(x, norm=LayerNorm2d(12)) == []
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert offered(x) == []
+        torch.set_num_threads(1)
+        assert offered(x) == []
+    finally:
+        torch.set_num_threads(before)
+
+
 def pool_step(x, norm, layer_scale, res_scale, pool_size):
     with kernels.forced(kernels.Plan()):
         y = kernels.norm_pool_residual(x, norm, pool_size, layer_scale, None,
@@ -402,12 +517,17 @@ def test_a_finished_build_is_loaded_without_building_again(compiled, monkeypatch
 
 def test_the_load_check_is_not_the_callers_work(compiled):
     """First used inside a dispatch mode (a FLOP counter's, a test's OpLog), the kernels' check
-    against PyTorch's operators is not recorded as work of the caller's."""
+    against PyTorch's operators is not recorded as work of the caller's; first used in inference
+    mode or under autocast, it checks as anywhere else."""
     native.ops.cache_clear()
     try:
         with OpLog() as log:
             assert native.ops() is not None
         assert log.ops == []
+        # nor do the caller's inference mode and autocast reach it (the MLP's check uses autograd)
+        native.ops.cache_clear()
+        with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
+            assert native.ops() is not None
     finally:
         native.ops.cache_clear()
 
@@ -428,7 +548,8 @@ class _Off:
             if name == 'row_stats':
                 return result[0], result[1] * 1.0001
             out = args[{'gelu_value_and_grad': 1, 'star_relu': 1, 'star_relu_backward': 1,
-                        'pool_mix': 3, 'pool_mix_adjoint': 2, 'pool_mix_input_grad': 0}[name]]
+                        'pool_mix': 3, 'pool_mix_adjoint': 2, 'pool_mix_input_grad': 0,
+                        'mlp_gelu_forward': 11, 'mlp_gelu_backward': 11}[name]]
             out[(0, ) * out.dim()] += 1e-3
             return result
         return wrong
@@ -436,7 +557,7 @@ class _Off:
 
 @pytest.mark.parametrize('kernel', ['gelu_value_and_grad', 'star_relu', 'star_relu_backward',
                                     'pool_mix', 'pool_mix_adjoint', 'pool_mix_input_grad',
-                                    'row_stats'])
+                                    'row_stats', 'mlp_gelu_forward', 'mlp_gelu_backward'])
 def test_the_load_check_refuses_a_wrong_kernel(compiled, kernel):
     """Each kernel is checked against PyTorch's operators when loaded: one off by a small error
     is refused (and PyTorch's operators then do its work)."""

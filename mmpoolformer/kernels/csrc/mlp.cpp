@@ -1,0 +1,199 @@
+// The MLP kernel's chunk loop (mlp.py) with the chunks shared out among the threads, for GroupNorm and
+// GELU blocks (PoolFormer's), built for the CPU at hand by native.py.
+//
+// mlp.py runs its chunks one after another and each operation of a chunk on every thread: a product,
+// the activation, a bias sum, each with its own start and end of the threads, and Python between them.
+// On two cores the second thread then waits at each end for the first (the main thread also runs
+// Python; 17% of the second thread's time in a profiled S12 training step) and both threads' halves
+// of a chunk share the caches. Here each thread takes its own chunks whole, from the normalisation
+// to the output (and back, in backward), with single-threaded products, so the threads meet once per
+// call: the weight gradients accumulate in each thread's own tensors, added in thread order at the
+// end (the same sums on the same number of threads). The operations are ATen's (MKL's products, the
+// GELU passes of activations.cpp through the dispatcher), as in mlp.py's chunks.
+//
+// Rows are (N * H * W, C) channels-last tokens; a and b (N, C) the GroupNorm's per-sample affine map;
+// w2 has the LayerScale folded in; scale is the branch's factor (stochastic depth's, equal for all
+// samples); res_scale ResScale's (C,) factor on the residual, or none.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// What one thread needs for its chunks: buffers of the chunk length, reused chunk after chunk
+struct Buffers {
+  Tensor normed, hidden, act, grad_hidden, grad;
+  Buffers(int64_t rows, int64_t channels, int64_t hidden_size, const at::TensorOptions& options)
+      : normed(at::empty({rows, channels}, options)), hidden(at::empty({rows, hidden_size}, options)),
+        act(at::empty({rows, hidden_size}, options)),
+        grad_hidden(at::empty({rows, hidden_size}, options)),
+        grad(at::empty({rows, channels}, options)) {}
+};
+
+// chunk c of `count` over `total` rows: [first, first + length)
+struct Chunks {
+  int64_t total, count, length;
+  Chunks(int64_t total, int64_t rows) : total(total) {
+    // a multiple of the threads, so that each takes as many chunks
+    const int64_t threads = at::get_num_threads();
+    count = (total + rows - 1) / rows;
+    count = (count + threads - 1) / threads * threads;
+    length = (total + count - 1) / count;
+    count = (total + length - 1) / length;
+  }
+  int64_t first(int64_t c) const { return c * length; }
+  int64_t size(int64_t c) const { return std::min(length, total - c * length); }
+};
+
+// rows [first, first + k) normalised into `out`, each sample's part with its own a * x + b
+void normalize(const Tensor& rows, const Tensor& a, const Tensor& b, int64_t per_sample,
+               int64_t first, int64_t k, const Tensor& out) {
+  for (int64_t start = first; start < first + k;) {
+    const int64_t sample = start / per_sample;
+    const int64_t end = std::min(first + k, (sample + 1) * per_sample);
+    Tensor part = out.narrow(0, start - first, end - start);
+    at::addcmul_out(part, b[sample], rows.narrow(0, start, end - start), a[sample]);
+    start = end;
+  }
+}
+
+void check_rows(const Tensor& t, const Tensor& rows, int64_t width, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == 2 && t.size(0) == rows.size(0) &&
+                  t.size(1) == width && t.scalar_type() == rows.scalar_type(),
+              name, " takes contiguous CPU rows of one dtype, (", rows.size(0), ", ", width,
+              "), got ", t.sizes(), " ", t.scalar_type());
+}
+
+// GELU's value into `value` and its backward of `grad` in place: the compiled pass for float32
+// (activations.cpp), PyTorch's operators otherwise (float64: the tests' gradchecks)
+void gelu_value_and_grad(const Tensor& h, Tensor value, Tensor grad) {
+  if (h.scalar_type() == at::kFloat) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mmpoolformer::gelu_value_and_grad", "")
+                         .typed<void(const Tensor&, const Tensor&, const Tensor&)>();
+    op.call(h, value, grad);
+    return;
+  }
+  at::gelu_out(value, h);
+  at::gelu_backward_out(grad, grad, h);
+}
+
+// out = res_scale * x + scale * fc2(gelu(fc1(a * x + b))); fc1's output into `hidden` where given
+// (kept for backward)
+void mlp_gelu_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& w1,
+                      const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& b2,
+                      const std::optional<Tensor>& res_scale, double scale, int64_t per_sample,
+                      int64_t rows, const Tensor& out, const std::optional<Tensor>& hidden) {
+  const int64_t channels = x.size(1), hidden_size = w1.size(0);
+  check_rows(x, x, channels, "mlp_gelu_forward");
+  check_rows(out, x, channels, "mlp_gelu_forward");
+  if (hidden.has_value()) check_rows(*hidden, x, hidden_size, "mlp_gelu_forward");
+  const Chunks chunks(x.size(0), rows);
+  at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
+    // (the other threads do not inherit the caller's thread-local state: autograd stays out here)
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Buffers buf(chunks.length, channels, hidden_size, x.options());
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t first = chunks.first(c), k = chunks.size(c);
+      Tensor normed = buf.normed.narrow(0, 0, k);
+      normalize(x, a, b, per_sample, first, k, normed);
+      Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
+      if (b1.has_value()) {
+        at::addmm_out(h, *b1, normed, w1.t());
+      } else {
+        at::mm_out(h, normed, w1.t());
+      }
+      Tensor act = buf.act.narrow(0, 0, k);
+      at::gelu_out(act, h);
+      Tensor xc = x.narrow(0, first, k), oc = out.narrow(0, first, k);
+      if (res_scale.has_value()) {
+        at::mul_out(oc, xc, *res_scale);
+      } else {
+        oc.copy_(xc);
+      }
+      if (b2.has_value()) oc.add_(*b2, scale);
+      oc.addmm_(act, w2.t(), 1., scale);
+    }
+  });
+}
+
+// The branch's backward up to the normalised rows: their gradient into `grad_normed`, and the
+// gradients of fc1's and fc2's weights and biases added into the given tensors (None: not needed).
+void mlp_gelu_backward(const Tensor& grad, const Tensor& x, const Tensor& a, const Tensor& b,
+                       const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
+                       const std::optional<Tensor>& hidden, double scale, int64_t per_sample,
+                       int64_t rows, const Tensor& grad_normed, const std::optional<Tensor>& grad_w1,
+                       const std::optional<Tensor>& grad_b1, const std::optional<Tensor>& grad_w2,
+                       const std::optional<Tensor>& grad_b2) {
+  const int64_t channels = x.size(1), hidden_size = w1.size(0);
+  check_rows(grad, x, channels, "mlp_gelu_backward");
+  check_rows(grad_normed, x, channels, "mlp_gelu_backward");
+  if (hidden.has_value()) check_rows(*hidden, x, hidden_size, "mlp_gelu_backward");
+  const Chunks chunks(x.size(0), rows);
+  const int64_t threads = at::get_num_threads();
+  // each thread's own gradients, added in thread order afterwards
+  std::vector<std::vector<Tensor>> parts(threads);
+  const std::vector<std::optional<Tensor>> totals = {grad_w1, grad_b1, grad_w2, grad_b2};
+  const Tensor w2_t = w2.t(), w1_t = w1.t();
+  at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
+    // (the other threads do not inherit the caller's thread-local state: autograd stays out here)
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Buffers buf(chunks.length, channels, hidden_size, x.options());
+    std::vector<Tensor>& mine = parts[at::get_thread_num()];
+    if (mine.empty())
+      for (const auto& total : totals) mine.push_back(total.has_value() ? at::zeros_like(*total) : Tensor());
+    Tensor &gw1 = mine[0], &gb1 = mine[1], &gw2 = mine[2], &gb2 = mine[3];
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t first = chunks.first(c), k = chunks.size(c);
+      Tensor gc = grad.narrow(0, first, k);
+      if (scale != 1.) {
+        Tensor scaled = buf.grad.narrow(0, 0, k);
+        gc = at::mul_out(scaled, gc, at::scalar_tensor(scale, gc.options()));
+      }
+      Tensor normed = buf.normed.narrow(0, 0, k);
+      normalize(x, a, b, per_sample, first, k, normed);
+      Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
+      if (!hidden.has_value()) {
+        if (b1.has_value()) {
+          at::addmm_out(h, *b1, normed, w1_t);
+        } else {
+          at::mm_out(h, normed, w1_t);
+        }
+      }
+      if (gb2.defined()) gb2.add_(gc.sum(0));
+      Tensor gh = buf.grad_hidden.narrow(0, 0, k), value = buf.act.narrow(0, 0, k);
+      at::mm_out(gh, gc, w2);
+      gelu_value_and_grad(h, value, gh);
+      if (gw2.defined()) gw2.addmm_(gc.t(), value);
+      if (gw1.defined()) gw1.addmm_(gh.t(), normed);
+      if (gb1.defined()) gb1.add_(gh.sum(0));
+      Tensor gn = grad_normed.narrow(0, first, k);
+      at::mm_out(gn, gh, w1);
+    }
+  });
+  for (size_t i = 0; i < totals.size(); ++i) {
+    if (!totals[i].has_value()) continue;
+    for (const auto& mine : parts)
+      if (!mine.empty()) totals[i]->add_(mine[i]);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mmpoolformer, m) {
+  m.def("mlp_gelu_forward(Tensor x, Tensor a, Tensor b, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+        "Tensor? res_scale, float scale, int per_sample, int rows, Tensor(a!) out, "
+        "Tensor(b!)? hidden) -> ()");
+  m.def("mlp_gelu_backward(Tensor grad, Tensor x, Tensor a, Tensor b, Tensor w1, Tensor? b1, "
+        "Tensor w2, Tensor? hidden, float scale, int per_sample, int rows, Tensor(a!) grad_normed, "
+        "Tensor(b!)? grad_w1, Tensor(c!)? grad_b1, Tensor(d!)? grad_w2, Tensor(e!)? grad_b2) -> ()");
+  m.impl("mlp_gelu_forward", c10::DispatchKey::CPU, TORCH_FN(mlp_gelu_forward));
+  m.impl("mlp_gelu_backward", c10::DispatchKey::CPU, TORCH_FN(mlp_gelu_backward));
+}
