@@ -282,7 +282,8 @@ class _NormMlpResidual(torch.autograd.Function):
             rows_x, rows_out = tx.flatten(0, 1), tout.flatten(0, 1)
             dropped = lambda i: _residual(tx[i], res_scale, out=tout[i])  # noqa: E731
             if plan.backend == THREADS:  # the whole chunk loop compiled, chunks shared by the threads
-                kept_h = None if kept_h is None else [rows_x.new_empty(len(rows_x), w1.shape[0])]
+                kept_h = None if kept_h is None else [rows_x.new_empty(len(rows_x), w1.shape[0],
+                                                                       dtype=dtype)]
                 native.ops().mlp_gelu_forward(rows_x, *coefficients, w1, b1, w2, b2, res_scale,
                                               scales[0], tx.shape[1], _thread_rows(w1.shape[0], dtype),
                                               rows_out, kept_h and kept_h[0])
@@ -491,14 +492,16 @@ def _thread_rows(hidden: int, dtype: torch.dtype) -> int:
 
 
 def _threads_plan(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> List[Plan]:
-    """The :data:`THREADS` plan where the compiled chunk loop computes this branch: on a CPU with the
-    compiled kernels, several threads, a GroupNorm, the exact GELU, products in ``x``'s dtype."""
-    if (x.device.type == 'cpu' and torch.get_num_threads() > 1 and isinstance(norm, nn.GroupNorm)
+    """The :data:`THREADS` plans where the compiled chunk loop computes this branch: on a CPU with the
+    compiled kernels and several threads, a GroupNorm, the exact GELU, an fp32 or fp64 map; products
+    in its dtype, and under bf16 autocast in bf16 where the CPU multiplies it natively."""
+    if not (x.device.type == 'cpu' and torch.get_num_threads() > 1 and isinstance(norm, nn.GroupNorm)
             and type(act) is nn.GELU and act.approximate == 'none'
-            and x.dtype in (torch.float32, torch.float64) and dispatch.autocast_dtype(x.device) is None
-            and native.ops() is not None):
-        return [Plan(backend=THREADS, dtype=x.dtype)]
-    return []
+            and x.dtype in (torch.float32, torch.float64) and native.ops() is not None):
+        return []
+    return [Plan(backend=THREADS, dtype=dtype) for dtype in dispatch.product_dtypes(x.device, x.dtype)
+            if dtype == x.dtype or (dtype == torch.bfloat16
+                                    and dispatch.native_low_precision(x.device, dtype))]
 
 
 def _chunks(tx: torch.Tensor, rows: int, scales: List[float], on_dropped):

@@ -269,14 +269,15 @@ def threads_branch(c=12, res_scale=False, dtype=torch.float32):
     layer_scale = nn.Parameter(torch.rand(c) + 0.5)
     res = nn.Parameter(torch.rand(c) + 0.5) if res_scale else None
     modules = [m.to(dtype) for m in (norm, fc1, nn.GELU(), fc2)]
-    return modules + [nn.Parameter(layer_scale.to(dtype)), None if res is None else nn.Parameter(res.to(dtype))]
+    return modules + [nn.Parameter(t.to(dtype)) if t is not None else None for t in (layer_scale, res)]
 
 
-def threads_step(x, modules, backend, factors=None):
-    """The branch with ``backend``'s plan forced: its output and every gradient."""
+def threads_step(x, modules, backend, factors=None, dtype=None):
+    """The branch with ``backend``'s plan forced (products in ``dtype``, default ``x``'s): its output
+    and every gradient."""
     norm, fc1, act, fc2, layer_scale, res = modules
     x = x.detach().requires_grad_()
-    with kernels.forced(kernels.Plan(backend=backend, dtype=x.dtype)), OpLog() as log:
+    with kernels.forced(kernels.Plan(backend=backend, dtype=dtype or x.dtype)), OpLog() as log:
         y = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, layer_scale, res, factors,
                                       plain=lambda x: pytest.fail('plain'))
         params = [x] + [p for m in modules if m is not None for p in
@@ -305,6 +306,26 @@ def test_the_threads_plan_gives_the_blas_plans_numbers(compiled, res_scale, reco
     assert 'mmpoolformer.mlp_gelu_forward' not in names
     for a, b in zip(ours, python_loop):
         assert max_rel_err(a, b) <= 1e-6
+
+
+def test_the_threads_plan_under_bf16_autocast(compiled, two_threads, monkeypatch):
+    """bf16 products (the rows, residual and sums in fp32): as close to fp32 as the Python loop with
+    bf16 products, in every output and gradient; the normalisation, output and input gradient are
+    the Python loop's (per row, the same roundings)."""
+    monkeypatch.setattr(mlp_kernel, 'THREAD_CHUNK_BYTES', 7 * 48 * 2)
+    modules = threads_branch(res_scale=True)
+    x = (torch.randn(2, 12, 5, 9) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    factors = torch.full((2, 1, 1, 1), 0.8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        ours, names = threads_step(x, modules, 'threads', factors, torch.bfloat16)
+        python_loop, _ = threads_step(x, modules, 'blas', factors, torch.bfloat16)
+    assert 'mmpoolformer.mlp_gelu_backward' in names
+    reference, _ = threads_step(x, modules, 'blas', factors)
+    for a, b, r in zip(ours, python_loop, reference):
+        assert a.dtype == r.dtype
+        assert max_rel_err(a, r) <= 1.25 * max_rel_err(b, r) + 1e-6
+    for a, b in zip(ours[:2], python_loop[:2]):
+        assert torch.equal(a, b)
 
 
 def test_the_threads_plan_gradients_are_exact(compiled, two_threads, monkeypatch):
@@ -359,8 +380,9 @@ def test_the_threads_plan_is_offered_where_it_computes(compiled, monkeypatch):
         assert offered(x.double()) == [kernels.Plan(backend='threads', dtype=torch.float64)]
         assert offered(x, act=nn.GELU(approximate='tanh')) == []
         assert offered(x, norm=LayerNorm2d(12)) == []
-        with torch.autocast('cpu', dtype=torch.bfloat16):
-            assert offered(x) == []
+        with torch.autocast('cpu', dtype=torch.bfloat16):  # (bf16 products where native)
+            low = [torch.bfloat16] if kernels.dispatch.native_low_precision(x.device, torch.bfloat16) else []
+            assert offered(x) == [kernels.Plan(backend='threads', dtype=d) for d in low + [torch.float32]]
         torch.set_num_threads(1)
         assert offered(x) == []
     finally:

@@ -13,7 +13,10 @@
 //
 // Rows are (N * H * W, C) channels-last tokens; a and b (N, C) the GroupNorm's per-sample affine map;
 // w2 has the LayerScale folded in; scale is the branch's factor (stochastic depth's, equal for all
-// samples); res_scale ResScale's (C,) factor on the residual, or none.
+// samples); res_scale ResScale's (C,) factor on the residual, or none. The products run in the
+// weights' dtype: the rows' (float32, float64), or bfloat16 under bf16 autocast, when the
+// normalised rows, the hidden map and the gradients the products take are bfloat16 and the sums
+// they feed (the output, the weights' gradients) stay in the rows' precision, as in mlp.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -28,13 +31,14 @@ namespace {
 using at::Tensor;
 
 // What one thread needs for its chunks: buffers of the chunk length, reused chunk after chunk
+// (all in the products' dtype)
 struct Buffers {
-  Tensor normed, hidden, act, grad_hidden, grad;
+  Tensor normed, hidden, act, grad_hidden, grad, narrow;
   Buffers(int64_t rows, int64_t channels, int64_t hidden_size, const at::TensorOptions& options)
       : normed(at::empty({rows, channels}, options)), hidden(at::empty({rows, hidden_size}, options)),
         act(at::empty({rows, hidden_size}, options)),
         grad_hidden(at::empty({rows, hidden_size}, options)),
-        grad(at::empty({rows, channels}, options)) {}
+        grad(at::empty({rows, channels}, options)), narrow(at::empty({rows, channels}, options)) {}
 };
 
 // chunk c of `count` over `total` rows: [first, first + length)
@@ -64,17 +68,32 @@ void normalize(const Tensor& rows, const Tensor& a, const Tensor& b, int64_t per
   }
 }
 
-void check_rows(const Tensor& t, const Tensor& rows, int64_t width, const char* name) {
+void check_rows(const Tensor& t, const Tensor& rows, int64_t width, at::ScalarType dtype,
+                const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == 2 && t.size(0) == rows.size(0) &&
-                  t.size(1) == width && t.scalar_type() == rows.scalar_type(),
-              name, " takes contiguous CPU rows of one dtype, (", rows.size(0), ", ", width,
-              "), got ", t.sizes(), " ", t.scalar_type());
+                  t.size(1) == width && t.scalar_type() == dtype,
+              name, " takes contiguous CPU rows (", rows.size(0), ", ", width, ") of ", dtype,
+              ", got ", t.sizes(), " ", t.scalar_type());
 }
 
-// GELU's value into `value` and its backward of `grad` in place: the compiled pass for float32
-// (activations.cpp), PyTorch's operators otherwise (float64: the tests' gradchecks)
+// total += a @ b, in total's precision
+void accumulate(Tensor& total, const Tensor& a, const Tensor& b) {
+  if (total.scalar_type() == a.scalar_type()) {
+    total.addmm_(a, b);
+  } else {
+    total.add_(at::mm(a, b));
+  }
+}
+
+// total += the column sums of `rows`, summed in total's precision
+void add_column_sums(Tensor& total, const Tensor& rows) {
+  total.add_(at::sum(rows, {0}, false, total.scalar_type()));
+}
+
+// GELU's value into `value` and its backward of `grad` in place: the compiled pass for float32 and
+// bfloat16 (activations.cpp), PyTorch's operators otherwise (float64: the tests' gradchecks)
 void gelu_value_and_grad(const Tensor& h, Tensor value, Tensor grad) {
-  if (h.scalar_type() == at::kFloat) {
+  if (h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("mmpoolformer::gelu_value_and_grad", "")
                          .typed<void(const Tensor&, const Tensor&, const Tensor&)>();
@@ -92,14 +111,15 @@ void mlp_gelu_forward(const Tensor& x, const Tensor& a, const Tensor& b, const T
                       const std::optional<Tensor>& res_scale, double scale, int64_t per_sample,
                       int64_t rows, const Tensor& out, const std::optional<Tensor>& hidden) {
   const int64_t channels = x.size(1), hidden_size = w1.size(0);
-  check_rows(x, x, channels, "mlp_gelu_forward");
-  check_rows(out, x, channels, "mlp_gelu_forward");
-  if (hidden.has_value()) check_rows(*hidden, x, hidden_size, "mlp_gelu_forward");
+  const bool low = w1.scalar_type() != x.scalar_type();  // (bfloat16 products)
+  check_rows(x, x, channels, x.scalar_type(), "mlp_gelu_forward");
+  check_rows(out, x, channels, x.scalar_type(), "mlp_gelu_forward");
+  if (hidden.has_value()) check_rows(*hidden, x, hidden_size, w1.scalar_type(), "mlp_gelu_forward");
   const Chunks chunks(x.size(0), rows);
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
     // (the other threads do not inherit the caller's thread-local state: autograd stays out here)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Buffers buf(chunks.length, channels, hidden_size, x.options());
+    Buffers buf(chunks.length, channels, hidden_size, w1.options());
     for (int64_t c = begin; c < end; ++c) {
       const int64_t first = chunks.first(c), k = chunks.size(c);
       Tensor normed = buf.normed.narrow(0, 0, k);
@@ -118,6 +138,16 @@ void mlp_gelu_forward(const Tensor& x, const Tensor& a, const Tensor& b, const T
       } else {
         oc.copy_(xc);
       }
+      if (low) {  // fc2's output in the products' dtype, then added
+        Tensor branch = buf.narrow.narrow(0, 0, k);
+        if (b2.has_value()) {
+          at::addmm_out(branch, *b2, act, w2.t());
+        } else {
+          at::mm_out(branch, act, w2.t());
+        }
+        oc.add_(branch, scale);
+        continue;
+      }
       if (b2.has_value()) oc.add_(*b2, scale);
       oc.addmm_(act, w2.t(), 1., scale);
     }
@@ -133,9 +163,10 @@ void mlp_gelu_backward(const Tensor& grad, const Tensor& x, const Tensor& a, con
                        const std::optional<Tensor>& grad_b1, const std::optional<Tensor>& grad_w2,
                        const std::optional<Tensor>& grad_b2) {
   const int64_t channels = x.size(1), hidden_size = w1.size(0);
-  check_rows(grad, x, channels, "mlp_gelu_backward");
-  check_rows(grad_normed, x, channels, "mlp_gelu_backward");
-  if (hidden.has_value()) check_rows(*hidden, x, hidden_size, "mlp_gelu_backward");
+  const bool low = w1.scalar_type() != x.scalar_type();  // (bfloat16 products)
+  check_rows(grad, x, channels, x.scalar_type(), "mlp_gelu_backward");
+  check_rows(grad_normed, x, channels, x.scalar_type(), "mlp_gelu_backward");
+  if (hidden.has_value()) check_rows(*hidden, x, hidden_size, w1.scalar_type(), "mlp_gelu_backward");
   const Chunks chunks(x.size(0), rows);
   const int64_t threads = at::get_num_threads();
   // each thread's own gradients, added in thread order afterwards
@@ -145,7 +176,7 @@ void mlp_gelu_backward(const Tensor& grad, const Tensor& x, const Tensor& a, con
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
     // (the other threads do not inherit the caller's thread-local state: autograd stays out here)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Buffers buf(chunks.length, channels, hidden_size, x.options());
+    Buffers buf(chunks.length, channels, hidden_size, w1.options());
     std::vector<Tensor>& mine = parts[at::get_thread_num()];
     if (mine.empty())
       for (const auto& total : totals) mine.push_back(total.has_value() ? at::zeros_like(*total) : Tensor());
@@ -153,9 +184,10 @@ void mlp_gelu_backward(const Tensor& grad, const Tensor& x, const Tensor& a, con
     for (int64_t c = begin; c < end; ++c) {
       const int64_t first = chunks.first(c), k = chunks.size(c);
       Tensor gc = grad.narrow(0, first, k);
-      if (scale != 1.) {
+      if (scale != 1. || low) {  // (scaled, or cast to the products' dtype, in one pass)
         Tensor scaled = buf.grad.narrow(0, 0, k);
-        gc = at::mul_out(scaled, gc, at::scalar_tensor(scale, gc.options()));
+        gc = scale != 1. ? at::mul_out(scaled, gc, at::scalar_tensor(scale, gc.options()))
+                         : scaled.copy_(gc);
       }
       Tensor normed = buf.normed.narrow(0, 0, k);
       normalize(x, a, b, per_sample, first, k, normed);
@@ -167,15 +199,20 @@ void mlp_gelu_backward(const Tensor& grad, const Tensor& x, const Tensor& a, con
           at::mm_out(h, normed, w1_t);
         }
       }
-      if (gb2.defined()) gb2.add_(gc.sum(0));
+      if (gb2.defined()) add_column_sums(gb2, gc);
       Tensor gh = buf.grad_hidden.narrow(0, 0, k), value = buf.act.narrow(0, 0, k);
       at::mm_out(gh, gc, w2);
       gelu_value_and_grad(h, value, gh);
-      if (gw2.defined()) gw2.addmm_(gc.t(), value);
-      if (gw1.defined()) gw1.addmm_(gh.t(), normed);
-      if (gb1.defined()) gb1.add_(gh.sum(0));
+      if (gw2.defined()) accumulate(gw2, gc.t(), value);
+      if (gw1.defined()) accumulate(gw1, gh.t(), normed);
+      if (gb1.defined()) add_column_sums(gb1, gh);
       Tensor gn = grad_normed.narrow(0, first, k);
-      at::mm_out(gn, gh, w1);
+      if (low) {
+        Tensor part = buf.narrow.narrow(0, 0, k);
+        gn.copy_(at::mm_out(part, gh, w1));
+      } else {
+        at::mm_out(gn, gh, w1);
+      }
     }
   });
   for (size_t i = 0; i < totals.size(); ++i) {
