@@ -287,32 +287,32 @@ class _NormMlpResidual(torch.autograd.Function):
                 native.ops().mlp_gelu_forward(rows_x, *coefficients, w1, b1, w2, b2, res_scale,
                                               scales[0], tx.shape[1], _thread_rows(w1.shape[0], dtype),
                                               rows_out, kept_h and kept_h[0])
-            for start, end, samples, scale in (() if plan.backend == THREADS else
-                                               _chunks(tx, bufs.rows, scales, dropped)):
-                xc = rows_x[start:end]
-                nc, _ = norm.normalize(rows_x, start, end, samples, coefficients,
-                                       bufs.normed(end - start))
-                oc = rows_out[start:end]
-                # the first half writes its activation straight into the output, where dtypes agree
-                act_out = oc if first_half and dtype == x.dtype else bufs.act(end - start)
-                if fused_act:  # inference: oneDNN applies the activation as it writes fc1's output
-                    ac = torch.ops.mkldnn._linear_pointwise(nc, w1, b1, *fused_act)
-                else:
-                    if kept_h is None:
-                        hc = _linear(plan.backend, nc, w1, b1, scratch=bufs.hidden(end - start))
+            else:
+                for start, end, samples, scale in _chunks(tx, bufs.rows, scales, dropped):
+                    xc = rows_x[start:end]
+                    nc, _ = norm.normalize(rows_x, start, end, samples, coefficients,
+                                           bufs.normed(end - start))
+                    oc = rows_out[start:end]
+                    # the first half writes its activation straight into the output, where dtypes agree
+                    act_out = oc if first_half and dtype == x.dtype else bufs.act(end - start)
+                    if fused_act:  # inference: oneDNN applies the activation as it writes fc1's output
+                        ac = torch.ops.mkldnn._linear_pointwise(nc, w1, b1, *fused_act)
                     else:
-                        hc = _linear(plan.backend, nc, w1, b1)
-                        kept_h.append(hc)
-                    ac = act.forward(hc, act_out, act_params)
-                if first_half:
-                    if fused_act or act_out is not oc:
-                        oc.copy_(ac)
-                    continue
-                if plan.backend == 'blas' and dtype == x.dtype:
-                    _residual(xc, res_scale, b2, scale, out=oc).addmm_(ac, w2.t(), alpha=scale)
-                else:
-                    torch.add(_residual(xc, res_scale), _linear(plan.backend, ac, w2, b2),
-                              alpha=scale, out=oc)
+                        if kept_h is None:
+                            hc = _linear(plan.backend, nc, w1, b1, scratch=bufs.hidden(end - start))
+                        else:
+                            hc = _linear(plan.backend, nc, w1, b1)
+                            kept_h.append(hc)
+                        ac = act.forward(hc, act_out, act_params)
+                    if first_half:
+                        if fused_act or act_out is not oc:
+                            oc.copy_(ac)
+                        continue
+                    if plan.backend == 'blas' and dtype == x.dtype:
+                        _residual(xc, res_scale, b2, scale, out=oc).addmm_(ac, w2.t(), alpha=scale)
+                    else:
+                        torch.add(_residual(xc, res_scale), _linear(plan.backend, ac, w2, b2),
+                                  alpha=scale, out=oc)
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, res_scale, *act_params,
                               *(kept_h or ()))
         ctx.norm, ctx.act, ctx.scales, ctx.plan = norm, act, scales, plan
@@ -355,62 +355,63 @@ class _NormMlpResidual(torch.autograd.Function):
             rows_x, rows_g = tx.flatten(0, 1), tg.flatten(0, 1)
             joint = act.value_and_backward(x.device, dtype) if (
                 needs[5] and into_hidden and not first_half) else None
-            if plan.backend == THREADS:  # the whole chunk loop compiled (forward's)
-                rows_gr = rows_gr if into_norm else torch.empty_like(rows_x)
-                native.ops().mlp_gelu_backward(rows_g, rows_x, *coefficients, w1, b1, w2,
-                                               kept_h[0] if kept_h else None, scales[0], tx.shape[1],
-                                               _thread_rows(hidden, dtype), rows_gr, gw1, gb1, gw2, gb2)
 
             def dropped(i):  # the branch has no gradient: the residual's alone, added below
                 if rows_gr is not None:
                     rows_gr[i * tx.shape[1]:(i + 1) * tx.shape[1]].zero_()
 
-            for index, (start, end, samples, scale) in enumerate(
-                    () if plan.backend == THREADS else _chunks(tx, bufs.rows, scales, dropped)):
-                k = end - start
-                gc = rows_g[start:end]
-                if not first_half and (scale != 1 or gc.dtype != dtype):
-                    # (a cast alone is one pass; a product into another dtype goes through a
-                    # temporary of the input's)
-                    gc = bufs.grad(k).copy_(gc) if scale == 1 else torch.mul(gc, scale,
-                                                                              out=bufs.grad(k))
-                nc, row_stats = norm.normalize(rows_x, start, end, samples, coefficients,
-                                               bufs.normed(k))
-                hc = kept_h[index] if kept_h else _linear(plan.backend, nc, w1, b1,
-                                                          scratch=bufs.hidden(k))
-                if needs[6]:
-                    gb2 += gc.sum(0)
-                if joint is not None:  # the activation's value and gradient in one pass
-                    gh, value = _linear(plan.backend, gc, w2_t, scratch=bufs.scratch(k)), bufs.act(k)
-                    joint(hc, value, gh, act_params, grad_act)
-                    _accumulate(gw2, gc.t(), value)
-                else:
-                    if needs[5]:
-                        _accumulate(gw2, gc.t(), act.forward(hc, bufs.act(k), act_params))
-                    if not into_hidden:
+            if plan.backend == THREADS:  # the whole chunk loop compiled (forward's)
+                rows_gr = rows_gr if into_norm else torch.empty_like(rows_x)
+                native.ops().mlp_gelu_backward(rows_g, rows_x, *coefficients, w1, b1, w2,
+                                               kept_h[0] if kept_h else None, scales[0], tx.shape[1],
+                                               _thread_rows(hidden, dtype), rows_gr, gw1, gb1, gw2, gb2)
+            else:
+                for index, (start, end, samples, scale) in enumerate(
+                        _chunks(tx, bufs.rows, scales, dropped)):
+                    k = end - start
+                    gc = rows_g[start:end]
+                    if not first_half and (scale != 1 or gc.dtype != dtype):
+                        # (a cast alone is one pass; a product into another dtype goes through a
+                        # temporary of the input's)
+                        gc = bufs.grad(k).copy_(gc) if scale == 1 else torch.mul(gc, scale,
+                                                                                  out=bufs.grad(k))
+                    nc, row_stats = norm.normalize(rows_x, start, end, samples, coefficients,
+                                                   bufs.normed(k))
+                    hc = kept_h[index] if kept_h else _linear(plan.backend, nc, w1, b1,
+                                                              scratch=bufs.hidden(k))
+                    if needs[6]:
+                        gb2 += gc.sum(0)
+                    if joint is not None:  # the activation's value and gradient in one pass
+                        gh, value = _linear(plan.backend, gc, w2_t, scratch=bufs.scratch(k)), bufs.act(k)
+                        joint(hc, value, gh, act_params, grad_act)
+                        _accumulate(gw2, gc.t(), value)
+                    else:
+                        if needs[5]:
+                            _accumulate(gw2, gc.t(), act.forward(hc, bufs.act(k), act_params))
+                        if not into_hidden:
+                            continue
+                        # the activation's gradient: given (the first half), or back through fc2;
+                        # computed on in place, in a chunk buffer
+                        grad_act_out = bufs.act(k).copy_(gc) if first_half else _linear(
+                            plan.backend, gc, w2_t, scratch=bufs.act(k))
+                        gh = act.backward(grad_act_out, hc, act_params, grad_act, bufs.scratch(k))
+                    if needs[3]:
+                        _accumulate(gw1, gh.t(), nc)
+                    if needs[4]:
+                        gb1 += gh.sum(0)
+                    if not into_norm:
                         continue
-                    # the activation's gradient: given (the first half), or back through fc2;
-                    # computed on in place, in a chunk buffer
-                    grad_act_out = bufs.act(k).copy_(gc) if first_half else _linear(
-                        plan.backend, gc, w2_t, scratch=bufs.act(k))
-                    gh = act.backward(grad_act_out, hc, act_params, grad_act, bufs.scratch(k))
-                if needs[3]:
-                    _accumulate(gw1, gh.t(), nc)
-                if needs[4]:
-                    gb1 += gh.sum(0)
-                if not into_norm:
-                    continue
-                if not norm.per_row:
-                    _linear(plan.backend, gh, w1_t, out=rows_gr[start:end])
-                    continue
-                grad_normed = _linear(plan.backend, gh, w1_t, scratch=bufs.grad_normed(k))
-                rows = rows_x[start:end]
-                gx, gw, gb = norm.backward_rows(grad_normed, rows, row_stats, norm_weight, norm_bias,
-                                                needs[:3])
-                rows_gr[start:end] = gx
-                for total, part in ((grad_norm_weight, gw), (grad_norm_bias, gb)):
-                    if total is not None:
-                        total += part
+                    if not norm.per_row:
+                        _linear(plan.backend, gh, w1_t, out=rows_gr[start:end])
+                        continue
+                    grad_normed = _linear(plan.backend, gh, w1_t, scratch=bufs.grad_normed(k))
+                    rows = rows_x[start:end]
+                    gx, gw, gb = norm.backward_rows(grad_normed, rows, row_stats, norm_weight, norm_bias,
+                                                    needs[:3])
+                    rows_gr[start:end] = gx
+                    for total, part in ((grad_norm_weight, gw), (grad_norm_bias, gb)):
+                        if total is not None:
+                            total += part
             grad_x = grad_rows
             if into_norm and not norm.per_row:
                 grad_x, grad_norm_weight, grad_norm_bias = norm.backward(grad_rows, x, (mean, rstd),
