@@ -76,6 +76,16 @@ void check_rows(const Tensor& t, const Tensor& rows, int64_t width, at::ScalarTy
               ", got ", t.sizes(), " ", t.scalar_type());
 }
 
+// out = input @ weight_t (+ bias)
+void product_out(Tensor& out, const Tensor& input, const Tensor& weight_t,
+                const std::optional<Tensor>& bias) {
+  if (bias.has_value()) {
+    at::addmm_out(out, *bias, input, weight_t);
+  } else {
+    at::mm_out(out, input, weight_t);
+  }
+}
+
 // total += a @ b, in total's precision
 void accumulate(Tensor& total, const Tensor& a, const Tensor& b) {
   if (total.scalar_type() == a.scalar_type()) {
@@ -125,11 +135,7 @@ void mlp_gelu_forward(const Tensor& x, const Tensor& a, const Tensor& b, const T
       Tensor normed = buf.normed.narrow(0, 0, k);
       normalize(x, a, b, per_sample, first, k, normed);
       Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
-      if (b1.has_value()) {
-        at::addmm_out(h, *b1, normed, w1.t());
-      } else {
-        at::mm_out(h, normed, w1.t());
-      }
+      product_out(h, normed, w1.t(), b1);
       Tensor act = buf.act.narrow(0, 0, k);
       at::gelu_out(act, h);
       Tensor xc = x.narrow(0, first, k), oc = out.narrow(0, first, k);
@@ -140,11 +146,7 @@ void mlp_gelu_forward(const Tensor& x, const Tensor& a, const Tensor& b, const T
       }
       if (low) {  // fc2's output in the products' dtype, then added
         Tensor branch = buf.narrow.narrow(0, 0, k);
-        if (b2.has_value()) {
-          at::addmm_out(branch, *b2, act, w2.t());
-        } else {
-          at::mm_out(branch, act, w2.t());
-        }
+        product_out(branch, act, w2.t(), b2);
         oc.add_(branch, scale);
         continue;
       }
@@ -192,13 +194,7 @@ void mlp_gelu_backward(const Tensor& grad, const Tensor& x, const Tensor& a, con
       Tensor normed = buf.normed.narrow(0, 0, k);
       normalize(x, a, b, per_sample, first, k, normed);
       Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
-      if (!hidden.has_value()) {
-        if (b1.has_value()) {
-          at::addmm_out(h, *b1, normed, w1_t);
-        } else {
-          at::mm_out(h, normed, w1_t);
-        }
-      }
+      if (!hidden.has_value()) product_out(h, normed, w1_t, b1);
       if (gb2.defined()) add_column_sums(gb2, gc);
       Tensor gh = buf.grad_hidden.narrow(0, 0, k), value = buf.act.narrow(0, 0, k);
       at::mm_out(gh, gc, w2);
