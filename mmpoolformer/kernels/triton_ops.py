@@ -19,7 +19,7 @@ tile of one row of one sample: ``BLOCK_W`` positions by ``BLOCK_C`` channels, ch
 memory. They are a plan of the pooling branch on CUDA, timed against the branch as PyTorch's
 operators and the plain formulation (``dispatch``); where Triton is missing, or its kernels fail the
 check against PyTorch's operators at first use, one warning says why and they are not offered.
-``TRITON_INTERPRET=1`` runs them on CPU tensors (the tests do).
+``TRITON_INTERPRET=1`` when this module is imported runs them on CPU tensors (the tests do).
 """
 import functools
 import warnings
@@ -38,10 +38,24 @@ except Exception as error:  # not installed, or broken (said where a CUDA device
     IMPORT_ERROR = f'{type(error).__name__}: {error}'
 constexpr = object if tl is None else tl.constexpr  # (the kernels' compile-time arguments)
 
+
+def _jit(fn):
+    """Triton's wrapper where there is Triton (it compiles nothing before a kernel's first launch;
+    under ``TRITON_INTERPRET=1`` at import, the interpreter's)."""
+    return fn if triton is None else triton.jit(fn)
+
 BLOCK_W = 16  # positions of a row per program
 MAX_BLOCK_C = 64  # channels per program (fewer where the map has fewer, as a power of two)
 
 
+@_jit
+def _window_size(i, n, PAD: constexpr):
+    """How many of the window's positions along a side of ``n`` the position ``i`` (within the side)
+    has: ``2 PAD + 1``, fewer at the edges."""
+    return tl.minimum(i + PAD, n - 1) - tl.maximum(i - PAD, 0) + 1
+
+
+@_jit
 def _pool_mix(x_ptr, out_ptr, scale_ptr, res_ptr, H, W, C, PAD: constexpr,
               HAS_RES: constexpr, BLOCK_W: constexpr, BLOCK_C: constexpr):
     nh = tl.program_id(0).to(tl.int64)
@@ -59,9 +73,8 @@ def _pool_mix(x_ptr, out_ptr, scale_ptr, res_ptr, H, W, C, PAD: constexpr,
             there = (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
             total += tl.load(x_ptr + sample + hh * row + ww[:, None] * C + c[None, :],
                              mask=there[:, None] & inside, other=0.)
-    rows = tl.minimum(h + PAD, H - 1) - tl.maximum(h - PAD, 0) + 1
-    cols = tl.minimum(w + PAD, W - 1) - tl.maximum(w - PAD, 0) + 1
-    pooled = total / tl.maximum(rows * cols, 1).to(tl.float32)[:, None]  # (>= 1 beyond the map)
+    count = _window_size(h, H, PAD) * _window_size(w, W, PAD)
+    pooled = total / tl.maximum(count, 1).to(tl.float32)[:, None]  # (>= 1 beyond the map)
     at = sample + h * row + w[:, None] * C + c[None, :]
     x = tl.load(x_ptr + at, mask=inside, other=0.)
     s = tl.load(scale_ptr + n * C + c, mask=c < C, other=0.)[None, :]
@@ -73,6 +86,7 @@ def _pool_mix(x_ptr, out_ptr, scale_ptr, res_ptr, H, W, C, PAD: constexpr,
     tl.store(out_ptr + at, out, mask=inside)
 
 
+@_jit
 def _pool_mix_adjoint(grad_ptr, x_ptr, mixed_ptr, partial_ptr, H, W, C, PAD: constexpr,
                       BLOCK_W: constexpr, BLOCK_C: constexpr):
     nh = tl.program_id(0).to(tl.int64)
@@ -88,10 +102,10 @@ def _pool_mix_adjoint(grad_ptr, x_ptr, mixed_ptr, partial_ptr, H, W, C, PAD: con
     total = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
     for i in tl.static_range(2 * PAD + 1):
         hh = h + i - PAD
-        rows = tl.minimum(hh + PAD, H - 1) - tl.maximum(hh - PAD, 0) + 1
+        rows = _window_size(hh, H, PAD)
         for j in tl.static_range(2 * PAD + 1):
             ww = w + j - PAD
-            cols = tl.minimum(ww + PAD, W - 1) - tl.maximum(ww - PAD, 0) + 1
+            cols = _window_size(ww, W, PAD)
             there = (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
             g = tl.load(grad_ptr + sample + hh * row + ww[:, None] * C + c[None, :],
                         mask=there[:, None] & inside, other=0.)
@@ -105,6 +119,7 @@ def _pool_mix_adjoint(grad_ptr, x_ptr, mixed_ptr, partial_ptr, H, W, C, PAD: con
     tl.store(partial_ptr + (nh * tl.num_programs(1) + wb) * C + c, part, mask=c < C)
 
 
+@_jit
 def _pool_mix_input_grad(mixed_ptr, grad_ptr, x_ptr, scale_ptr, res_ptr, coef_ptr, shift_ptr, HW, C,
                          HAS_RES: constexpr, BLOCK_P: constexpr, BLOCK_C: constexpr):
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # (sample, position) rows
@@ -121,14 +136,6 @@ def _pool_mix_input_grad(mixed_ptr, grad_ptr, x_ptr, scale_ptr, res_ptr, coef_pt
     if HAS_RES:
         g = g * tl.load(res_ptr + c, mask=c < C, other=0.)[None, :]
     tl.store(mixed_ptr + at, s * mixed + g + k * x + b, mask=inside)
-
-
-@functools.lru_cache(None)
-def _kernels() -> SimpleNamespace:
-    """The jitted kernels (wrapped on first use: importing this module compiles nothing)."""
-    return SimpleNamespace(pool_mix=triton.jit(_pool_mix),
-                           pool_mix_adjoint=triton.jit(_pool_mix_adjoint),
-                           pool_mix_input_grad=triton.jit(_pool_mix_input_grad))
 
 
 def _block_c(channels: int) -> int:
@@ -156,7 +163,7 @@ def pool_mix(x: torch.Tensor, scale: torch.Tensor, res_scale: Optional[torch.Ten
     n, c, h, w = x.shape
     block_c = _block_c(c)
     res = None if res_scale is None else res_scale.to(torch.float32).contiguous()
-    _kernels().pool_mix[(n * h, -(-w // BLOCK_W), -(-c // block_c))](
+    _pool_mix[(n * h, -(-w // BLOCK_W), -(-c // block_c))](
         x, out, _per_sample(scale, (n, c)), x if res is None else res, h, w, c, PAD=kernel // 2,
         HAS_RES=res is not None, BLOCK_W=BLOCK_W, BLOCK_C=block_c)
 
@@ -170,7 +177,7 @@ def pool_mix_adjoint(grad: torch.Tensor, x: torch.Tensor, mixed: torch.Tensor,
     block_c = _block_c(c)
     blocks = -(-w // BLOCK_W)
     partial = x.new_empty(n * h * blocks, c)
-    _kernels().pool_mix_adjoint[(n * h, blocks, -(-c // block_c))](
+    _pool_mix_adjoint[(n * h, blocks, -(-c // block_c))](
         grad, x, mixed, partial, h, w, c, PAD=kernel // 2, BLOCK_W=BLOCK_W, BLOCK_C=block_c)
     return partial.view(n, h * blocks, c).sum(1, dtype=torch.float64).to(torch.float32)
 
@@ -186,7 +193,7 @@ def pool_mix_input_grad(mixed: torch.Tensor, grad: torch.Tensor, x: torch.Tensor
     # rows of positions per program: a divisor of H * W, so that every program's rows are whole
     block_p = next(b for b in (16, 8, 4, 2, 1) if (h * w) % b == 0)
     res = None if res_scale is None else res_scale.to(torch.float32).contiguous()
-    _kernels().pool_mix_input_grad[(n * h * w // block_p, -(-c // block_c))](
+    _pool_mix_input_grad[(n * h * w // block_p, -(-c // block_c))](
         mixed, grad, x, _per_sample(scale, (n, c)), x if res is None else res,
         _per_sample(coef, (n, c)), _per_sample(shift, (n, c)), h * w, c, HAS_RES=res is not None,
         BLOCK_P=block_p, BLOCK_C=block_c)

@@ -184,12 +184,11 @@ def test_the_kernels_compile_for_the_gpus_without_one(arch, tmp_path, monkeypatc
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     monkeypatch.setenv('TRITON_CACHE_DIR', str(tmp_path))  # (compiled here, not taken from a cache)
-    kernels_ = triton_ops._kernels()
     variants = dict(pool_mix=[dict(PAD=1, HAS_RES=True), dict(PAD=2, HAS_RES=False)],
                     pool_mix_adjoint=[dict(PAD=1)],
                     pool_mix_input_grad=[dict(HAS_RES=True, BLOCK_P=16), dict(HAS_RES=False, BLOCK_P=1)])
     for name, settings in variants.items():
-        fn = getattr(kernels_, name)
+        fn = getattr(triton_ops, '_' + name)
         for setting in settings:
             consts = dict(dict(BLOCK_W=triton_ops.BLOCK_W, BLOCK_C=64), **setting)
             signature = {arg: ('constexpr' if arg in consts else '*fp32' if arg.endswith('_ptr') else 'i32')
