@@ -44,6 +44,7 @@ def _jit(fn):
     under ``TRITON_INTERPRET=1`` at import, the interpreter's)."""
     return fn if triton is None else triton.jit(fn)
 
+
 BLOCK_W = 16  # positions of a row per program
 MAX_BLOCK_C = 64  # channels per program (fewer where the map has fewer, as a power of two)
 
