@@ -30,15 +30,21 @@ namespace {
 
 using at::Tensor;
 
-// What one thread needs for its chunks: buffers of the chunk length, reused chunk after chunk
-// (all in the products' dtype)
+// What one thread needs for its chunks: buffers of the chunk length, reused chunk after chunk, all in
+// the products' dtype (`channels_low`: C-wide results of bfloat16 products, before they are added
+// to the rows' precision); the gradients' for backward only
 struct Buffers {
-  Tensor normed, hidden, act, grad_hidden, grad, narrow;
-  Buffers(int64_t rows, int64_t channels, int64_t hidden_size, const at::TensorOptions& options)
+  Tensor normed, hidden, act, channels_low, grad_hidden, grad;
+  Buffers(int64_t rows, int64_t channels, int64_t hidden_size, const at::TensorOptions& options,
+          bool backward)
       : normed(at::empty({rows, channels}, options)), hidden(at::empty({rows, hidden_size}, options)),
         act(at::empty({rows, hidden_size}, options)),
-        grad_hidden(at::empty({rows, hidden_size}, options)),
-        grad(at::empty({rows, channels}, options)), narrow(at::empty({rows, channels}, options)) {}
+        channels_low(at::empty({rows, channels}, options)) {
+    if (backward) {
+      grad_hidden = at::empty({rows, hidden_size}, options);
+      grad = at::empty({rows, channels}, options);
+    }
+  }
 };
 
 // chunk c of `count` over `total` rows: [first, first + length)
@@ -129,7 +135,7 @@ void mlp_gelu_forward(const Tensor& x, const Tensor& a, const Tensor& b, const T
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
     // (the other threads do not inherit the caller's thread-local state: autograd stays out here)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Buffers buf(chunks.length, channels, hidden_size, w1.options());
+    Buffers buf(chunks.length, channels, hidden_size, w1.options(), false);
     for (int64_t c = begin; c < end; ++c) {
       const int64_t first = chunks.first(c), k = chunks.size(c);
       Tensor normed = buf.normed.narrow(0, 0, k);
@@ -145,7 +151,7 @@ void mlp_gelu_forward(const Tensor& x, const Tensor& a, const Tensor& b, const T
         oc.copy_(xc);
       }
       if (low) {  // fc2's output in the products' dtype, then added
-        Tensor branch = buf.narrow.narrow(0, 0, k);
+        Tensor branch = buf.channels_low.narrow(0, 0, k);
         product_out(branch, act, w2.t(), b2);
         oc.add_(branch, scale);
         continue;
@@ -178,7 +184,7 @@ void mlp_gelu_backward(const Tensor& grad, const Tensor& x, const Tensor& a, con
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
     // (the other threads do not inherit the caller's thread-local state: autograd stays out here)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Buffers buf(chunks.length, channels, hidden_size, w1.options());
+    Buffers buf(chunks.length, channels, hidden_size, w1.options(), true);
     std::vector<Tensor>& mine = parts[at::get_thread_num()];
     if (mine.empty())
       for (const auto& total : totals) mine.push_back(total.has_value() ? at::zeros_like(*total) : Tensor());
@@ -204,7 +210,7 @@ void mlp_gelu_backward(const Tensor& grad, const Tensor& x, const Tensor& a, con
       if (gb1.defined()) add_column_sums(gb1, gh);
       Tensor gn = grad_normed.narrow(0, first, k);
       if (low) {
-        Tensor part = buf.narrow.narrow(0, 0, k);
+        Tensor part = buf.channels_low.narrow(0, 0, k);
         gn.copy_(at::mm_out(part, gh, w1));
       } else {
         at::mm_out(gn, gh, w1);
