@@ -261,14 +261,14 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def threads_branch(c=12, res_scale=False, dtype=torch.float32):
+def threads_branch(c=12, res_scale=False, dtype=torch.float32, act=None):
     torch.manual_seed(0)
     norm, fc1, fc2 = nn.GroupNorm(1, c), nn.Conv2d(c, 4 * c, 1), nn.Conv2d(4 * c, c, 1)
     nn.init.uniform_(norm.weight, 0.5, 1.5)
     nn.init.normal_(norm.bias)
     layer_scale = nn.Parameter(torch.rand(c) + 0.5)
     res = nn.Parameter(torch.rand(c) + 0.5) if res_scale else None
-    modules = [m.to(dtype) for m in (norm, fc1, nn.GELU(), fc2)]
+    modules = [m.to(dtype) for m in (norm, fc1, act or nn.GELU(), fc2)]
     return modules + [nn.Parameter(t.to(dtype)) if t is not None else None for t in (layer_scale, res)]
 
 
@@ -287,23 +287,24 @@ def threads_step(x, modules, backend, factors=None, dtype=None):
     return [y, *grads], [name for name, _ in log.ops]
 
 
+@pytest.mark.parametrize('act', [nn.GELU(), StarReLU(0.8, -0.1)], ids=COMPILED.keys())
 @pytest.mark.parametrize('recompute_up_to', [1000, 0], ids=['hidden_recomputed', 'hidden_kept'])
 @pytest.mark.parametrize('res_scale', [False, True], ids=['', 'res_scale'])
-def test_the_threads_plan_gives_the_blas_plans_numbers(compiled, res_scale, recompute_up_to,
+def test_the_threads_plan_gives_the_blas_plans_numbers(compiled, res_scale, recompute_up_to, act,
                                                        two_threads, monkeypatch):
     """The chunk loop compiled, its chunks shared by the threads (chunks of 7 rows, several across two
     samples; a factor on the branch, ResScale on the residual): the same output and gradients as the
     kernel's loop in Python, to fp32 rounding."""
     monkeypatch.setattr(mlp_kernel, 'THREAD_CHUNK_BYTES', 7 * 48 * 4)
     monkeypatch.setattr(mlp_kernel, 'RECOMPUTE_HIDDEN_UP_TO', recompute_up_to)
-    modules = threads_branch(res_scale=res_scale)
+    modules = threads_branch(res_scale=res_scale, act=copy.deepcopy(act))
     x = (torch.randn(2, 12, 5, 9) * 2 + 1).contiguous(memory_format=torch.channels_last)
     factors = torch.full((2, 1, 1, 1), 0.8)
     ours, names = threads_step(x, modules, 'threads', factors)
-    assert names.count('mmpoolformer.mlp_gelu_forward') == 1
-    assert names.count('mmpoolformer.mlp_gelu_backward') == 1
+    assert names.count('mmpoolformer.mlp_forward') == 1
+    assert names.count('mmpoolformer.mlp_backward') == 1
     python_loop, names = threads_step(x, modules, 'blas', factors)
-    assert 'mmpoolformer.mlp_gelu_forward' not in names
+    assert 'mmpoolformer.mlp_forward' not in names
     for a, b in zip(ours, python_loop):
         assert max_rel_err(a, b) <= 1e-6
 
@@ -319,7 +320,7 @@ def test_the_threads_plan_under_bf16_autocast(compiled, two_threads, monkeypatch
     with torch.autocast('cpu', dtype=torch.bfloat16):
         ours, names = threads_step(x, modules, 'threads', factors, torch.bfloat16)
         python_loop, _ = threads_step(x, modules, 'blas', factors, torch.bfloat16)
-    assert 'mmpoolformer.mlp_gelu_backward' in names
+    assert 'mmpoolformer.mlp_backward' in names
     reference, _ = threads_step(x, modules, 'blas', factors)
     for a, b, r in zip(ours, python_loop, reference):
         assert a.dtype == r.dtype
@@ -328,29 +329,31 @@ def test_the_threads_plan_under_bf16_autocast(compiled, two_threads, monkeypatch
         assert torch.equal(a, b)
 
 
-def test_the_threads_plan_gradients_are_exact(compiled, two_threads, monkeypatch):
-    """float64 ``gradcheck`` of the branch with its compiled chunk loop."""
+@pytest.mark.parametrize('act', [nn.GELU(), StarReLU(0.8, -0.1)], ids=COMPILED.keys())
+def test_the_threads_plan_gradients_are_exact(compiled, act, two_threads, monkeypatch):
+    """float64 ``gradcheck`` of the branch with its compiled chunk loop, every parameter included
+    (StarReLU's scale and bias too)."""
     monkeypatch.setattr(mlp_kernel, 'THREAD_CHUNK_BYTES', 5 * 24 * 8)
-    norm, fc1, act, fc2, layer_scale, res = threads_branch(c=6, res_scale=True, dtype=torch.float64)
+    norm, fc1, act, fc2, layer_scale, res = threads_branch(c=6, res_scale=True, dtype=torch.float64,
+                                                           act=copy.deepcopy(act))
+    # the parameters, which the tensors gradcheck differentiates take the place of
+    slots = [(m, name) for m in (norm, fc1, fc2, act) for name, _ in m.named_parameters()]
+    params = [getattr(m, name).detach().clone() for m, name in slots]
+    for module, name in slots:
+        delattr(module, name)
 
-    def branch(x, *params):
-        for module, name, value in zip((norm, norm, fc1, fc1, fc2, fc2),
-                                       ('weight', 'bias') * 3, params):
+    def branch(x, layer_scale, res, *params):
+        for (module, name), value in zip(slots, params):
             setattr(module, name, value)
         with kernels.forced(kernels.Plan(backend='threads', dtype=torch.float64)):
-            return kernels.norm_mlp_residual(x, norm, fc1, act, fc2, params[6], params[7], None,
+            return kernels.norm_mlp_residual(x, norm, fc1, act, fc2, layer_scale, res, None,
                                              plain=lambda x: pytest.fail('plain'))
 
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    params = [p.detach().clone() for p in (norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight,
-                                           fc2.bias, layer_scale, res)]
-    for module in (norm, fc1, fc2):  # (the tensors gradcheck differentiates take their place)
-        for name in ('weight', 'bias'):
-            delattr(module, name)
-    inputs = [t.requires_grad_() for t in [x] + params]
+    inputs = [t.detach().requires_grad_() for t in [x, layer_scale, res] + params]
     with OpLog() as log:
         branch(*inputs)
-    assert ('mmpoolformer.mlp_gelu_forward', ) in {(name, ) for name, _ in log.ops}
+    assert ('mmpoolformer.mlp_forward', ) in {(name, ) for name, _ in log.ops}
     assert torch.autograd.gradcheck(branch, inputs)
 
 
@@ -363,7 +366,7 @@ def test_the_threads_plan_leaves_unequal_factors_to_the_python_loop(compiled, tw
     x = torch.randn(2, 12, 5, 9).contiguous(memory_format=torch.channels_last)
     factors = torch.tensor([0., 1.25]).view(2, 1, 1, 1)
     ours, names = threads_step(x, modules, 'threads', factors)
-    assert not any(name.startswith('mmpoolformer.mlp_gelu') for name in names)
+    assert not any(name.startswith('mmpoolformer.mlp_') for name in names)
     for a, b in zip(ours, threads_step(x, modules, 'blas', factors)[0]):
         assert torch.equal(a, b)
 
@@ -571,7 +574,7 @@ class _Off:
                 return result[0], result[1] * 1.0001
             out = args[{'gelu_value_and_grad': 1, 'star_relu': 1, 'star_relu_backward': 1,
                         'pool_mix': 3, 'pool_mix_adjoint': 2, 'pool_mix_input_grad': 0,
-                        'mlp_gelu_forward': 11, 'mlp_gelu_backward': 11}[name]]
+                        'mlp_forward': 13, 'mlp_backward': 13}[name]]
             out[(0, ) * out.dim()] += 1e-3
             return result
         return wrong
@@ -579,7 +582,7 @@ class _Off:
 
 @pytest.mark.parametrize('kernel', ['gelu_value_and_grad', 'star_relu', 'star_relu_backward',
                                     'pool_mix', 'pool_mix_adjoint', 'pool_mix_input_grad',
-                                    'row_stats', 'mlp_gelu_forward', 'mlp_gelu_backward'])
+                                    'row_stats', 'mlp_forward', 'mlp_backward'])
 def test_the_load_check_refuses_a_wrong_kernel(compiled, kernel):
     """Each kernel is checked against PyTorch's operators when loaded: one off by a small error
     is refused (and PyTorch's operators then do its work)."""

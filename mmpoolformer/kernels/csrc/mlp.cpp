@@ -1,5 +1,5 @@
-// The MLP kernel's chunk loop (mlp.py) with the chunks shared out among the threads, for GroupNorm and
-// GELU blocks (PoolFormer's), built for the CPU at hand by native.py.
+// The MLP kernel's chunk loop (mlp.py) with the chunks shared out among the threads, for GroupNorm
+// blocks with GELU (PoolFormer's) or StarReLU (PoolFormerV2's), built for the CPU at hand by native.py.
 //
 // mlp.py runs its chunks one after another and each operation of a chunk on every thread: a product,
 // the activation, a bias sum, each with its own start and end of the threads, and Python between them.
@@ -8,8 +8,8 @@
 // of a chunk share the caches. Here each thread takes its own chunks whole, from the normalisation
 // to the output (and back, in backward), with single-threaded products, so the threads meet once per
 // call: the weight gradients accumulate in each thread's own tensors, added in thread order at the
-// end (the same sums on the same number of threads). The operations are ATen's (MKL's products, the
-// GELU passes of activations.cpp through the dispatcher), as in mlp.py's chunks.
+// end (the same sums on the same number of threads). The operations are ATen's (MKL's products) and
+// the activations' passes of activations.cpp, called through the dispatcher, as in mlp.py's chunks.
 //
 // Rows are (N * H * W, C) channels-last tokens; a and b (N, C) the GroupNorm's per-sample affine map;
 // w2 has the LayerScale folded in; scale is the branch's factor (stochastic depth's, equal for all
@@ -106,31 +106,75 @@ void add_column_sums(Tensor& total, const Tensor& rows) {
   total.add_(at::sum(rows, {0}, false, total.scalar_type()));
 }
 
-// GELU's value into `value` and its backward of `grad` in place: the compiled pass for float32 and
-// bfloat16 (activations.cpp), PyTorch's operators otherwise (float64: the tests' gradchecks)
-void gelu_value_and_grad(const Tensor& h, Tensor value, Tensor grad) {
-  if (h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("mmpoolformer::gelu_value_and_grad", "")
-                         .typed<void(const Tensor&, const Tensor&, const Tensor&)>();
-    op.call(h, value, grad);
-    return;
+// The activation: GELU, or StarReLU (scale * relu(h)^2 + bias) where its scale and bias are given.
+// The compiled passes of activations.cpp for float32 and bfloat16, PyTorch's operators otherwise
+// (float64: the tests' gradchecks).
+struct Activation {
+  std::optional<Tensor> scale, bias;
+
+  static bool compiled(const Tensor& h) {
+    return h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16;
   }
-  at::gelu_out(value, h);
-  at::gelu_backward_out(grad, grad, h);
-}
+
+  void forward(const Tensor& h, Tensor& out) const {
+    if (!scale.has_value()) {
+      at::gelu_out(out, h);
+    } else if (compiled(h)) {
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("mmpoolformer::star_relu", "")
+                           .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+      op.call(h, out, *scale, *bias);
+    } else {
+      at::mul_out(out, at::relu(h).square(), *scale).add_(*bias);
+    }
+  }
+
+  // the value into `value` and the backward of `grad` in place; StarReLU's adds the gradients of
+  // its scale and bias to sums[0] and sums[1]
+  void value_and_grad(const Tensor& h, Tensor& value, Tensor& grad, double* sums) const {
+    if (!scale.has_value()) {
+      if (compiled(h)) {
+        static auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mmpoolformer::gelu_value_and_grad", "")
+                             .typed<void(const Tensor&, const Tensor&, const Tensor&)>();
+        op.call(h, value, grad);
+      } else {
+        at::gelu_out(value, h);
+        at::gelu_backward_out(grad, grad, h);
+      }
+      return;
+    }
+    if (compiled(h)) {
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("mmpoolformer::star_relu_backward", "")
+                           .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                         const Tensor&, const Tensor&)>();
+      const Tensor parts = op.call(h, grad, value, *scale, *bias);
+      sums[0] += parts[0].item<double>();
+      sums[1] += parts[1].item<double>();
+      return;
+    }
+    const Tensor relu = at::relu(h);
+    sums[0] += (grad * relu.square()).sum().item<double>();
+    sums[1] += grad.sum().item<double>();
+    at::mul_out(value, relu.square(), *scale).add_(*bias);
+    grad.mul_(relu * *scale * 2);
+  }
+};
 
 // out = res_scale * x + scale * fc2(gelu(fc1(a * x + b))); fc1's output into `hidden` where given
 // (kept for backward)
-void mlp_gelu_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& w1,
-                      const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& b2,
-                      const std::optional<Tensor>& res_scale, double scale, int64_t per_sample,
-                      int64_t rows, const Tensor& out, const std::optional<Tensor>& hidden) {
+void mlp_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& w1,
+                 const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& b2,
+                 const std::optional<Tensor>& res_scale, const std::optional<Tensor>& act_scale,
+                 const std::optional<Tensor>& act_bias, double scale, int64_t per_sample, int64_t rows,
+                 const Tensor& out, const std::optional<Tensor>& hidden) {
+  const Activation activation{act_scale, act_bias};
   const int64_t channels = x.size(1), hidden_size = w1.size(0);
   const bool low = w1.scalar_type() != x.scalar_type();  // (bfloat16 products)
-  check_rows(x, x, channels, x.scalar_type(), "mlp_gelu_forward");
-  check_rows(out, x, channels, x.scalar_type(), "mlp_gelu_forward");
-  if (hidden.has_value()) check_rows(*hidden, x, hidden_size, w1.scalar_type(), "mlp_gelu_forward");
+  check_rows(x, x, channels, x.scalar_type(), "mlp_forward");
+  check_rows(out, x, channels, x.scalar_type(), "mlp_forward");
+  if (hidden.has_value()) check_rows(*hidden, x, hidden_size, w1.scalar_type(), "mlp_forward");
   const Chunks chunks(x.size(0), rows);
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
     // (the other threads do not inherit the caller's thread-local state: autograd stays out here)
@@ -143,7 +187,7 @@ void mlp_gelu_forward(const Tensor& x, const Tensor& a, const Tensor& b, const T
       Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
       product_out(h, normed, w1.t(), b1);
       Tensor act = buf.act.narrow(0, 0, k);
-      at::gelu_out(act, h);
+      activation.forward(h, act);
       Tensor xc = x.narrow(0, first, k), oc = out.narrow(0, first, k);
       if (res_scale.has_value()) {
         at::mul_out(oc, xc, *res_scale);
@@ -164,21 +208,25 @@ void mlp_gelu_forward(const Tensor& x, const Tensor& a, const Tensor& b, const T
 
 // The branch's backward up to the normalised rows: their gradient into `grad_normed`, and the
 // gradients of fc1's and fc2's weights and biases added into the given tensors (None: not needed).
-void mlp_gelu_backward(const Tensor& grad, const Tensor& x, const Tensor& a, const Tensor& b,
-                       const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
-                       const std::optional<Tensor>& hidden, double scale, int64_t per_sample,
-                       int64_t rows, const Tensor& grad_normed, const std::optional<Tensor>& grad_w1,
-                       const std::optional<Tensor>& grad_b1, const std::optional<Tensor>& grad_w2,
-                       const std::optional<Tensor>& grad_b2) {
+void mlp_backward(const Tensor& grad, const Tensor& x, const Tensor& a, const Tensor& b,
+                  const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
+                  const std::optional<Tensor>& hidden, const std::optional<Tensor>& act_scale,
+                  const std::optional<Tensor>& act_bias, double scale, int64_t per_sample, int64_t rows,
+                  const Tensor& grad_normed, const std::optional<Tensor>& grad_w1,
+                  const std::optional<Tensor>& grad_b1, const std::optional<Tensor>& grad_w2,
+                  const std::optional<Tensor>& grad_b2, const std::optional<Tensor>& grad_act_scale,
+                  const std::optional<Tensor>& grad_act_bias) {
+  const Activation activation{act_scale, act_bias};
   const int64_t channels = x.size(1), hidden_size = w1.size(0);
   const bool low = w1.scalar_type() != x.scalar_type();  // (bfloat16 products)
-  check_rows(grad, x, channels, x.scalar_type(), "mlp_gelu_backward");
-  check_rows(grad_normed, x, channels, x.scalar_type(), "mlp_gelu_backward");
-  if (hidden.has_value()) check_rows(*hidden, x, hidden_size, w1.scalar_type(), "mlp_gelu_backward");
+  check_rows(grad, x, channels, x.scalar_type(), "mlp_backward");
+  check_rows(grad_normed, x, channels, x.scalar_type(), "mlp_backward");
+  if (hidden.has_value()) check_rows(*hidden, x, hidden_size, w1.scalar_type(), "mlp_backward");
   const Chunks chunks(x.size(0), rows);
   const int64_t threads = at::get_num_threads();
   // each thread's own gradients, added in thread order afterwards
   std::vector<std::vector<Tensor>> parts(threads);
+  std::vector<double> act_sums(2 * threads, 0.);  // StarReLU's scale and bias, per thread
   const std::vector<std::optional<Tensor>> totals = {grad_w1, grad_b1, grad_w2, grad_b2};
   const Tensor w2_t = w2.t(), w1_t = w1.t();
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
@@ -204,7 +252,7 @@ void mlp_gelu_backward(const Tensor& grad, const Tensor& x, const Tensor& a, con
       if (gb2.defined()) add_column_sums(gb2, gc);
       Tensor gh = buf.grad_hidden.narrow(0, 0, k), value = buf.act.narrow(0, 0, k);
       at::mm_out(gh, gc, w2);
-      gelu_value_and_grad(h, value, gh);
+      activation.value_and_grad(h, value, gh, act_sums.data() + 2 * at::get_thread_num());
       if (gw2.defined()) accumulate(gw2, gc.t(), value);
       if (gw1.defined()) accumulate(gw1, gh.t(), normed);
       if (gb1.defined()) add_column_sums(gb1, gh);
@@ -222,17 +270,25 @@ void mlp_gelu_backward(const Tensor& grad, const Tensor& x, const Tensor& a, con
     for (const auto& mine : parts)
       if (!mine.empty()) totals[i]->add_(mine[i]);
   }
+  const std::optional<Tensor> act_grads[] = {grad_act_scale, grad_act_bias};
+  for (int64_t i = 0; i < 2; ++i) {
+    if (!act_grads[i].has_value()) continue;
+    double total = 0.;
+    for (int64_t t = 0; t < threads; ++t) total += act_sums[2 * t + i];
+    act_grads[i]->add_(total);
+  }
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmpoolformer, m) {
-  m.def("mlp_gelu_forward(Tensor x, Tensor a, Tensor b, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
-        "Tensor? res_scale, float scale, int per_sample, int rows, Tensor(a!) out, "
-        "Tensor(b!)? hidden) -> ()");
-  m.def("mlp_gelu_backward(Tensor grad, Tensor x, Tensor a, Tensor b, Tensor w1, Tensor? b1, "
-        "Tensor w2, Tensor? hidden, float scale, int per_sample, int rows, Tensor(a!) grad_normed, "
-        "Tensor(b!)? grad_w1, Tensor(c!)? grad_b1, Tensor(d!)? grad_w2, Tensor(e!)? grad_b2) -> ()");
-  m.impl("mlp_gelu_forward", c10::DispatchKey::CPU, TORCH_FN(mlp_gelu_forward));
-  m.impl("mlp_gelu_backward", c10::DispatchKey::CPU, TORCH_FN(mlp_gelu_backward));
+  m.def("mlp_forward(Tensor x, Tensor a, Tensor b, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+        "Tensor? res_scale, Tensor? act_scale, Tensor? act_bias, float scale, int per_sample, int rows, "
+        "Tensor(a!) out, Tensor(b!)? hidden) -> ()");
+  m.def("mlp_backward(Tensor grad, Tensor x, Tensor a, Tensor b, Tensor w1, Tensor? b1, Tensor w2, "
+        "Tensor? hidden, Tensor? act_scale, Tensor? act_bias, float scale, int per_sample, int rows, "
+        "Tensor(a!) grad_normed, Tensor(b!)? grad_w1, Tensor(c!)? grad_b1, Tensor(d!)? grad_w2, "
+        "Tensor(e!)? grad_b2, Tensor(f!)? grad_act_scale, Tensor(g!)? grad_act_bias) -> ()");
+  m.impl("mlp_forward", c10::DispatchKey::CPU, TORCH_FN(mlp_forward));
+  m.impl("mlp_backward", c10::DispatchKey::CPU, TORCH_FN(mlp_backward));
 }
