@@ -37,7 +37,8 @@ class _NormPoolResidual(torch.autograd.Function):
     Backward needs no pooled map: it goes through the pooling's adjoint once. ``shift`` is the
     norm's bias, which the identity above cancels: its gradient is exactly zero (the reference
     formulation computes a rounding-level value) and is returned as such, so that optimisers and DDP
-    see the parameter as used.
+    see the parameter as used. ``compiled`` holds the three passes compiled (the CPU's ``native.ops()``
+    or ``triton_ops.OPS``), or is None: PyTorch's operators.
     """
 
     @staticmethod
