@@ -20,8 +20,8 @@ fill the device; what remains of the kernel there is what it keeps for backward.
 (for fc2's weight gradient) and derivative come from one compiled pass where there is one for it
 (GELU and StarReLU on CPUs, ``native.py``), else from its forward and backward operators.
 
-On a CPU with several threads one more plan (:data:`THREADS`) runs the whole chunk loop compiled,
-for GroupNorm blocks with GELU or StarReLU (PoolFormer's, PoolFormerV2's; ``csrc/mlp.cpp``): each
+On a CPU with several threads one more plan (:data:`THREADS`) runs the whole chunk loop compiled
+(``csrc/mlp.cpp``; GroupNorm or channel LayerNorm, GELU or StarReLU, not the first half): each
 thread takes whole chunks of about one core's L2 cache, with single-threaded products, where the loop
 here splits every operation of every chunk between the threads (which then wait for each other, and
 for Python, at every operation). On the Zen 4 machine, a block's MLP forward and backward at S12's
@@ -57,8 +57,8 @@ CHUNK_BYTES = 1 << 22  # hidden activations per chunk: stays in cache with room 
 RECOMPUTE_HIDDEN_UP_TO = 96
 # what the compiled activations take: fp32 chunks, and bf16 ones where the products run in bf16
 COMPILED_DTYPES = (torch.float32, torch.bfloat16)
-# The plan whose chunks the threads share out, each taking its chunks whole (csrc/mlp.cpp), for
-# GroupNorm blocks with GELU or StarReLU on CPUs: hidden activations per chunk, about one core's L2.
+# The plan whose chunks the threads share out, each taking its chunks whole (csrc/mlp.cpp), on CPUs:
+# hidden activations per chunk, about one core's L2 cache.
 THREADS = 'threads'
 THREAD_CHUNK_BYTES = 1 << 20
 
@@ -284,7 +284,8 @@ class _NormMlpResidual(torch.autograd.Function):
             if plan.backend == THREADS:  # the whole chunk loop compiled, chunks shared by the threads
                 kept_h = None if kept_h is None else [rows_x.new_empty(len(rows_x), w1.shape[0],
                                                                        dtype=dtype)]
-                native.ops().mlp_forward(rows_x, *coefficients, w1, b1, w2, b2, res_scale,
+                native.ops().mlp_forward(rows_x, *coefficients, norm.per_row, norm.eps, w1, b1, w2, b2,
+                                         res_scale,
                                          *(act_params or (None, None)), scales[0], tx.shape[1],
                                          _thread_rows(w1.shape[0], dtype), rows_out, kept_h and kept_h[0])
             else:
@@ -362,10 +363,11 @@ class _NormMlpResidual(torch.autograd.Function):
 
             if plan.backend == THREADS:  # the whole chunk loop compiled (forward's)
                 rows_gr = rows_gr if into_norm else torch.empty_like(rows_x)
-                native.ops().mlp_backward(rows_g, rows_x, *coefficients, w1, b1, w2,
-                                          kept_h[0] if kept_h else None, *(act_params or (None, None)),
-                                          scales[0], tx.shape[1], _thread_rows(hidden, dtype), rows_gr,
-                                          gw1, gb1, gw2, gb2, *(grad_act or (None, None)))
+                native.ops().mlp_backward(rows_g, rows_x, *coefficients, norm.per_row, norm.eps, w1, b1,
+                                          w2, kept_h[0] if kept_h else None,
+                                          *(act_params or (None, None)), scales[0], tx.shape[1],
+                                          _thread_rows(hidden, dtype), rows_gr, gw1, gb1, gw2, gb2,
+                                          *(grad_act or (None, None)), grad_norm_weight, grad_norm_bias)
             else:
                 for index, (start, end, samples, scale) in enumerate(
                         _chunks(tx, bufs.rows, scales, dropped)):
@@ -495,11 +497,11 @@ def _thread_rows(hidden: int, dtype: torch.dtype) -> int:
 
 def _threads_plan(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> List[Plan]:
     """The :data:`THREADS` plans where the compiled chunk loop computes this branch: on a CPU with the
-    compiled kernels and several threads, a GroupNorm, the exact GELU or StarReLU, an fp32 or fp64
-    map; products in its dtype, and under bf16 autocast in bf16 where the CPU multiplies it
-    natively."""
+    compiled kernels and several threads, a GroupNorm or channel LayerNorm, the exact GELU or
+    StarReLU, an fp32 or fp64 map; products in its dtype, and under bf16 autocast in bf16 where the
+    CPU multiplies it natively."""
     from ..models.layers import StarReLU  # (the architecture's; the models import the kernels)
-    if not (x.device.type == 'cpu' and torch.get_num_threads() > 1 and isinstance(norm, nn.GroupNorm)
+    if not (x.device.type == 'cpu' and torch.get_num_threads() > 1 and norm_rows(norm) is not None
             and (type(act) is StarReLU or type(act) is nn.GELU and act.approximate == 'none')
             and x.dtype in (torch.float32, torch.float64) and native.ops() is not None):
         return []

@@ -15,8 +15,9 @@ threads): S12's stage-0 branch, forward and backward, 7.0 against 12.0 ms.
 GroupNorm's statistics (``csrc/group_norm.cpp``) where each group is one block of memory: two passes
 that only read (PyTorch's operators: four, two of them writing).
 
-The MLP kernel's chunk loop for GroupNorm blocks with GELU or StarReLU (``csrc/mlp.cpp``), its chunks
-shared out among the threads, each computing its own from the normalisation to the output and back.
+The MLP kernel's chunk loop (``csrc/mlp.cpp``: GroupNorm or channel LayerNorm, GELU or StarReLU), its
+chunks shared out among the threads, each computing its own from the normalisation to the output and
+back.
 
 The kernels are built on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about
 15 s on two cores), for the instruction set PyTorch's own CPU kernels use here (AVX2 or AVX-512), into
@@ -216,7 +217,7 @@ def _check_mlp(namespace) -> Optional[str]:
     hd = (ad[sample] * xd + bd[sample]) @ w1d.t() + b1d
     reference = res.double() * xd + 0.5 * (torch.nn.functional.gelu(hd) @ w2d.t() + b2d)
     out, hidden_map = torch.empty_like(x), torch.empty(len(x), hidden)
-    namespace.mlp_forward(x, a, b, w1, b1, w2, b2, res, None, None, 0.5, per_sample, 7, out,
+    namespace.mlp_forward(x, a, b, False, 0., w1, b1, w2, b2, res, None, None, 0.5, per_sample, 7, out,
                           hidden_map)
     if not (torch.allclose(out.double(), reference, rtol=1e-5, atol=1e-5)
             and torch.allclose(hidden_map.double(), hd, rtol=1e-5, atol=1e-5)):
@@ -228,8 +229,8 @@ def _check_mlp(namespace) -> Optional[str]:
      ).backward(grad.double())
     grad_normed = torch.empty_like(x)
     weights = [torch.zeros_like(t) for t in (w1, b1, w2, b2)]
-    namespace.mlp_backward(grad, x, a, b, w1, b1, w2, None, None, None, 0.5, per_sample, 7,
-                           grad_normed, *weights, None, None)
+    namespace.mlp_backward(grad, x, a, b, False, 0., w1, b1, w2, None, None, None, 0.5, per_sample, 7,
+                           grad_normed, *weights, None, None, None, None)
     expected = [normed.grad, w1d.grad, b1d.grad, w2d.grad, b2d.grad]
     if not all(torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
                for got, want in zip([grad_normed] + weights, expected)):

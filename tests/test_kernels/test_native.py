@@ -261,9 +261,10 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def threads_branch(c=12, res_scale=False, dtype=torch.float32, act=None):
+def threads_branch(c=12, res_scale=False, dtype=torch.float32, act=None, layer_norm=False):
     torch.manual_seed(0)
-    norm, fc1, fc2 = nn.GroupNorm(1, c), nn.Conv2d(c, 4 * c, 1), nn.Conv2d(4 * c, c, 1)
+    norm = LayerNorm2d(c, eps=1e-6) if layer_norm else nn.GroupNorm(1, c)
+    fc1, fc2 = nn.Conv2d(c, 4 * c, 1), nn.Conv2d(4 * c, c, 1)
     nn.init.uniform_(norm.weight, 0.5, 1.5)
     nn.init.normal_(norm.bias)
     layer_scale = nn.Parameter(torch.rand(c) + 0.5)
@@ -287,17 +288,18 @@ def threads_step(x, modules, backend, factors=None, dtype=None):
     return [y, *grads], [name for name, _ in log.ops]
 
 
+@pytest.mark.parametrize('layer_norm', [False, True], ids=['group_norm', 'layer_norm'])
 @pytest.mark.parametrize('act', [nn.GELU(), StarReLU(0.8, -0.1)], ids=COMPILED.keys())
 @pytest.mark.parametrize('recompute_up_to', [1000, 0], ids=['hidden_recomputed', 'hidden_kept'])
 @pytest.mark.parametrize('res_scale', [False, True], ids=['', 'res_scale'])
 def test_the_threads_plan_gives_the_blas_plans_numbers(compiled, res_scale, recompute_up_to, act,
-                                                       two_threads, monkeypatch):
+                                                       layer_norm, two_threads, monkeypatch):
     """The chunk loop compiled, its chunks shared by the threads (chunks of 7 rows, several across two
     samples; a factor on the branch, ResScale on the residual): the same output and gradients as the
     kernel's loop in Python, to fp32 rounding."""
     monkeypatch.setattr(mlp_kernel, 'THREAD_CHUNK_BYTES', 7 * 48 * 4)
     monkeypatch.setattr(mlp_kernel, 'RECOMPUTE_HIDDEN_UP_TO', recompute_up_to)
-    modules = threads_branch(res_scale=res_scale, act=copy.deepcopy(act))
+    modules = threads_branch(res_scale=res_scale, act=copy.deepcopy(act), layer_norm=layer_norm)
     x = (torch.randn(2, 12, 5, 9) * 2 + 1).contiguous(memory_format=torch.channels_last)
     factors = torch.full((2, 1, 1, 1), 0.8)
     ours, names = threads_step(x, modules, 'threads', factors)
@@ -309,12 +311,13 @@ def test_the_threads_plan_gives_the_blas_plans_numbers(compiled, res_scale, reco
         assert max_rel_err(a, b) <= 1e-6
 
 
-def test_the_threads_plan_under_bf16_autocast(compiled, two_threads, monkeypatch):
+@pytest.mark.parametrize('layer_norm', [False, True], ids=['group_norm', 'layer_norm'])
+def test_the_threads_plan_under_bf16_autocast(compiled, layer_norm, two_threads, monkeypatch):
     """bf16 products (the rows, residual and sums in fp32): as close to fp32 as the Python loop with
     bf16 products, in every output and gradient; the normalisation, output and input gradient are
     the Python loop's (per row, the same roundings)."""
     monkeypatch.setattr(mlp_kernel, 'THREAD_CHUNK_BYTES', 7 * 48 * 2)
-    modules = threads_branch(res_scale=True)
+    modules = threads_branch(res_scale=True, layer_norm=layer_norm)
     x = (torch.randn(2, 12, 5, 9) * 2 + 1).contiguous(memory_format=torch.channels_last)
     factors = torch.full((2, 1, 1, 1), 0.8)
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -329,13 +332,14 @@ def test_the_threads_plan_under_bf16_autocast(compiled, two_threads, monkeypatch
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize('layer_norm', [False, True], ids=['group_norm', 'layer_norm'])
 @pytest.mark.parametrize('act', [nn.GELU(), StarReLU(0.8, -0.1)], ids=COMPILED.keys())
-def test_the_threads_plan_gradients_are_exact(compiled, act, two_threads, monkeypatch):
+def test_the_threads_plan_gradients_are_exact(compiled, act, layer_norm, two_threads, monkeypatch):
     """float64 ``gradcheck`` of the branch with its compiled chunk loop, every parameter included
     (StarReLU's scale and bias too)."""
     monkeypatch.setattr(mlp_kernel, 'THREAD_CHUNK_BYTES', 5 * 24 * 8)
     norm, fc1, act, fc2, layer_scale, res = threads_branch(c=6, res_scale=True, dtype=torch.float64,
-                                                           act=copy.deepcopy(act))
+                                                           act=copy.deepcopy(act), layer_norm=layer_norm)
     # the parameters, which the tensors gradcheck differentiates take the place of
     slots = [(m, name) for m in (norm, fc1, fc2, act) for name, _ in m.named_parameters()]
     params = [getattr(m, name).detach().clone() for m, name in slots]
@@ -372,7 +376,8 @@ def test_the_threads_plan_leaves_unequal_factors_to_the_python_loop(compiled, tw
 
 
 def test_the_threads_plan_is_offered_where_it_computes(compiled, monkeypatch):
-    """On several threads, for GroupNorm with the exact GELU in fp32 or fp64, outside autocast."""
+    """On several threads, for GroupNorm or channel LayerNorm with the exact GELU or StarReLU, fp32 or
+    fp64 maps."""
     modules = threads_branch()
     x = torch.randn(2, 12, 5, 9)
     offered = lambda x, norm=modules[0], act=modules[2]: mlp_kernel._threads_plan(x, norm, act)  # noqa
@@ -382,7 +387,8 @@ def test_the_threads_plan_is_offered_where_it_computes(compiled, monkeypatch):
         assert offered(x) == [kernels.Plan(backend='threads', dtype=torch.float32)]
         assert offered(x.double()) == [kernels.Plan(backend='threads', dtype=torch.float64)]
         assert offered(x, act=nn.GELU(approximate='tanh')) == []
-        assert offered(x, norm=LayerNorm2d(12)) == []
+        assert offered(x, norm=LayerNorm2d(12)) == offered(x, act=StarReLU()) == offered(x)
+        assert offered(x, norm=nn.BatchNorm2d(12)) == []
         with torch.autocast('cpu', dtype=torch.bfloat16):  # (bf16 products where native)
             low = [torch.bfloat16] if kernels.dispatch.native_low_precision(x.device, torch.bfloat16) else []
             assert offered(x) == [kernels.Plan(backend='threads', dtype=d) for d in low + [torch.float32]]
@@ -574,7 +580,7 @@ class _Off:
                 return result[0], result[1] * 1.0001
             out = args[{'gelu_value_and_grad': 1, 'star_relu': 1, 'star_relu_backward': 1,
                         'pool_mix': 3, 'pool_mix_adjoint': 2, 'pool_mix_input_grad': 0,
-                        'mlp_forward': 13, 'mlp_backward': 13}[name]]
+                        'mlp_forward': 15, 'mlp_backward': 15}[name]]
             out[(0, ) * out.dim()] += 1e-3
             return result
         return wrong

@@ -1,5 +1,6 @@
-// The MLP kernel's chunk loop (mlp.py) with the chunks shared out among the threads, for GroupNorm
-// blocks with GELU (PoolFormer's) or StarReLU (PoolFormerV2's), built for the CPU at hand by native.py.
+// The MLP kernel's chunk loop (mlp.py) with the chunks shared out among the threads, for blocks with
+// GroupNorm or channel LayerNorm and GELU or StarReLU (PoolFormer's, the MetaFormer Baselines'), built
+// for the CPU at hand by native.py.
 //
 // mlp.py runs its chunks one after another and each operation of a chunk on every thread: a product,
 // the activation, a bias sum, each with its own start and end of the threads, and Python between them.
@@ -11,7 +12,7 @@
 // end (the same sums on the same number of threads). The operations are ATen's (MKL's products) and
 // the activations' passes of activations.cpp, called through the dispatcher, as in mlp.py's chunks.
 //
-// Rows are (N * H * W, C) channels-last tokens; a and b (N, C) the GroupNorm's per-sample affine map;
+// Rows are (N * H * W, C) channels-last tokens; a and b the norm's (below);
 // w2 has the LayerScale folded in; scale is the branch's factor (stochastic depth's, equal for all
 // samples); res_scale ResScale's (C,) factor on the residual, or none. The products run in the
 // weights' dtype: the rows' (float32, float64), or bfloat16 under bf16 autocast, when the
@@ -62,17 +63,48 @@ struct Chunks {
   int64_t size(int64_t c) const { return std::min(length, total - c * length); }
 };
 
-// rows [first, first + k) normalised into `out`, each sample's part with its own a * x + b
-void normalize(const Tensor& rows, const Tensor& a, const Tensor& b, int64_t per_sample,
-               int64_t first, int64_t k, const Tensor& out) {
-  for (int64_t start = first; start < first + k;) {
-    const int64_t sample = start / per_sample;
-    const int64_t end = std::min(first + k, (sample + 1) * per_sample);
-    Tensor part = out.narrow(0, start - first, end - start);
-    at::addcmul_out(part, b[sample], rows.narrow(0, start, end - start), a[sample]);
-    start = end;
+// The block's norm as the chunks apply it (mlp.py's GroupNormRows and LayerNormRows): GroupNorm's
+// per-sample affine map a * x + b, a and b of shape (N, C) (its statistics are each whole sample's,
+// computed before); or channel LayerNorm with weight a and bias b of shape (C, ) or none, over each
+// row, whose statistics each chunk computes (again in backward).
+struct Norm {
+  std::optional<Tensor> a, b;
+  bool per_row;
+  double eps;
+  int64_t per_sample;
+
+  // rows [first, first + k) of x normalised into `out`; a per-row norm's (mean, rstd) of them
+  std::tuple<Tensor, Tensor> apply(const Tensor& x, int64_t first, int64_t k, Tensor& out) const {
+    if (per_row) {
+      const Tensor rows = x.narrow(0, first, k);
+      auto [normed, mean, rstd] = at::native_layer_norm(rows, {rows.size(1)}, a, b, eps);
+      out.copy_(normed);  // (in the products' dtype: normalised in the rows', then rounded)
+      return {mean, rstd};
+    }
+    for (int64_t start = first; start < first + k;) {
+      const int64_t sample = start / per_sample;
+      const int64_t end = std::min(first + k, (sample + 1) * per_sample);
+      Tensor part = out.narrow(0, start - first, end - start);
+      at::addcmul_out(part, (*b)[sample], x.narrow(0, start, end - start), (*a)[sample]);
+      start = end;
+    }
+    return {};
   }
-}
+
+  // a per-row norm's backward over rows [first, first + k): their gradient from the normalised
+  // rows' one, into `grad_rows`; its weight's and bias's added into `grad_weight` / `grad_bias`
+  void backward_rows(const Tensor& grad_normed, const Tensor& x, int64_t first, int64_t k,
+                     const std::tuple<Tensor, Tensor>& stats, const Tensor& grad_rows,
+                     Tensor& grad_weight, Tensor& grad_bias) const {
+    const Tensor rows = x.narrow(0, first, k);
+    auto [grad_x, part_weight, part_bias] = at::native_layer_norm_backward(
+        grad_normed, rows, {rows.size(1)}, std::get<0>(stats), std::get<1>(stats), a, b,
+        {true, grad_weight.defined(), grad_bias.defined()});
+    grad_rows.narrow(0, first, k).copy_(grad_x);
+    if (grad_weight.defined()) grad_weight.add_(part_weight);
+    if (grad_bias.defined()) grad_bias.add_(part_bias);
+  }
+};
 
 void check_rows(const Tensor& t, const Tensor& rows, int64_t width, at::ScalarType dtype,
                 const char* name) {
@@ -164,12 +196,14 @@ struct Activation {
 
 // out = res_scale * x + scale * fc2(gelu(fc1(a * x + b))); fc1's output into `hidden` where given
 // (kept for backward)
-void mlp_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& w1,
+void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::optional<Tensor>& b,
+                 bool per_row, double eps, const Tensor& w1,
                  const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& b2,
                  const std::optional<Tensor>& res_scale, const std::optional<Tensor>& act_scale,
                  const std::optional<Tensor>& act_bias, double scale, int64_t per_sample, int64_t rows,
                  const Tensor& out, const std::optional<Tensor>& hidden) {
   const Activation activation{act_scale, act_bias};
+  const Norm norm{a, b, per_row, eps, per_sample};
   const int64_t channels = x.size(1), hidden_size = w1.size(0);
   const bool low = w1.scalar_type() != x.scalar_type();  // (bfloat16 products)
   check_rows(x, x, channels, x.scalar_type(), "mlp_forward");
@@ -183,7 +217,7 @@ void mlp_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tensor
     for (int64_t c = begin; c < end; ++c) {
       const int64_t first = chunks.first(c), k = chunks.size(c);
       Tensor normed = buf.normed.narrow(0, 0, k);
-      normalize(x, a, b, per_sample, first, k, normed);
+      norm.apply(x, first, k, normed);
       Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
       product_out(h, normed, w1.t(), b1);
       Tensor act = buf.act.narrow(0, 0, k);
@@ -206,28 +240,34 @@ void mlp_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tensor
   });
 }
 
-// The branch's backward up to the normalised rows: their gradient into `grad_normed`, and the
-// gradients of fc1's and fc2's weights and biases added into the given tensors (None: not needed).
-void mlp_backward(const Tensor& grad, const Tensor& x, const Tensor& a, const Tensor& b,
-                  const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
+// The branch's backward up to the normalised rows (GroupNorm, whose backward needs the whole map's:
+// their gradient into `grad_rows`) or to the rows (a per-row norm: their gradient into `grad_rows`),
+// and the gradients of fc1's and fc2's weights and biases, StarReLU's and a per-row norm's weight and
+// bias added into the given tensors (None: not needed).
+void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tensor>& a,
+                  const std::optional<Tensor>& b, bool per_row, double eps, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
                   const std::optional<Tensor>& hidden, const std::optional<Tensor>& act_scale,
                   const std::optional<Tensor>& act_bias, double scale, int64_t per_sample, int64_t rows,
-                  const Tensor& grad_normed, const std::optional<Tensor>& grad_w1,
+                  const Tensor& grad_rows, const std::optional<Tensor>& grad_w1,
                   const std::optional<Tensor>& grad_b1, const std::optional<Tensor>& grad_w2,
                   const std::optional<Tensor>& grad_b2, const std::optional<Tensor>& grad_act_scale,
-                  const std::optional<Tensor>& grad_act_bias) {
+                  const std::optional<Tensor>& grad_act_bias,
+                  const std::optional<Tensor>& grad_norm_weight,
+                  const std::optional<Tensor>& grad_norm_bias) {
   const Activation activation{act_scale, act_bias};
+  const Norm norm{a, b, per_row, eps, per_sample};
   const int64_t channels = x.size(1), hidden_size = w1.size(0);
   const bool low = w1.scalar_type() != x.scalar_type();  // (bfloat16 products)
   check_rows(grad, x, channels, x.scalar_type(), "mlp_backward");
-  check_rows(grad_normed, x, channels, x.scalar_type(), "mlp_backward");
+  check_rows(grad_rows, x, channels, x.scalar_type(), "mlp_backward");
   if (hidden.has_value()) check_rows(*hidden, x, hidden_size, w1.scalar_type(), "mlp_backward");
   const Chunks chunks(x.size(0), rows);
   const int64_t threads = at::get_num_threads();
   // each thread's own gradients, added in thread order afterwards
   std::vector<std::vector<Tensor>> parts(threads);
   std::vector<double> act_sums(2 * threads, 0.);  // StarReLU's scale and bias, per thread
-  const std::vector<std::optional<Tensor>> totals = {grad_w1, grad_b1, grad_w2, grad_b2};
+  const std::vector<std::optional<Tensor>> totals = {grad_w1, grad_b1, grad_w2, grad_b2,
+                                                     grad_norm_weight, grad_norm_bias};
   const Tensor w2_t = w2.t(), w1_t = w1.t();
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
     // (the other threads do not inherit the caller's thread-local state: autograd stays out here)
@@ -237,6 +277,8 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const Tensor& a, const Te
     if (mine.empty())
       for (const auto& total : totals) mine.push_back(total.has_value() ? at::zeros_like(*total) : Tensor());
     Tensor &gw1 = mine[0], &gb1 = mine[1], &gw2 = mine[2], &gb2 = mine[3];
+    Tensor &grad_weight = mine[4], &grad_bias = mine[5];
+    const Tensor rows_buffer = per_row ? at::empty({chunks.length, channels}, x.options()) : Tensor();
     for (int64_t c = begin; c < end; ++c) {
       const int64_t first = chunks.first(c), k = chunks.size(c);
       Tensor gc = grad.narrow(0, first, k);
@@ -246,7 +288,7 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const Tensor& a, const Te
                          : scaled.copy_(gc);
       }
       Tensor normed = buf.normed.narrow(0, 0, k);
-      normalize(x, a, b, per_sample, first, k, normed);
+      const auto stats = norm.apply(x, first, k, normed);
       Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
       if (!hidden.has_value()) product_out(h, normed, w1_t, b1);
       if (gb2.defined()) add_column_sums(gb2, gc);
@@ -256,13 +298,15 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const Tensor& a, const Te
       if (gw2.defined()) accumulate(gw2, gc.t(), value);
       if (gw1.defined()) accumulate(gw1, gh.t(), normed);
       if (gb1.defined()) add_column_sums(gb1, gh);
-      Tensor gn = grad_normed.narrow(0, first, k);
+      // the normalised rows' gradient, in the rows' precision: GroupNorm's into `grad_rows`
+      Tensor gn = per_row ? rows_buffer.narrow(0, 0, k) : grad_rows.narrow(0, first, k);
       if (low) {
         Tensor part = buf.channels_low.narrow(0, 0, k);
         gn.copy_(at::mm_out(part, gh, w1));
       } else {
         at::mm_out(gn, gh, w1);
       }
+      if (per_row) norm.backward_rows(gn, x, first, k, stats, grad_rows, grad_weight, grad_bias);
     }
   });
   for (size_t i = 0; i < totals.size(); ++i) {
@@ -282,13 +326,14 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const Tensor& a, const Te
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmpoolformer, m) {
-  m.def("mlp_forward(Tensor x, Tensor a, Tensor b, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
-        "Tensor? res_scale, Tensor? act_scale, Tensor? act_bias, float scale, int per_sample, int rows, "
-        "Tensor(a!) out, Tensor(b!)? hidden) -> ()");
-  m.def("mlp_backward(Tensor grad, Tensor x, Tensor a, Tensor b, Tensor w1, Tensor? b1, Tensor w2, "
-        "Tensor? hidden, Tensor? act_scale, Tensor? act_bias, float scale, int per_sample, int rows, "
-        "Tensor(a!) grad_normed, Tensor(b!)? grad_w1, Tensor(c!)? grad_b1, Tensor(d!)? grad_w2, "
-        "Tensor(e!)? grad_b2, Tensor(f!)? grad_act_scale, Tensor(g!)? grad_act_bias) -> ()");
+  m.def("mlp_forward(Tensor x, Tensor? a, Tensor? b, bool per_row, float eps, Tensor w1, Tensor? b1, "
+        "Tensor w2, Tensor? b2, Tensor? res_scale, Tensor? act_scale, Tensor? act_bias, float scale, "
+        "int per_sample, int rows, Tensor(a!) out, Tensor(b!)? hidden) -> ()");
+  m.def("mlp_backward(Tensor grad, Tensor x, Tensor? a, Tensor? b, bool per_row, float eps, Tensor w1, "
+        "Tensor? b1, Tensor w2, Tensor? hidden, Tensor? act_scale, Tensor? act_bias, float scale, "
+        "int per_sample, int rows, Tensor(a!) grad_rows, Tensor(b!)? grad_w1, Tensor(c!)? grad_b1, "
+        "Tensor(d!)? grad_w2, Tensor(e!)? grad_b2, Tensor(f!)? grad_act_scale, "
+        "Tensor(g!)? grad_act_bias, Tensor(h!)? grad_norm_weight, Tensor(i!)? grad_norm_bias) -> ()");
   m.impl("mlp_forward", c10::DispatchKey::CPU, TORCH_FN(mlp_forward));
   m.impl("mlp_backward", c10::DispatchKey::CPU, TORCH_FN(mlp_backward));
 }
