@@ -12,9 +12,9 @@
 // end (the same sums on the same number of threads). The operations are ATen's (MKL's products) and
 // the activations' passes of activations.cpp, called through the dispatcher, as in mlp.py's chunks.
 //
-// Rows are (N * H * W, C) channels-last tokens; a and b the norm's (below);
-// w2 has the LayerScale folded in; scale is the branch's factor (stochastic depth's, equal for all
-// samples); res_scale ResScale's (C,) factor on the residual, or none. The products run in the
+// Rows are (N * H * W, C) channels-last tokens; a and b the norm's (below); w2 has the LayerScale
+// folded in; scale is the branch's factor (stochastic depth's, equal for all samples); res_scale
+// ResScale's (C,) factor on the residual, or none. The products run in the
 // weights' dtype: the rows' (float32, float64), or bfloat16 under bf16 autocast, when the
 // normalised rows, the hidden map and the gradients the products take are bfloat16 and the sums
 // they feed (the output, the weights' gradients) stay in the rows' precision, as in mlp.py.
@@ -194,8 +194,8 @@ struct Activation {
   }
 };
 
-// out = res_scale * x + scale * fc2(gelu(fc1(a * x + b))); fc1's output into `hidden` where given
-// (kept for backward)
+// out = res_scale * x + scale * fc2(act(fc1(norm(x)))); fc1's output into `hidden` where given (kept
+// for backward)
 void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::optional<Tensor>& b,
                  bool per_row, double eps, const Tensor& w1,
                  const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& b2,
@@ -245,10 +245,10 @@ void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::opt
 // and the gradients of fc1's and fc2's weights and biases, StarReLU's and a per-row norm's weight and
 // bias added into the given tensors (None: not needed).
 void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tensor>& a,
-                  const std::optional<Tensor>& b, bool per_row, double eps, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
-                  const std::optional<Tensor>& hidden, const std::optional<Tensor>& act_scale,
-                  const std::optional<Tensor>& act_bias, double scale, int64_t per_sample, int64_t rows,
-                  const Tensor& grad_rows, const std::optional<Tensor>& grad_w1,
+                  const std::optional<Tensor>& b, bool per_row, double eps, const Tensor& w1,
+                  const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& hidden,
+                  const std::optional<Tensor>& act_scale, const std::optional<Tensor>& act_bias,
+                  double scale, int64_t per_sample, int64_t rows, const Tensor& grad_rows, const std::optional<Tensor>& grad_w1,
                   const std::optional<Tensor>& grad_b1, const std::optional<Tensor>& grad_w2,
                   const std::optional<Tensor>& grad_b2, const std::optional<Tensor>& grad_act_scale,
                   const std::optional<Tensor>& grad_act_bias,
@@ -268,14 +268,15 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
   std::vector<double> act_sums(2 * threads, 0.);  // StarReLU's scale and bias, per thread
   const std::vector<std::optional<Tensor>> totals = {grad_w1, grad_b1, grad_w2, grad_b2,
                                                      grad_norm_weight, grad_norm_bias};
-  const Tensor w2_t = w2.t(), w1_t = w1.t();
+  const Tensor w1_t = w1.t();
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
     // (the other threads do not inherit the caller's thread-local state: autograd stays out here)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Buffers buf(chunks.length, channels, hidden_size, w1.options(), true);
     std::vector<Tensor>& mine = parts[at::get_thread_num()];
     if (mine.empty())
-      for (const auto& total : totals) mine.push_back(total.has_value() ? at::zeros_like(*total) : Tensor());
+      for (const auto& total : totals)
+        mine.push_back(total.has_value() ? at::zeros_like(*total) : Tensor());
     Tensor &gw1 = mine[0], &gb1 = mine[1], &gw2 = mine[2], &gb2 = mine[3];
     Tensor &grad_weight = mine[4], &grad_bias = mine[5];
     const Tensor rows_buffer = per_row ? at::empty({chunks.length, channels}, x.options()) : Tensor();
