@@ -249,8 +249,9 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
                   const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& hidden,
                   const std::optional<Tensor>& act_scale, const std::optional<Tensor>& act_bias,
                   double scale, int64_t per_sample, int64_t rows, const Tensor& grad_rows,
-                  const std::optional<Tensor>& grad_w1, const std::optional<Tensor>& grad_b1, const std::optional<Tensor>& grad_w2,
-                  const std::optional<Tensor>& grad_b2, const std::optional<Tensor>& grad_act_scale,
+                  const std::optional<Tensor>& grad_w1, const std::optional<Tensor>& grad_b1,
+                  const std::optional<Tensor>& grad_w2, const std::optional<Tensor>& grad_b2,
+                  const std::optional<Tensor>& grad_act_scale,
                   const std::optional<Tensor>& grad_act_bias,
                   const std::optional<Tensor>& grad_norm_weight,
                   const std::optional<Tensor>& grad_norm_bias) {
