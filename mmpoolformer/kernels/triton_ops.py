@@ -57,6 +57,15 @@ def _window_size(i, n, PAD: constexpr):
 
 
 @_jit
+def _tile(ptr, sample, hh, ww, c, inside, H, W, C):
+    """The ``(positions, channels)`` values at row ``hh``, columns ``ww`` of a sample's channels-last
+    map; zeros beyond the map and outside the program's tile (``inside``)."""
+    there = (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
+    return tl.load(ptr + sample + hh * W * C + ww[:, None] * C + c[None, :],
+                   mask=there[:, None] & inside, other=0.)
+
+
+@_jit
 def _pool_mix(x_ptr, out_ptr, scale_ptr, res_ptr, H, W, C, PAD: constexpr,
               HAS_RES: constexpr, BLOCK_W: constexpr, BLOCK_C: constexpr):
     nh = tl.program_id(0).to(tl.int64)
@@ -70,10 +79,7 @@ def _pool_mix(x_ptr, out_ptr, scale_ptr, res_ptr, H, W, C, PAD: constexpr,
     for i in tl.static_range(2 * PAD + 1):
         hh = h + i - PAD
         for j in tl.static_range(2 * PAD + 1):
-            ww = w + j - PAD
-            there = (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
-            total += tl.load(x_ptr + sample + hh * row + ww[:, None] * C + c[None, :],
-                             mask=there[:, None] & inside, other=0.)
+            total += _tile(x_ptr, sample, hh, w + j - PAD, c, inside, H, W, C)
     count = _window_size(h, H, PAD) * _window_size(w, W, PAD)
     pooled = total / tl.maximum(count, 1).to(tl.float32)[:, None]  # (>= 1 beyond the map)
     at = sample + h * row + w[:, None] * C + c[None, :]
@@ -107,9 +113,7 @@ def _pool_mix_adjoint(grad_ptr, x_ptr, mixed_ptr, partial_ptr, H, W, C, PAD: con
         for j in tl.static_range(2 * PAD + 1):
             ww = w + j - PAD
             cols = _window_size(ww, W, PAD)
-            there = (ww >= 0) & (ww < W) & (hh >= 0) & (hh < H)
-            g = tl.load(grad_ptr + sample + hh * row + ww[:, None] * C + c[None, :],
-                        mask=there[:, None] & inside, other=0.)
+            g = _tile(grad_ptr, sample, hh, ww, c, inside, H, W, C)
             # (positions beyond the map count no values: kept from dividing by zero)
             total += g / tl.maximum(rows * cols, 1).to(tl.float32)[:, None]
     at = sample + h * row + w[:, None] * C + c[None, :]
