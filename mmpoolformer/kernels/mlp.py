@@ -84,8 +84,10 @@ class Activation:
             if approximate == 'none':
                 self._value_and_backward = _gelu_value_and_backward
                 self._compiled_dtypes = COMPILED_DTYPES
-            self.forward = lambda h, out, params: torch.ops.aten.gelu.out(
-                h, approximate=approximate, out=out)
+                self.forward = _gelu_forward
+            else:
+                self.forward = lambda h, out, params: torch.ops.aten.gelu.out(
+                    h, approximate=approximate, out=out)
             self.backward = lambda g, h, *unused: torch.ops.aten.gelu_backward.grad_input(
                 g, h, approximate=approximate, grad_input=g)
         elif kind is nn.ReLU:
@@ -120,6 +122,15 @@ class Activation:
     def supports(module: nn.Module) -> bool:
         from ..models.layers import StarReLU
         return type(module) in (nn.GELU, nn.ReLU, nn.SiLU, StarReLU)
+
+
+def _gelu_forward(h, out, params):
+    """GELU into ``out``: the compiled pass where it takes the chunk (twice as fast as PyTorch's in
+    float32), else PyTorch's."""
+    if native.takes(h, out, dtypes=COMPILED_DTYPES):
+        native.ops().gelu(h, out)
+        return out
+    return torch.ops.aten.gelu.out(h, out=out)
 
 
 def _gelu_value_and_backward(h, out, g, params, grads):

@@ -136,14 +136,19 @@ def _check(namespace) -> Optional[str]:
     namespace.gelu_value_and_grad(h, value, ours)
     reference = torch.nn.functional.gelu(h.double())
     reference_grad = torch.ops.aten.gelu_backward(grad.double(), h.double())
+    forward = torch.empty_like(h)
+    namespace.gelu(h, forward)
     if not (torch.allclose(value.double(), reference, rtol=1e-5, atol=1e-6)
-            and torch.allclose(ours.double(), reference_grad, rtol=1e-5, atol=1e-6)):
+            and torch.allclose(ours.double(), reference_grad, rtol=1e-5, atol=1e-6)
+            and torch.allclose(forward.double(), reference, rtol=1e-5, atol=1e-6)):
         return "their GELU disagrees with PyTorch's"
     h16, grad16 = h.bfloat16(), grad.bfloat16()  # bf16: within half a unit of float64
-    value16, ours16 = torch.empty_like(h16), grad16.clone()
+    value16, ours16, forward16 = torch.empty_like(h16), grad16.clone(), torch.empty_like(h16)
     namespace.gelu_value_and_grad(h16, value16, ours16)
-    if not (torch.allclose(value16.double(), torch.nn.functional.gelu(h16.double()), rtol=2 ** -8,
-                           atol=2e-6)
+    namespace.gelu(h16, forward16)
+    reference16 = torch.nn.functional.gelu(h16.double())
+    if not (torch.allclose(value16.double(), reference16, rtol=2 ** -8, atol=2e-6)
+            and torch.allclose(forward16.double(), reference16, rtol=2 ** -8, atol=2e-6)
             and torch.allclose(ours16.double(), torch.ops.aten.gelu_backward(
                 grad16.double(), h16.double()), rtol=2 ** -8, atol=2e-6)):
         return "their bf16 GELU disagrees with PyTorch's"

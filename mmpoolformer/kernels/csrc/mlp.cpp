@@ -149,7 +149,12 @@ struct Activation {
   }
 
   void forward(const Tensor& h, Tensor& out) const {
-    if (!scale.has_value()) {
+    if (!scale.has_value() && compiled(h)) {
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("mmpoolformer::gelu", "")
+                           .typed<void(const Tensor&, const Tensor&)>();
+      op.call(h, out);
+    } else if (!scale.has_value()) {
       at::gelu_out(out, h);
     } else if (compiled(h)) {
       static auto op = c10::Dispatcher::singleton()
