@@ -22,11 +22,13 @@ import torch
 
 BACKENDS = ('blas', 'onednn')
 TRIALS = 3  # timed runs of each candidate
-# Within this fraction of the fastest, the candidate listed first (the kernel's own, which keeps the
+# Within this fraction of the fastest, the kind of plan listed first (the kernel's own, which keeps the
 # least memory for backward) wins: a trial reruns one branch at once, so it reuses the memory it just
 # freed, while in the network a plan that keeps more pays for fresh pages and evicted cache too (the
 # MLP of PoolFormer-S12's stages 2-3 timed within 3% of the plain one, and forcing the kernel there
-# made the whole training step 5% faster).
+# made the whole training step 5% faster). Plans of one kind (:func:`kind`: they differ only in who
+# multiplies) keep the same tensors and compete on time alone: at S12's stage 2 oneDNN's products
+# were 4-7% faster than the BLAS's listed before them (Zen 4), which a tie had kept.
 TIE = 0.05
 
 
@@ -98,8 +100,7 @@ def choose(key: tuple, candidates: Sequence[Plan], run: Callable[[Plan], None]) 
 
     ``run(plan)`` computes the branch once with ``plan`` on the real input, as the caller would
     (forward, or forward and backward in training); each candidate runs once to warm up, then
-    :data:`TRIALS` times, and its fastest run counts. Candidates come in order of preference: the
-    first within :data:`TIE` of the fastest is kept.
+    :data:`TRIALS` times, and its fastest run counts; :func:`preferred` keeps one.
     """
     if _forced:
         return _closest(_forced[-1], candidates)
@@ -116,10 +117,28 @@ def choose(key: tuple, candidates: Sequence[Plan], run: Callable[[Plan], None]) 
                 run(candidate)
                 _synchronize(key)
                 times[candidate] = min(times[candidate], time.perf_counter() - start)
-        fastest = min(times.values())
-        plan = _chosen[key] = next(c for c in candidates if times[c] <= fastest * (1 + TIE))
         _timings[key] = {str(p): t for p, t in times.items()}
+        kept = preferred(_timings[key])
+        plan = _chosen[key] = next(c for c in candidates if str(c) == kept)
     return plan
+
+
+def kind(plan: str) -> str:
+    """What a plan (by its name) keeps for backward: ``'plain'``, or the kernel's own with its
+    product dtype (``'fused'``, ``'fused/bfloat16'``); plans of one kind differ in who multiplies."""
+    parts = plan.split('/')
+    return '/'.join(parts[:1] + parts[2:])
+
+
+def preferred(times: Dict[str, float]) -> str:
+    """The plan kept from its candidates' times (``{plan name: seconds}``, in order of preference):
+    the fastest of each :func:`kind`, and of those the first within :data:`TIE` of the fastest."""
+    best: Dict[str, str] = {}  # (kinds in the order they first come)
+    for plan, seconds in times.items():
+        if kind(plan) not in best or seconds < times[best[kind(plan)]]:
+            best[kind(plan)] = plan
+    fastest = min(times.values())
+    return next(plan for plan in best.values() if times[plan] <= fastest * (1 + TIE))
 
 
 def _closest(plan: Plan, candidates: Sequence[Plan]) -> Plan:

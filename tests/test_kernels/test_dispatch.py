@@ -46,6 +46,22 @@ def test_a_tie_goes_to_the_candidate_listed_first(timed_choices, monkeypatch):
         assert dispatch.choose(('k', ), [first, other], run) == kept
 
 
+def test_plans_of_one_kind_compete_on_time_alone():
+    """Backends of one kind of plan keep the same tensors: the fastest wins however little faster;
+    the tie goes to the kind listed first (the kernel's own over the plain formulation, bf16 products
+    over fp32 ones), each represented by its fastest plan."""
+    assert [dispatch.kind(p) for p in ('fused/blas/float32', 'fused/threads', 'plain')] == [
+        'fused/float32', 'fused', 'plain']
+    preferred = dispatch.preferred
+    assert preferred({'fused/blas/float32': 1.03, 'fused/onednn/float32': 1.0, 'plain': 0.99}) == \
+        'fused/onednn/float32'
+    assert preferred({'fused/blas/float32': 1.03, 'fused/onednn/float32': 1.1, 'plain': 0.99}) == \
+        'fused/blas/float32'
+    assert preferred({'fused/blas/float32': 1.2, 'fused/onednn/float32': 1.1, 'plain': 1.0}) == 'plain'
+    assert preferred({'fused/blas/bfloat16': 1.04, 'fused/onednn/bfloat16': 1.03,
+                      'fused/blas/float32': 1.0, 'plain': 1.2}) == 'fused/onednn/bfloat16'
+
+
 def test_deterministic_mode_and_forced_plans_skip_the_timing(timed_choices):
     candidates = [dispatch.Plan(), dispatch.PLAIN]
     fail = lambda plan: pytest.fail('timed')  # noqa: E731

@@ -39,11 +39,9 @@ def test_reports_every_implementation_the_floor_and_the_machine(benchmark, famil
         # busy machine a forward pass can take longer than a training step, so no order is asserted)
         assert rows[impl]['max_rel_err'] <= 1e-4 and rows[impl]['train_s'] > 0 < rows[impl]['forward_s']
     assert 0 < rows['floor']['forward_s'] < rows['floor']['train_s']  # (train: forward + backward)
-    assert result['kernel_timings']  # the plans were timed, and each kind kept the first of those
-    for key, times in result['kernel_timings'].items():  # within TIE of its fastest
-        fastest = min(times.values())
-        ties = [plan for plan, t in times.items() if t <= fastest * (1 + kernels.dispatch.TIE)]
-        assert result['kernel_plans'][key] == ties[0]
+    assert result['kernel_timings']  # the plans were timed, and each input kept the preferred one
+    for key, times in result['kernel_timings'].items():
+        assert result['kernel_plans'][key] == kernels.dispatch.preferred(times)
     assert set(result['machine']['cpu_flags']) <= {'avx2', 'avx512f', 'avx512_bf16', 'avx512_fp16',
                                                    'amx_bf16', 'amx_fp16'}
     assert {'cpu', 'cpu_family_model', 'cpu_caches', 'threads'} <= set(result['machine'])
@@ -97,9 +95,7 @@ def test_own_processes_time_each_implementation_in_a_process_of_its_own(benchmar
     plans = rows['ours']['timing_plans']
     assert result['kernel_plans'] == plans and any(' train ' in key for key in plans)
     for key, times in result['kernel_timings'].items():
-        fastest = min(times.values())
-        ties = [plan for plan, t in times.items() if t <= fastest * (1 + kernels.dispatch.TIE)]
-        assert plans[key] == ties[0]
+        assert plans[key] == kernels.dispatch.preferred(times)
 
 
 def test_a_timing_process_that_stops_is_reported_with_its_error(benchmark):
