@@ -33,6 +33,7 @@ one inference (``test_step``) of the whole model on synthetic inputs of the conf
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import platform
@@ -528,11 +529,11 @@ def bench_configs(args, device) -> list:
                 model.train()
                 if device.type == 'cuda':
                     torch.cuda.reset_peak_memory_stats(device)
-                t_train = timed(lambda: model.train_step(data, optim_wrapper), device)
+                t_train = timed(functools.partial(model.train_step, data, optim_wrapper), device)
                 if device.type == 'cuda':
                     peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
                 model.eval()
-                t_infer = timed(lambda: model.test_step(data), device)
+                t_infer = timed(functools.partial(model.test_step, data), device)
                 if i >= args.warmup:
                     train.append(t_train)
                     infer.append(t_infer)
