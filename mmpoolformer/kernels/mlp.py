@@ -18,7 +18,8 @@ map's gradient, which the chunks gather for its backward (``group_norm.group_nor
 GPU there is one chunk of every token row: no cache to stay in, and its products need many rows to
 fill the device; what remains of the kernel there is what it keeps for backward. The activation's value
 (for fc2's weight gradient) and derivative come from one compiled pass where there is one for it
-(GELU and StarReLU on CPUs, ``native.py``), else from its forward and backward operators.
+(GELU and StarReLU on CPUs, ``native.py``), else from its forward and backward operators; so does its
+forward pass.
 
 On a CPU with several threads one more plan (:data:`THREADS`) runs the whole chunk loop compiled
 (``csrc/mlp.cpp``; GroupNorm or channel LayerNorm, GELU or StarReLU, not the first half): each
