@@ -350,14 +350,21 @@ def test_the_threads_plan_gives_the_blas_plans_numbers(compiled, res_scale, reco
         assert max_rel_err(a, b) <= 1e-6
 
 
+@pytest.mark.parametrize('chunk_rows, height, c', [(16, 5, 12), (90, 10, 13)],
+                         ids=['16_rows', '90_rows_13_channels'])
 @pytest.mark.parametrize('layer_norm', [False, True], ids=['group_norm', 'layer_norm'])
-def test_the_threads_plan_under_bf16_autocast(compiled, layer_norm, two_threads, monkeypatch):
+def test_the_threads_plan_under_bf16_autocast(compiled, layer_norm, chunk_rows, height, c,
+                                              two_threads, monkeypatch):
     """bf16 products (the rows, residual and sums in fp32): as close to fp32 as the Python loop with
     bf16 products, in every output and gradient; the normalisation, output and input gradient are
-    the Python loop's (per row, the same roundings)."""
-    monkeypatch.setattr(mlp_kernel, 'THREAD_CHUNK_BYTES', 7 * 48 * 2)
-    modules = threads_branch(res_scale=True, layer_norm=layer_norm)
-    x = (torch.randn(2, 12, 5, 9) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    the Python loop's (per row, the same roundings). Chunks of 16 rows, and of 90 (the bias
+    gradients' column sums over more than one block of 64 rows; 13 and 52 channels, the weights' 676
+    values: tails after the vectors), the Python loop's alike (each chunk's bf16 products of the
+    weights' gradients rounded, in both)."""
+    monkeypatch.setattr(mlp_kernel, 'THREAD_CHUNK_BYTES', chunk_rows * 4 * c * 2)
+    monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', chunk_rows * 4 * c * 2)
+    modules = threads_branch(c=c, res_scale=True, layer_norm=layer_norm)
+    x = (torch.randn(2, c, height, 9) * 2 + 1).contiguous(memory_format=torch.channels_last)
     factors = torch.full((2, 1, 1, 1), 0.8)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         ours, names = threads_step(x, modules, 'threads', factors, torch.bfloat16)

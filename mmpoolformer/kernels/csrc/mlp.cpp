@@ -27,9 +27,13 @@
 #include <optional>
 #include <vector>
 
+#include "common.h"
+
 namespace {
 
 using at::Tensor;
+using mmpoolformer::Vec;
+using BVec = at::vec::Vectorized<at::BFloat16>;
 
 // What one thread needs for its chunks: buffers of the chunk length, reused chunk after chunk, all in
 // the products' dtype (`channels_low`: C-wide results of bfloat16 products, before they are added
@@ -124,18 +128,60 @@ void product_out(Tensor& out, const Tensor& input, const Tensor& weight_t,
   }
 }
 
-// total += a @ b, in total's precision
-void accumulate(Tensor& total, const Tensor& a, const Tensor& b) {
-  if (total.scalar_type() == a.scalar_type()) {
-    total.addmm_(a, b);
-  } else {
-    total.add_(at::mm(a, b));
+// total += widened(part): a float32 total, a bfloat16 part of as many values, both contiguous
+void add_widened(Tensor& total, const Tensor& part) {
+  float* tp = total.data_ptr<float>();
+  const at::BFloat16* pp = part.const_data_ptr<at::BFloat16>();
+  const int64_t n = total.numel();
+  int64_t i = 0;
+  for (; i + BVec::size() <= n; i += BVec::size()) {
+    const auto [low, high] = at::vec::convert_to_float<at::BFloat16>(BVec::loadu(pp + i));
+    (Vec::loadu(tp + i) + low).store(tp + i);
+    (Vec::loadu(tp + i + Vec::size()) + high).store(tp + i + Vec::size());
   }
+  for (; i < n; ++i) tp[i] += static_cast<float>(pp[i]);
 }
 
-// total += the column sums of `rows`, summed in total's precision
-void add_column_sums(Tensor& total, const Tensor& rows) {
-  total.add_(at::sum(rows, {0}, false, total.scalar_type()));
+// total += a @ b, in total's precision. A product of bfloat16 chunks is written in bfloat16 (as
+// PyTorch's bf16 products are) into `scratch` (allocated on first use, reused chunk after chunk),
+// then widened and added in one pass.
+void accumulate(Tensor& total, const Tensor& a, const Tensor& b, Tensor& scratch) {
+  if (total.scalar_type() == a.scalar_type()) {
+    total.addmm_(a, b);
+    return;
+  }
+  if (!scratch.defined()) scratch = at::empty(total.sizes(), a.options());
+  at::mm_out(scratch, a, b);
+  add_widened(total, scratch);
+}
+
+// total += the column sums of `rows`, summed in total's precision; bfloat16 rows into a float32 total
+// in one pass (PyTorch's sum converts the whole chunk first): blocks of rows summed in float, each
+// block's sums then added
+void add_column_sums(Tensor& total, const Tensor& rows, std::vector<float>& block) {
+  if (!(rows.scalar_type() == at::kBFloat16 && total.scalar_type() == at::kFloat)) {
+    total.add_(at::sum(rows, {0}, false, total.scalar_type()));
+    return;
+  }
+  const int64_t width = rows.size(1), count = rows.size(0);
+  constexpr int64_t kRows = 64;
+  const at::BFloat16* rp = rows.const_data_ptr<at::BFloat16>();
+  block.resize(width);
+  Tensor sums = at::from_blob(block.data(), {width}, total.options());
+  for (int64_t first = 0; first < count; first += kRows) {
+    std::fill(block.begin(), block.end(), 0.f);
+    for (int64_t r = first; r < std::min(count, first + kRows); ++r) {
+      const at::BFloat16* row = rp + r * width;
+      int64_t c = 0;
+      for (; c + BVec::size() <= width; c += BVec::size()) {
+        const auto [low, high] = at::vec::convert_to_float<at::BFloat16>(BVec::loadu(row + c));
+        (Vec::loadu(block.data() + c) + low).store(block.data() + c);
+        (Vec::loadu(block.data() + c + Vec::size()) + high).store(block.data() + c + Vec::size());
+      }
+      for (; c < width; ++c) block[c] += static_cast<float>(row[c]);
+    }
+    total.add_(sums);
+  }
 }
 
 // The activation: GELU, or StarReLU (scale * relu(h)^2 + bias) where its scale and bias are given.
@@ -286,6 +332,8 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
     Tensor &gw1 = mine[0], &gb1 = mine[1], &gw2 = mine[2], &gb2 = mine[3];
     Tensor &grad_weight = mine[4], &grad_bias = mine[5];
     const Tensor rows_buffer = per_row ? at::empty({chunks.length, channels}, x.options()) : Tensor();
+    Tensor product_w1, product_w2;  // (bfloat16 products of the weights' gradients, before the sums)
+    std::vector<float> column_block;
     for (int64_t c = begin; c < end; ++c) {
       const int64_t first = chunks.first(c), k = chunks.size(c);
       Tensor gc = grad.narrow(0, first, k);
@@ -298,13 +346,13 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
       const auto stats = norm.apply(x, first, k, normed);
       Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
       if (!hidden.has_value()) product_out(h, normed, w1_t, b1);
-      if (gb2.defined()) add_column_sums(gb2, gc);
+      if (gb2.defined()) add_column_sums(gb2, gc, column_block);
       Tensor gh = buf.grad_hidden.narrow(0, 0, k), value = buf.act.narrow(0, 0, k);
       at::mm_out(gh, gc, w2);
       activation.value_and_grad(h, value, gh, act_sums.data() + 2 * at::get_thread_num());
-      if (gw2.defined()) accumulate(gw2, gc.t(), value);
-      if (gw1.defined()) accumulate(gw1, gh.t(), normed);
-      if (gb1.defined()) add_column_sums(gb1, gh);
+      if (gw2.defined()) accumulate(gw2, gc.t(), value, product_w2);
+      if (gw1.defined()) accumulate(gw1, gh.t(), normed, product_w1);
+      if (gb1.defined()) add_column_sums(gb1, gh, column_block);
       // the normalised rows' gradient, in the rows' precision: GroupNorm's into `grad_rows`
       Tensor gn = per_row ? rows_buffer.narrow(0, 0, k) : grad_rows.narrow(0, first, k);
       if (low) {
