@@ -184,10 +184,17 @@ void add_column_sums(Tensor& total, const Tensor& rows, std::vector<float>& bloc
   }
 }
 
+// one of activations.cpp's compiled passes, found through the dispatcher (the same library registers it)
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> compiled_pass(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 // The activation: GELU, or StarReLU (scale * relu(h)^2 + bias) where its scale and bias are given.
 // The compiled passes of activations.cpp for float32 and bfloat16, PyTorch's operators otherwise
 // (float64: the tests' gradchecks).
 struct Activation {
+  using In = const Tensor&;  // (the passes' signatures)
   std::optional<Tensor> scale, bias;
 
   static bool compiled(const Tensor& h) {
@@ -196,16 +203,12 @@ struct Activation {
 
   void forward(const Tensor& h, Tensor& out) const {
     if (!scale.has_value() && compiled(h)) {
-      static auto op = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("mmpoolformer::gelu", "")
-                           .typed<void(const Tensor&, const Tensor&)>();
+      static const auto op = compiled_pass<void(In, In)>("mmpoolformer::gelu");
       op.call(h, out);
     } else if (!scale.has_value()) {
       at::gelu_out(out, h);
     } else if (compiled(h)) {
-      static auto op = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("mmpoolformer::star_relu", "")
-                           .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+      static const auto op = compiled_pass<void(In, In, In, In)>("mmpoolformer::star_relu");
       op.call(h, out, *scale, *bias);
     } else {
       at::mul_out(out, at::relu(h).square(), *scale).add_(*bias);
@@ -217,9 +220,7 @@ struct Activation {
   void value_and_grad(const Tensor& h, Tensor& value, Tensor& grad, double* sums) const {
     if (!scale.has_value()) {
       if (compiled(h)) {
-        static auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mmpoolformer::gelu_value_and_grad", "")
-                             .typed<void(const Tensor&, const Tensor&, const Tensor&)>();
+        static const auto op = compiled_pass<void(In, In, In)>("mmpoolformer::gelu_value_and_grad");
         op.call(h, value, grad);
       } else {
         at::gelu_out(value, h);
@@ -228,10 +229,8 @@ struct Activation {
       return;
     }
     if (compiled(h)) {
-      static auto op = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("mmpoolformer::star_relu_backward", "")
-                           .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                         const Tensor&, const Tensor&)>();
+      static const auto op = compiled_pass<Tensor(In, In, const std::optional<Tensor>&, In, In)>(
+          "mmpoolformer::star_relu_backward");
       const Tensor parts = op.call(h, grad, value, *scale, *bias);
       sums[0] += parts[0].item<double>();
       sums[1] += parts[1].item<double>();
