@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <optional>
 #include <vector>
 
@@ -116,6 +117,14 @@ void check_rows(const Tensor& t, const Tensor& rows, int64_t width, at::ScalarTy
                   t.size(1) == width && t.scalar_type() == dtype,
               name, " takes contiguous CPU rows (", rows.size(0), ", ", width, ") of ", dtype,
               ", got ", t.sizes(), " ", t.scalar_type());
+}
+
+// An op's arguments: `maps`, rows of x's shape and dtype, and the kept hidden map
+// where given, rows of fc1's width in the products' (w1's) dtype
+void check_arguments(const Tensor& x, std::initializer_list<const Tensor*> maps,
+                     const std::optional<Tensor>& hidden, const Tensor& w1, const char* name) {
+  for (const Tensor* map : maps) check_rows(*map, x, x.size(1), x.scalar_type(), name);
+  if (hidden.has_value()) check_rows(*hidden, x, w1.size(0), w1.scalar_type(), name);
 }
 
 // out = input @ weight_t (+ bias)
@@ -256,9 +265,7 @@ void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::opt
   const Norm norm{a, b, per_row, eps, per_sample};
   const int64_t channels = x.size(1), hidden_size = w1.size(0);
   const bool low = w1.scalar_type() != x.scalar_type();  // (bfloat16 products)
-  check_rows(x, x, channels, x.scalar_type(), "mlp_forward");
-  check_rows(out, x, channels, x.scalar_type(), "mlp_forward");
-  if (hidden.has_value()) check_rows(*hidden, x, hidden_size, w1.scalar_type(), "mlp_forward");
+  check_arguments(x, {&x, &out}, hidden, w1, "mlp_forward");
   const Chunks chunks(x.size(0), rows);
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
     // (the other threads do not inherit the caller's thread-local state: autograd stays out here)
@@ -309,9 +316,7 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
   const Norm norm{a, b, per_row, eps, per_sample};
   const int64_t channels = x.size(1), hidden_size = w1.size(0);
   const bool low = w1.scalar_type() != x.scalar_type();  // (bfloat16 products)
-  check_rows(grad, x, channels, x.scalar_type(), "mlp_backward");
-  check_rows(grad_rows, x, channels, x.scalar_type(), "mlp_backward");
-  if (hidden.has_value()) check_rows(*hidden, x, hidden_size, w1.scalar_type(), "mlp_backward");
+  check_arguments(x, {&grad, &grad_rows}, hidden, w1, "mlp_backward");
   const Chunks chunks(x.size(0), rows);
   const int64_t threads = at::get_num_threads();
   // each thread's own gradients, added in thread order afterwards
