@@ -66,15 +66,23 @@ def _tile(ptr, sample, hh, ww, c, inside, H, W, C):
 
 
 @_jit
-def _pool_mix(x_ptr, out_ptr, scale_ptr, res_ptr, H, W, C, PAD: constexpr,
-              HAS_RES: constexpr, BLOCK_W: constexpr, BLOCK_C: constexpr):
+def _program_tile(H, W, C, BLOCK_W: constexpr, BLOCK_C: constexpr):
+    """The tile of a pooling program (grid: sample and row, column block, channel block): its
+    sample row ``nh``, sample ``n``, row ``h``, columns ``w``, channels ``c``, which of them are in
+    the map (``inside``), the sample's offset and the tile's own offsets in a channels-last map."""
     nh = tl.program_id(0).to(tl.int64)
     n, h = nh // H, nh % H
     w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     inside = (w < W)[:, None] & (c < C)[None, :]
-    row = W * C
-    sample = n * H * row
+    sample = n * H * W * C
+    return nh, n, h, w, c, inside, sample, sample + h * W * C + w[:, None] * C + c[None, :]
+
+
+@_jit
+def _pool_mix(x_ptr, out_ptr, scale_ptr, res_ptr, H, W, C, PAD: constexpr,
+              HAS_RES: constexpr, BLOCK_W: constexpr, BLOCK_C: constexpr):
+    _, n, h, w, c, inside, sample, at = _program_tile(H, W, C, BLOCK_W, BLOCK_C)
     total = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
     for i in tl.static_range(2 * PAD + 1):
         hh = h + i - PAD
@@ -82,7 +90,6 @@ def _pool_mix(x_ptr, out_ptr, scale_ptr, res_ptr, H, W, C, PAD: constexpr,
             total += _tile(x_ptr, sample, hh, w + j - PAD, c, inside, H, W, C)
     count = _window_size(h, H, PAD) * _window_size(w, W, PAD)
     pooled = total / tl.maximum(count, 1).to(tl.float32)[:, None]  # (>= 1 beyond the map)
-    at = sample + h * row + w[:, None] * C + c[None, :]
     x = tl.load(x_ptr + at, mask=inside, other=0.)
     s = tl.load(scale_ptr + n * C + c, mask=c < C, other=0.)[None, :]
     if HAS_RES:
@@ -96,14 +103,7 @@ def _pool_mix(x_ptr, out_ptr, scale_ptr, res_ptr, H, W, C, PAD: constexpr,
 @_jit
 def _pool_mix_adjoint(grad_ptr, x_ptr, mixed_ptr, partial_ptr, H, W, C, PAD: constexpr,
                       BLOCK_W: constexpr, BLOCK_C: constexpr):
-    nh = tl.program_id(0).to(tl.int64)
-    n, h = nh // H, nh % H
-    wb = tl.program_id(1)
-    w = wb * BLOCK_W + tl.arange(0, BLOCK_W)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    inside = (w < W)[:, None] & (c < C)[None, :]
-    row = W * C
-    sample = n * H * row
+    nh, n, h, w, c, inside, sample, at = _program_tile(H, W, C, BLOCK_W, BLOCK_C)
     # the windows that hold a position are those of the positions in its own window; each gives
     # it its share, 1 / (that window's rows * its columns)
     total = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
@@ -116,12 +116,11 @@ def _pool_mix_adjoint(grad_ptr, x_ptr, mixed_ptr, partial_ptr, H, W, C, PAD: con
             g = _tile(grad_ptr, sample, hh, ww, c, inside, H, W, C)
             # (positions beyond the map count no values: kept from dividing by zero)
             total += g / tl.maximum(rows * cols, 1).to(tl.float32)[:, None]
-    at = sample + h * row + w[:, None] * C + c[None, :]
     mixed = total - tl.load(grad_ptr + at, mask=inside, other=0.)
     tl.store(mixed_ptr + at, mixed, mask=inside)
     x = tl.load(x_ptr + at, mask=inside, other=0.)
     part = tl.sum(mixed * x, axis=0)  # (masked positions hold zeros)
-    tl.store(partial_ptr + (nh * tl.num_programs(1) + wb) * C + c, part, mask=c < C)
+    tl.store(partial_ptr + (nh * tl.num_programs(1) + tl.program_id(1)) * C + c, part, mask=c < C)
 
 
 @_jit
