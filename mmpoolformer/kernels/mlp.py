@@ -282,7 +282,7 @@ class _NormMlpResidual(torch.autograd.Function):
             # (the output, before the chunks write it, is the statistics' scratch)
             mean, rstd = norm.statistics(x, None if first_half else out)
             coefficients = norm.coefficients((mean, rstd), norm_weight, norm_bias, c)
-            w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (w1, b1, w2, b2))
+            w1, b1, w2, b2_low = (None if t is None else t.to(dtype) for t in (w1, b1, w2, b2))
             act_params = tuple(t.to(dtype) for t in act_params)
             tx, tout = tokens(x), tokens(out)
             for_backward = records and any(ctx.needs_input_grad)
@@ -321,10 +321,13 @@ class _NormMlpResidual(torch.autograd.Function):
                         if fused_act or act_out is not oc:
                             oc.copy_(ac)
                         continue
-                    if plan.backend == 'blas' and dtype == x.dtype:
+                    if plan.backend == 'onednn':  # (the bias costs nothing in its product)
+                        torch.add(_residual(xc, res_scale), _linear('onednn', ac, w2, b2_low),
+                                  alpha=scale, out=oc)
+                    elif dtype == x.dtype:
                         _residual(xc, res_scale, b2, scale, out=oc).addmm_(ac, w2.t(), alpha=scale)
-                    else:
-                        torch.add(_residual(xc, res_scale), _linear(plan.backend, ac, w2, b2),
+                    else:  # (low-precision products: the bias joins the residual, in its precision)
+                        torch.add(_residual(xc, res_scale, b2, scale), torch.mm(ac, w2.t()),
                                   alpha=scale, out=oc)
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, res_scale, *act_params,
                               *(kept_h or ()))

@@ -12,12 +12,14 @@
 // end (the same sums on the same number of threads). The operations are ATen's (MKL's products) and
 // the activations' passes of activations.cpp, called through the dispatcher, as in mlp.py's chunks.
 //
-// Rows are (N * H * W, C) channels-last tokens; a and b the norm's (below); w2 has the LayerScale
-// folded in; scale is the branch's factor (stochastic depth's, equal for all samples); res_scale
-// ResScale's (C,) factor on the residual, or none. The products run in the
-// weights' dtype: the rows' (float32, float64), or bfloat16 under bf16 autocast, when the
-// normalised rows, the hidden map and the gradients the products take are bfloat16 and the sums
-// they feed (the output, the weights' gradients) stay in the rows' precision, as in mlp.py.
+// Rows are (N * H * W, C) channels-last tokens; a and b the norm's (below); w2 and b2 have the
+// LayerScale folded in, b2 in the rows' dtype (it joins the residual's pass: in the product it costs
+// a pass of its own, and under bf16 autocast a rounding); scale is the branch's factor (stochastic
+// depth's, equal for all samples); res_scale ResScale's (C,) factor on the residual, or none. The
+// products run in the weights' dtype: the rows' (float32, float64), or bfloat16 under bf16
+// autocast, when the normalised rows, the hidden map and the gradients the products take are
+// bfloat16 and the sums they feed (the output, the weights' gradients) stay in the rows' precision,
+// as in mlp.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -253,6 +255,20 @@ struct Activation {
   }
 };
 
+// out = res_scale * x + scale * bias, each where given, in one pass
+void residual(Tensor& out, const Tensor& x, const std::optional<Tensor>& res_scale,
+              const std::optional<Tensor>& bias, double scale) {
+  if (res_scale.has_value() && bias.has_value()) {
+    at::addcmul_out(out, *bias * scale, x, *res_scale);
+  } else if (bias.has_value()) {
+    at::add_out(out, x, *bias, scale);
+  } else if (res_scale.has_value()) {
+    at::mul_out(out, x, *res_scale);
+  } else {
+    out.copy_(x);
+  }
+}
+
 // out = res_scale * x + scale * fc2(act(fc1(norm(x)))); fc1's output into `hidden` where given (kept
 // for backward)
 void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::optional<Tensor>& b,
@@ -280,19 +296,14 @@ void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::opt
       Tensor act = buf.act.narrow(0, 0, k);
       activation.forward(h, act);
       Tensor xc = x.narrow(0, first, k), oc = out.narrow(0, first, k);
-      if (res_scale.has_value()) {
-        at::mul_out(oc, xc, *res_scale);
-      } else {
-        oc.copy_(xc);
-      }
+      residual(oc, xc, res_scale, b2, scale);
       if (low) {  // fc2's output in the products' dtype, then added
         Tensor branch = buf.channels_low.narrow(0, 0, k);
-        product_out(branch, act, w2.t(), b2);
+        at::mm_out(branch, act, w2.t());
         oc.add_(branch, scale);
-        continue;
+      } else {
+        oc.addmm_(act, w2.t(), 1., scale);
       }
-      if (b2.has_value()) oc.add_(*b2, scale);
-      oc.addmm_(act, w2.t(), 1., scale);
     }
   });
 }
