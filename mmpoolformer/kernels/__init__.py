@@ -12,7 +12,8 @@ device at hand, the plain formulation always among them (``dispatch``).
 - ``conv``: the stem's, the downsamplings' and the depthwise convolutions: their precision under
   autocast, and in training their weight gradient as a product over patches or as a correlation;
 - ``group_norm``: the statistics and the per-sample affine map the others share; GroupNorm on its
-  own, on CUDA devices from statistics spread over the whole device.
+  own, on CUDA devices from statistics spread over the whole device; the emitted maps on CPUs
+  normalised as they are turned from channels-last to NCHW.
 - ``native``: compiled CPU kernels (``csrc/``) for the element-wise work of ``mlp``, ``pooling`` and
   ``group_norm``, built on first use for the CPU at hand;
 - ``triton_ops``: the pooling branch's passes as Triton kernels, a plan of ``pooling`` on CUDA devices.

@@ -33,10 +33,15 @@ def add_residual(x: torch.Tensor, y: torch.Tensor, layer_scale: Optional[torch.T
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm``, computed the faster way for the device at hand (``kernels.group_normalize``)."""
+    """``nn.GroupNorm``, computed the faster way for the device at hand (``kernels.group_normalize``).
+
+    ``contiguous_output``: whether it emits a contiguous ``(N, C, H, W)`` map whatever the input's
+    layout (a backbone's output norms, ahead of its necks), then written as it is normalised.
+    """
+    contiguous_output = False
 
     def forward(self, x):
-        return kernels.group_normalize(self, x)
+        return kernels.group_normalize(self, x, contiguous=self.contiguous_output)
 
 
 def group_norm(dim: int, num_groups: int = 1, bias: bool = True, **kwargs) -> nn.GroupNorm:

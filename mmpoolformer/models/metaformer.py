@@ -373,7 +373,10 @@ class MetaFormer(BaseModule):
         self.network = nn.ModuleList(network)
         if family['out_norm_cfg'] is not None:
             for i in self.out_indices:
-                self.add_module(f'norm{2 * i}', build_norm(family['out_norm_cfg'], dims[i]))
+                norm = build_norm(family['out_norm_cfg'], dims[i])
+                if hasattr(norm, 'contiguous_output'):  # (it writes the NCHW map forward emits)
+                    norm.contiguous_output = True
+                self.add_module(f'norm{2 * i}', norm)
 
         self._freeze_stages()
 

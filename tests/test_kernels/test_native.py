@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mmpoolformer import kernels
 from mmpoolformer.kernels import mlp as mlp_kernel
@@ -543,6 +544,73 @@ def test_group_statistics_compiled_where_each_group_is_one_block(compiled, shape
     assert max_rel_err(rstd, reference_rstd) <= (1e-6 if compiled_ops else 1e-5)
 
 
+@pytest.mark.parametrize('shape', [(2, 64, 48), (3, 37, 19), (1, 5, 3), (2, 16, 33)],
+                         ids=['tiles', 'tails_both_ways', 'under_a_tile', 'column_tail'])
+def test_transpose_affine_turns_each_sample_and_maps_its_rows(compiled, shape, threads):
+    """(N, R, S) into (N, S, R): exactly the transposed values without a map, and with one each
+    output row's ``a * x + b`` (one fused rounding), whatever the tails of a tile each way."""
+    n, rows, cols = shape
+    draw = torch.Generator().manual_seed(0)
+    src, a, b = (torch.randn(s, generator=draw) for s in (shape, (n, cols), (n, cols)))
+    plain, mapped = torch.full((n, cols, rows), float('nan')), torch.full((n, cols, rows), float('nan'))
+    compiled.transpose_affine(src, None, None, plain)
+    compiled.transpose_affine(src, a, b, mapped)
+    assert torch.equal(plain, src.transpose(1, 2))
+    exact = (src.double() * a.double()[:, None] + b.double()[:, None]).transpose(1, 2)
+    assert (mapped.double() - exact).abs().max() <= 2 ** -24 * exact.abs().max()
+
+
+def test_transpose_affine_refuses_what_it_does_not_compute(compiled):
+    src = torch.randn(2, 4, 6)
+    with pytest.raises(RuntimeError, match='into \\(N, S, R\\)'):
+        compiled.transpose_affine(src, None, None, torch.empty(2, 4, 6))
+    with pytest.raises(RuntimeError, match='a and b together'):
+        compiled.transpose_affine(src, torch.ones(2, 6), None, torch.empty(2, 6, 4))
+    with pytest.raises(RuntimeError, match='contiguous float32'):
+        compiled.transpose_affine(src.double(), None, None, torch.empty(2, 6, 4))
+    with pytest.raises(RuntimeError, match='one shape'):
+        compiled.transpose_affine(src, torch.ones(2, 4), torch.ones(2, 4), torch.empty(2, 6, 4))
+
+
+@pytest.mark.parametrize('shape', [(2, 64, 32, 32), (2, 19, 5, 7)], ids=['tiles', 'tails'])
+def test_output_norm_writes_the_nchw_map_as_it_normalises(compiled, shape):
+    """A backbone's output norm on a channels-last fp32 map: the compiled transposing map forward and
+    backward (the gradient turned channels-last), an NCHW output, and output and every gradient as
+    close to float64 as PyTorch's GroupNorm followed by ``.contiguous()``."""
+    from mmpoolformer.models.layers import GroupNorm
+    torch.manual_seed(0)
+    norm = GroupNorm(1, shape[1])
+    norm.contiguous_output = True
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = (torch.randn(shape) * 3 + 1).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(shape)
+    results = {}
+    for plan in (kernels.Plan(), kernels.PLAIN):
+        with kernels.forced(plan), OpLog() as log:
+            y = norm(x)
+            grads = torch.autograd.grad(y, [x, norm.weight, norm.bias], grad)
+        assert y.is_contiguous() and y.dtype == torch.float32
+        names = [name for name, _ in log.ops]
+        assert names.count('mmpoolformer.transpose_affine') == (2 if plan.fused else 0)
+        results[plan.fused] = (y, *grads)
+    exact = F.group_norm(x.double(), 1, norm.weight.double(), norm.bias.double())
+    exact_grads = torch.autograd.grad(exact, [x, norm.weight, norm.bias], grad.double())
+    for ours, pytorchs, reference in zip(results[True], results[False], (exact, *exact_grads)):
+        assert max_rel_err(ours, reference) <= max_rel_err(pytorchs, reference) + 1e-6
+
+
+def test_the_backbone_output_norms_emit_nchw_maps():
+    """Only the output norms write NCHW maps (the blocks' norms keep the stages channels-last)."""
+    from mmpoolformer.models import PoolFormer
+    model = PoolFormer('s12', out_indices=(0, 1, 2, 3))
+    assert all(getattr(model, f'norm{2 * i}').contiguous_output for i in range(4))
+    assert not any(getattr(m, 'contiguous_output', False) for name, m in model.named_modules()
+                   if name.startswith('network'))
+    outs = model(torch.randn(1, 3, 64, 96))
+    assert all(out.is_contiguous() for out in outs)
+
+
 def test_kernels_that_cannot_be_built_leave_the_work_to_pytorch(tmp_path, monkeypatch):
     """A failed build warns once, says why and how to retry, is not retried by the next process, and
     the MLP kernel then computes with PyTorch's operators."""
@@ -626,7 +694,7 @@ class _Off:
                 return result[0], result[1] * 1.0001
             out = args[{'gelu': 1, 'gelu_value_and_grad': 1, 'star_relu': 1, 'star_relu_backward': 1,
                         'pool_mix': 3, 'pool_mix_adjoint': 2, 'pool_mix_input_grad': 0,
-                        'mlp_forward': 15, 'mlp_backward': 15}[name]]
+                        'mlp_forward': 15, 'mlp_backward': 15, 'transpose_affine': 3}[name]]
             out[(0, ) * out.dim()] += 1e-3
             return result
         return wrong
@@ -634,7 +702,8 @@ class _Off:
 
 @pytest.mark.parametrize('kernel', ['gelu', 'gelu_value_and_grad', 'star_relu', 'star_relu_backward',
                                     'pool_mix', 'pool_mix_adjoint', 'pool_mix_input_grad',
-                                    'row_stats', 'mlp_forward', 'mlp_backward'])
+                                    'row_stats', 'transpose_affine', 'mlp_forward',
+                                    'mlp_backward'])
 def test_the_load_check_refuses_a_wrong_kernel(compiled, kernel):
     """Each kernel is checked against PyTorch's operators when loaded: one off by a small error
     is refused (and PyTorch's operators then do its work)."""

@@ -7,10 +7,17 @@
 // over blocks of a few hundred values, then the blocks in float64, so that the error does not grow
 // with a group of millions of values; the mean's rounding to float before the deviations costs nothing
 // a float map could show.
+//
+// The backbone's emitted maps (group_norm.py): PyTorch's GroupNorm writes a channels-last map, and
+// `.contiguous()` then turns it around element by element. Here the normalisation is applied as the
+// map is transposed, tile by tile (16 x 16 floats on AVX-512, in registers), writing the NCHW map in
+// one pass; in backward, the NCHW gradient is turned channels-last the same way.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -75,9 +82,58 @@ std::tuple<at::Tensor, at::Tensor> row_stats(const at::Tensor& x, double eps) {
   return {mean, rstd};
 }
 
+// dst[n, s, r] = a[n, s] * src[n, r, s] + b[n, s], or src[n, r, s] alone without a and b: each
+// sample's (R, S) matrix transposed, float32. Tiles of one vector's width each way: transposed into a
+// buffer (at::vec's register transpose), then each of its rows scaled, shifted and stored.
+void transpose_affine(const at::Tensor& src, const std::optional<at::Tensor>& a,
+                      const std::optional<at::Tensor>& b, const at::Tensor& dst) {
+  check(src, src, "transpose_affine");
+  TORCH_CHECK(src.dim() == 3 && dst.dim() == 3 && dst.size(0) == src.size(0) &&
+                  dst.size(1) == src.size(2) && dst.size(2) == src.size(1),
+              "transpose_affine takes (N, R, S) into (N, S, R), got ", src.sizes(), " into ",
+              dst.sizes());
+  check(dst, dst, "transpose_affine");
+  TORCH_CHECK(a.has_value() == b.has_value(), "transpose_affine takes a and b together or neither");
+  const int64_t n = src.size(0), rows = src.size(1), cols = src.size(2);
+  if (a.has_value()) {
+    const at::Tensor like = at::empty({n, cols}, src.options());
+    check(*a, like, "transpose_affine");
+    check(*b, like, "transpose_affine");
+  }
+  constexpr int64_t T = Vec::size();
+  const int64_t row_tiles = (rows + T - 1) / T, col_tiles = (cols + T - 1) / T;
+  const float* sp = src.const_data_ptr<float>();
+  float* dp = dst.data_ptr<float>();
+  const float* ap = a.has_value() ? a->const_data_ptr<float>() : nullptr;
+  const float* bp = b.has_value() ? b->const_data_ptr<float>() : nullptr;
+  at::parallel_for(0, n * row_tiles * col_tiles, 16, [&](int64_t begin, int64_t end) {
+    alignas(64) float tile[T * T];
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t sample = index / (row_tiles * col_tiles);
+      const int64_t r0 = (index / col_tiles) % row_tiles * T, c0 = index % col_tiles * T;
+      const int64_t m = std::min(T, rows - r0), k = std::min(T, cols - c0);
+      const float* from = sp + (sample * rows + r0) * cols + c0;
+      if (m == T && k == T) {
+        at::vec::transpose_mxn<float, T, T>(from, cols, tile, T);
+      } else {
+        at::vec::transpose_mxn<float>(from, cols, tile, T, static_cast<int>(m), static_cast<int>(k));
+      }
+      for (int64_t j = 0; j < k; ++j) {  // row c0 + j of the sample's (S, R) output
+        const float* row = tile + j * T;
+        float* to = dp + (sample * cols + c0 + j) * rows + r0;
+        const Vec v = Vec::loadu(row, m);
+        const int64_t at = sample * cols + c0 + j;
+        (ap ? at::vec::fmadd(v, Vec(ap[at]), Vec(bp[at])) : v).store(to, m);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmpoolformer, m) {
   m.def("row_stats(Tensor x, float eps) -> (Tensor, Tensor)");
   m.impl("row_stats", c10::DispatchKey::CPU, TORCH_FN(row_stats));
+  m.def("transpose_affine(Tensor src, Tensor? a, Tensor? b, Tensor(a!) dst) -> ()");
+  m.impl("transpose_affine", c10::DispatchKey::CPU, TORCH_FN(transpose_affine));
 }
