@@ -100,16 +100,17 @@ struct Norm {
 
   // a per-row norm's backward over rows [first, first + k): their gradient from the normalised
   // rows' one, into `grad_rows`; its weight's and bias's added into `grad_weight` / `grad_bias`
+  // (written there where `fresh`)
   void backward_rows(const Tensor& grad_normed, const Tensor& x, int64_t first, int64_t k,
                      const std::tuple<Tensor, Tensor>& stats, const Tensor& grad_rows,
-                     Tensor& grad_weight, Tensor& grad_bias) const {
+                     Tensor& grad_weight, Tensor& grad_bias, bool fresh) const {
     const Tensor rows = x.narrow(0, first, k);
     auto [grad_x, part_weight, part_bias] = at::native_layer_norm_backward(
         grad_normed, rows, {rows.size(1)}, std::get<0>(stats), std::get<1>(stats), a, b,
         {true, grad_weight.defined(), grad_bias.defined()});
     grad_rows.narrow(0, first, k).copy_(grad_x);
-    if (grad_weight.defined()) grad_weight.add_(part_weight);
-    if (grad_bias.defined()) grad_bias.add_(part_bias);
+    if (grad_weight.defined()) fresh ? grad_weight.copy_(part_weight) : grad_weight.add_(part_weight);
+    if (grad_bias.defined()) fresh ? grad_bias.copy_(part_bias) : grad_bias.add_(part_bias);
   }
 };
 
@@ -153,25 +154,30 @@ void add_widened(Tensor& total, const Tensor& part) {
   for (; i < n; ++i) tp[i] += static_cast<float>(pp[i]);
 }
 
-// total += a @ b, in total's precision. A product of bfloat16 chunks is written in bfloat16 (as
-// PyTorch's bf16 products are) into `scratch` (allocated on first use, reused chunk after chunk),
-// then widened and added in one pass.
-void accumulate(Tensor& total, const Tensor& a, const Tensor& b, Tensor& scratch) {
+// total += a @ b (total = a @ b where `fresh`), in total's precision. A product of bfloat16 chunks is
+// written in bfloat16 (as PyTorch's bf16 products are) into `scratch` (allocated on first use, reused
+// chunk after chunk), then widened and added in one pass.
+void accumulate(Tensor& total, const Tensor& a, const Tensor& b, Tensor& scratch, bool fresh) {
   if (total.scalar_type() == a.scalar_type()) {
-    total.addmm_(a, b);
+    fresh ? at::mm_out(total, a, b) : total.addmm_(a, b);
     return;
   }
   if (!scratch.defined()) scratch = at::empty(total.sizes(), a.options());
   at::mm_out(scratch, a, b);
-  add_widened(total, scratch);
+  if (fresh) {
+    total.copy_(scratch);
+  } else {
+    add_widened(total, scratch);
+  }
 }
 
-// total += the column sums of `rows`, summed in total's precision; bfloat16 rows into a float32 total
-// in one pass (PyTorch's sum converts the whole chunk first): blocks of rows summed in float, each
-// block's sums then added
-void add_column_sums(Tensor& total, const Tensor& rows, std::vector<float>& block) {
+// total += the column sums of `rows` (total = them where `fresh`), summed in total's precision;
+// bfloat16 rows into a float32 total in one pass (PyTorch's sum converts the whole chunk first):
+// blocks of rows summed in float, each block's sums then added
+void add_column_sums(Tensor& total, const Tensor& rows, std::vector<float>& block, bool fresh) {
   if (!(rows.scalar_type() == at::kBFloat16 && total.scalar_type() == at::kFloat)) {
-    total.add_(at::sum(rows, {0}, false, total.scalar_type()));
+    const Tensor sums = at::sum(rows, {0}, false, total.scalar_type());
+    fresh ? total.copy_(sums) : total.add_(sums);
     return;
   }
   const int64_t width = rows.size(1), count = rows.size(0);
@@ -191,7 +197,7 @@ void add_column_sums(Tensor& total, const Tensor& rows, std::vector<float>& bloc
       }
       for (; c < width; ++c) block[c] += static_cast<float>(row[c]);
     }
-    total.add_(sums);
+    first == 0 && fresh ? total.copy_(sums) : total.add_(sums);
   }
 }
 
@@ -330,8 +336,11 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
   check_arguments(x, {&grad, &grad_rows}, hidden, w1, "mlp_backward");
   const Chunks chunks(x.size(0), rows);
   const int64_t threads = at::get_num_threads();
-  // each thread's own gradients, added in thread order afterwards
+  // each thread's own gradient sums, added in thread order afterwards: the first thread's are the
+  // totals themselves (zero on entry), the others' tensors their first chunk writes (`fresh` until
+  // then), so that no thread zeroes or adds a copy of every weight
   std::vector<std::vector<Tensor>> parts(threads);
+  std::vector<char> fresh(threads, 0);
   std::vector<double> act_sums(2 * threads, 0.);  // StarReLU's scale and bias, per thread
   const std::vector<std::optional<Tensor>> totals = {grad_w1, grad_b1, grad_w2, grad_b2,
                                                      grad_norm_weight, grad_norm_bias};
@@ -340,10 +349,13 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
     // (the other threads do not inherit the caller's thread-local state: autograd stays out here)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Buffers buf(chunks.length, channels, hidden_size, w1.options(), true);
-    std::vector<Tensor>& mine = parts[at::get_thread_num()];
-    if (mine.empty())
+    const int64_t thread = at::get_thread_num();
+    std::vector<Tensor>& mine = parts[thread];
+    if (mine.empty()) {
       for (const auto& total : totals)
-        mine.push_back(total.has_value() ? at::zeros_like(*total) : Tensor());
+        mine.push_back(!total.has_value() ? Tensor() : thread == 0 ? *total : at::empty_like(*total));
+      fresh[thread] = thread != 0;
+    }
     Tensor &gw1 = mine[0], &gb1 = mine[1], &gw2 = mine[2], &gb2 = mine[3];
     Tensor &grad_weight = mine[4], &grad_bias = mine[5];
     const Tensor rows_buffer = per_row ? at::empty({chunks.length, channels}, x.options()) : Tensor();
@@ -361,13 +373,15 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
       const auto stats = norm.apply(x, first, k, normed);
       Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
       if (!hidden.has_value()) product_out(h, normed, w1_t, b1);
-      if (gb2.defined()) add_column_sums(gb2, gc, column_block);
+      const bool first_sums = fresh[thread];
+      fresh[thread] = 0;
+      if (gb2.defined()) add_column_sums(gb2, gc, column_block, first_sums);
       Tensor gh = buf.grad_hidden.narrow(0, 0, k), value = buf.act.narrow(0, 0, k);
       at::mm_out(gh, gc, w2);
       activation.value_and_grad(h, value, gh, act_sums.data() + 2 * at::get_thread_num());
-      if (gw2.defined()) accumulate(gw2, gc.t(), value, product_w2);
-      if (gw1.defined()) accumulate(gw1, gh.t(), normed, product_w1);
-      if (gb1.defined()) add_column_sums(gb1, gh, column_block);
+      if (gw2.defined()) accumulate(gw2, gc.t(), value, product_w2, first_sums);
+      if (gw1.defined()) accumulate(gw1, gh.t(), normed, product_w1, first_sums);
+      if (gb1.defined()) add_column_sums(gb1, gh, column_block, first_sums);
       // the normalised rows' gradient, in the rows' precision: GroupNorm's into `grad_rows`
       Tensor gn = per_row ? rows_buffer.narrow(0, 0, k) : grad_rows.narrow(0, first, k);
       if (low) {
@@ -376,13 +390,14 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
       } else {
         at::mm_out(gn, gh, w1);
       }
-      if (per_row) norm.backward_rows(gn, x, first, k, stats, grad_rows, grad_weight, grad_bias);
+      if (per_row)
+        norm.backward_rows(gn, x, first, k, stats, grad_rows, grad_weight, grad_bias, first_sums);
     }
   });
   for (size_t i = 0; i < totals.size(); ++i) {
     if (!totals[i].has_value()) continue;
-    for (const auto& mine : parts)
-      if (!mine.empty()) totals[i]->add_(mine[i]);
+    for (int64_t thread = 1; thread < threads; ++thread)  // (one that took no chunk has none)
+      if (!parts[thread].empty() && !fresh[thread]) totals[i]->add_(parts[thread][i]);
   }
   const std::optional<Tensor> act_grads[] = {grad_act_scale, grad_act_bias};
   for (int64_t i = 0; i < 2; ++i) {
