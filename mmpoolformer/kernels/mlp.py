@@ -348,10 +348,12 @@ class _NormMlpResidual(torch.autograd.Function):
             grad = grad.contiguous(memory_format=torch.channels_last)
             tx, tg = tokens(x), tokens(grad)
             acc = dict(dtype=torch.promote_types(dtype, torch.float32), device=x.device)
-            gw1 = torch.zeros(w1.shape, **acc) if needs[3] else None
-            gb1 = torch.zeros(hidden, **acc) if needs[4] else None
-            gw2 = torch.zeros(w2.shape, **acc) if needs[5] else None
-            gb2 = torch.zeros(c, **acc) if needs[6] else None
+            # (the compiled loop writes them; the Python loop adds into them)
+            sums = torch.empty if plan.backend == THREADS else torch.zeros
+            gw1 = sums(w1.shape, **acc) if needs[3] else None
+            gb1 = sums(hidden, **acc) if needs[4] else None
+            gw2 = sums(w2.shape, **acc) if needs[5] else None
+            gb2 = sums(c, **acc) if needs[6] else None
             act_needs = needs[13:]  # the activation's tensors come after forward's 13 inputs
             grad_act = [torch.zeros(t.shape, **acc) if need else None
                         for t, need in zip(act_params, act_needs)]
@@ -361,7 +363,7 @@ class _NormMlpResidual(torch.autograd.Function):
             grad_rows = torch.empty_like(x, memory_format=torch.channels_last) if into_norm else None
             rows_gr = None if grad_rows is None else tokens(grad_rows).flatten(0, 1)
             grad_norm_weight, grad_norm_bias = (
-                torch.zeros(t.shape, **acc) if norm.per_row and need else None
+                sums(t.shape, **acc) if norm.per_row and need else None
                 for t, need in zip((norm_weight, norm_bias), needs[1:3]))
             # the products that carry the gradient back, as (out, in) weights for oneDNN
             first_half = w2 is None

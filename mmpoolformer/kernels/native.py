@@ -244,7 +244,7 @@ def _check_mlp(namespace) -> Optional[str]:
     (res.double() * xd + 0.5 * (torch.nn.functional.gelu(normed @ w1d.t() + b1d) @ w2d.t() + b2d)
      ).backward(grad.double())
     grad_normed = torch.empty_like(x)
-    weights = [torch.zeros_like(t) for t in (w1, b1, w2, b2)]
+    weights = [torch.full_like(t, float('nan')) for t in (w1, b1, w2, b2)]  # (written, not added to)
     namespace.mlp_backward(grad, x, a, b, False, 0., w1, b1, w2, None, None, None, 0.5, per_sample, 7,
                            grad_normed, *weights, None, None, None, None)
     expected = [normed.grad, w1d.grad, b1d.grad, w2d.grad, b2d.grad]

@@ -316,8 +316,8 @@ void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::opt
 
 // The branch's backward up to the normalised rows (GroupNorm, whose backward needs the whole map's:
 // their gradient into `grad_rows`) or to the rows (a per-row norm: their gradient into `grad_rows`),
-// and the gradients of fc1's and fc2's weights and biases, StarReLU's and a per-row norm's weight and
-// bias added into the given tensors (None: not needed).
+// and the gradients of fc1's and fc2's weights and biases and a per-row norm's weight and bias
+// written into the given tensors, StarReLU's scale and bias added into theirs (None: not needed).
 void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tensor>& a,
                   const std::optional<Tensor>& b, bool per_row, double eps, const Tensor& w1,
                   const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& hidden,
@@ -337,10 +337,10 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
   const Chunks chunks(x.size(0), rows);
   const int64_t threads = at::get_num_threads();
   // each thread's own gradient sums, added in thread order afterwards: the first thread's are the
-  // totals themselves (zero on entry), the others' tensors their first chunk writes (`fresh` until
-  // then), so that no thread zeroes or adds a copy of every weight
+  // totals themselves, the others' tensors of their own, each written by its thread's first chunk
+  // (`fresh` until then), so that no thread zeroes or adds a copy of every weight
   std::vector<std::vector<Tensor>> parts(threads);
-  std::vector<char> fresh(threads, 0);
+  std::vector<char> fresh(threads, 1);
   std::vector<double> act_sums(2 * threads, 0.);  // StarReLU's scale and bias, per thread
   const std::vector<std::optional<Tensor>> totals = {grad_w1, grad_b1, grad_w2, grad_b2,
                                                      grad_norm_weight, grad_norm_bias};
@@ -354,7 +354,6 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
     if (mine.empty()) {
       for (const auto& total : totals)
         mine.push_back(!total.has_value() ? Tensor() : thread == 0 ? *total : at::empty_like(*total));
-      fresh[thread] = thread != 0;
     }
     Tensor &gw1 = mine[0], &gb1 = mine[1], &gw2 = mine[2], &gb2 = mine[3];
     Tensor &grad_weight = mine[4], &grad_bias = mine[5];
@@ -396,8 +395,9 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
   });
   for (size_t i = 0; i < totals.size(); ++i) {
     if (!totals[i].has_value()) continue;
-    for (int64_t thread = 1; thread < threads; ++thread)  // (one that took no chunk has none)
-      if (!parts[thread].empty() && !fresh[thread]) totals[i]->add_(parts[thread][i]);
+    if (fresh[0]) totals[i]->zero_();  // (a thread that took no chunk has no sums)
+    for (int64_t thread = 1; thread < threads; ++thread)
+      if (!fresh[thread]) totals[i]->add_(parts[thread][i]);
   }
   const std::optional<Tensor> act_grads[] = {grad_act_scale, grad_act_bias};
   for (int64_t i = 0; i < 2; ++i) {
