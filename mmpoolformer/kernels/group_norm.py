@@ -217,8 +217,9 @@ def group_normalize(norm: nn.GroupNorm, x: torch.Tensor, contiguous: bool = Fals
         out = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         return out.contiguous() if contiguous else out
 
-    offered = offered_on(x.device) or contiguous and transposes(x)
-    if not offered or dispatch.tracing() or x.dim() != 4:
+    # (tracing first: asking for the compiled kernels may build and check them, which a tracer records)
+    if dispatch.tracing() or x.dim() != 4 or not (offered_on(x.device)
+                                                  or contiguous and transposes(x)):
         return plain(x)
     # (a low-precision map outside autocast: PyTorch's, whose output keeps that dtype)
     autocast = dispatch.autocast_dtype(x.device) is not None
