@@ -564,10 +564,13 @@ def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         total += torch.mm(a, b)
 
 
-def _fused_plans(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> Optional[List[Plan]]:
+def _fused_plans(x: torch.Tensor, norm: nn.Module, act: nn.Module,
+                 scaled_weight: bool = False) -> Optional[List[Plan]]:
     """The kernel's plans for ``x`` (every product dtype and backend here), or None where it does not
     apply: tracing, another norm or activation, an fp16 map, bf16 outside bf16 autocast or other
-    dtypes."""
+    dtypes. ``scaled_weight``: a LayerScale is folded into fc2's weight, which then takes no fp16
+    products (a LayerScale of 1e-5 times a weight of 0.01 is below fp16's normal range, 6e-5, and
+    loses its digits; the modules as written multiply fp16's product by it in fp32)."""
     # (a bf16 map: the residual stream under bf16 autocast where no fp32 factor meets it, as in
     # ConvFormer's stages without ResScale; its products then run in bf16)
     low = x.dtype == torch.bfloat16 and x.dtype == dispatch.autocast_dtype(x.device)
@@ -575,8 +578,8 @@ def _fused_plans(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> Optional[L
             (x.dtype in (torch.float32, torch.float64) or low) and x.dim() == 4):
         return None
     # fp16 products where the device multiplies them (a GPU: what --amp gives there), as autocast does
-    dtypes = [d for d in dispatch.product_dtypes(x.device, x.dtype)
-              if d != torch.float16 or dispatch.native_low_precision(x.device, d)]
+    dtypes = [d for d in dispatch.product_dtypes(x.device, x.dtype) if d != torch.float16 or (
+        dispatch.native_low_precision(x.device, d) and not scaled_weight)]
     return [Plan(backend=backend, dtype=dtype) for dtype in dtypes
             for backend in dispatch.backends(x.device, dtype)]
 
@@ -598,7 +601,7 @@ def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.
     modules compute it, which is taken where the kernel does not apply (another norm or activation,
     dropout, fp16 or other dtypes) and wherever it is faster.
     """
-    fused = _fused_plans(x, norm, act)
+    fused = _fused_plans(x, norm, act, scaled_weight=layer_scale is not None)
     if fused is None:
         return plain(x)
     kernel_act, rows = Activation(act), norm_rows(norm)

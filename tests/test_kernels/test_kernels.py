@@ -169,10 +169,11 @@ def test_mlp_kernel_with_star_relu_equals_the_branch_as_written(backend, monkeyp
         assert max_rel_err(a, b) <= 1e-5
 
 
-def low_products_against_fp32(groups, low):
+def low_products_against_fp32(groups, low, layer_scale=True):
     """The MLP kernel's output and gradients (x, fc1's and fc2's weights) under ``low`` autocast with
     products in ``low``, and their largest relative errors against the same with fp32 products."""
     norm, fc1, act, fc2, ls = branch(dim=16, hidden=64, groups=groups, dtype=torch.float32)
+    ls = ls if layer_scale else None
     x = torch.randn(2, 16, 20, 20, requires_grad=True)
     results = []
     for dtype in (torch.float32, low):
@@ -196,8 +197,9 @@ def test_mlp_kernel_with_bf16_products_tracks_fp32(groups, monkeypatch):
 @pytest.mark.parametrize('groups', [1, None], ids=['group_norm', 'layer_norm'])
 def test_mlp_kernel_with_fp16_products_tracks_fp32_where_the_device_has_them(groups, monkeypatch):
     """fp16 products, offered where the device multiplies fp16 natively (CUDA: what ``--amp`` gives
-    there; here the CPU made to say so): the output fp32 and within fp16's bounds of fp32 (tighter
-    than bf16's); without native fp16 they are not offered."""
+    there, a CPU with avx512_fp16; here the CPU made to say so) and no LayerScale is folded into
+    fc2's weight: the output fp32 and within fp16's bounds of fp32 (tighter than bf16's); without
+    native fp16 they are not offered."""
     norm, _, act, _, _ = branch(dim=16, hidden=64, groups=groups, dtype=torch.float32)
     x = torch.randn(2, 16, 20, 20)
     with torch.autocast('cpu', dtype=torch.float16):
@@ -205,7 +207,10 @@ def test_mlp_kernel_with_fp16_products_tracks_fp32_where_the_device_has_them(gro
         assert offered and all(plan.dtype != torch.float16 for plan in offered) or \
             kernels.dispatch.native_low_precision(x.device, torch.float16)
     monkeypatch.setattr(kernels.dispatch, 'native_low_precision', lambda device, dtype: True)
-    out_err, grad_errs = low_products_against_fp32(groups, torch.float16)
+    with torch.autocast('cpu', dtype=torch.float16):  # (a folded LayerScale: fp32 products only)
+        assert {p.dtype for p in mlp_kernel._fused_plans(x, norm, act, scaled_weight=True)} == {
+            torch.float32}
+    out_err, grad_errs = low_products_against_fp32(groups, torch.float16, layer_scale=False)
     # (measured: 1.5e-4 and at most 5e-4, a tenth of bf16's 1.5e-3 and 6e-3)
     assert 0 < out_err <= 5e-4
     assert all(err <= 1.5e-3 for err in grad_errs)

@@ -97,10 +97,12 @@ def test_fused_block_equals_its_plain_formulation_with_drop_path(plan):
 
 
 @pytest.mark.parametrize('plan', PLANS + [kernels.Plan(dtype=torch.bfloat16)], ids=str)
-def test_autocast_keeps_layer_scale_alive_and_statistics_finite(plan):
+def test_autocast_keeps_layer_scale_alive_and_statistics_finite(plan, monkeypatch):
     """Under autocast a LayerScale of 1e-6 must still scale the MLP branch (1e-6 x a weight is below
     fp16's range), and the pooling branch's statistics of a large low-precision map (a convolution's
-    output under autocast) must not overflow."""
+    output under autocast) must not overflow. On every CPU as on one that multiplies fp16 (a GPU, or
+    avx512_fp16, where fp16 products are offered)."""
+    monkeypatch.setattr(kernels.dispatch, 'native_low_precision', lambda device, dtype: True)
     torch.manual_seed(0)
     block = MetaFormerBlock(32, Pooling(32), layer_scale_init_value=1e-6).train()
     block.norm2.eps = 1e-14  # so that a map of 1e-4 normalises as one of 1 would
