@@ -30,6 +30,10 @@ TRIALS = 3  # timed runs of each candidate
 # multiplies) keep the same tensors and compete on time alone: at S12's stage 2 oneDNN's products
 # were 4-7% faster than the BLAS's listed before them (Zen 4), which a tie had kept.
 TIE = 0.05
+# A candidate whose warm-up took this many times the fastest warm-up, and this many seconds, is not
+# timed again: it can only lose, and its trials would hold the first step for minutes (fp16
+# convolutions' backward on a CPU with avx512_fp16: PyTorch-S12's stem 200 times slower than fp32).
+HOPELESS, HOPELESS_S = 20, 0.1
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,8 @@ def choose(key: tuple, candidates: Sequence[Plan], run: Callable[[Plan], None]) 
 
     ``run(plan)`` computes the branch once with ``plan`` on the real input, as the caller would
     (forward, or forward and backward in training); each candidate runs once to warm up, then
-    :data:`TRIALS` times, and its fastest run counts; :func:`preferred` keeps one.
+    :data:`TRIALS` times, and its fastest run counts (a :data:`HOPELESS` one: its warm-up);
+    :func:`preferred` keeps one.
     """
     if _forced:
         return _closest(_forced[-1], candidates)
@@ -108,19 +113,26 @@ def choose(key: tuple, candidates: Sequence[Plan], run: Callable[[Plan], None]) 
         return candidates[0]
     plan = _chosen.get(key)
     if plan is None:
-        times = {candidate: float('inf') for candidate in candidates}
-        for candidate in candidates:
-            run(candidate)  # warm-up: first-call allocations, oneDNN primitive creation
+        times = {}
+        for candidate in candidates:  # warm-up: first-call allocations, oneDNN primitive creation
+            times[candidate] = _timed(key, run, candidate)
+        fastest = min(times.values())
+        timed = [c for c in candidates if not (times[c] > HOPELESS * fastest and times[c] > HOPELESS_S)]
+        times.update((candidate, float('inf')) for candidate in timed)
         for _ in range(TRIALS):  # interleaved, the best of each: a busy core slows one run
-            for candidate in candidates:
-                start = time.perf_counter()
-                run(candidate)
-                _synchronize(key)
-                times[candidate] = min(times[candidate], time.perf_counter() - start)
+            for candidate in timed:
+                times[candidate] = min(times[candidate], _timed(key, run, candidate))
         _timings[key] = {str(p): t for p, t in times.items()}
         kept = preferred(_timings[key])
         plan = _chosen[key] = next(c for c in candidates if str(c) == kept)
     return plan
+
+
+def _timed(key: tuple, run: Callable[[Plan], None], plan: Plan) -> float:
+    start = time.perf_counter()
+    run(plan)
+    _synchronize(key)
+    return time.perf_counter() - start
 
 
 def kind(plan: str) -> str:
@@ -230,15 +242,17 @@ def cpu_info() -> dict:
 
 
 def native_low_precision(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``device`` multiplies ``dtype`` in hardware: always on CUDA; on a CPU, with AVX-512 /
-    AMX instructions for it (without them oneDNN emulates bf16, several times slower than fp32)."""
+    """Whether ``device`` computes ``dtype`` faster than fp32: always on CUDA; on a CPU, bf16 with
+    AVX-512 / AMX instructions for it (without them oneDNN emulates bf16, several times slower than
+    fp32), fp16 with AMX's (with avx512_fp16 alone, on a Xeon with AMX for bf16 only, fp16 products
+    took as long as fp32's, convolutions 1.3 times as long forward and 200 times backward)."""
     if device.type != 'cpu':
         return True
     flags = set(cpu_info()['flags'])
     if dtype == torch.bfloat16:
         return bool(flags & {'avx512_bf16', 'amx_bf16'})
     if dtype == torch.float16:
-        return bool(flags & {'avx512_fp16', 'amx_fp16'})
+        return 'amx_fp16' in flags
     return True
 
 

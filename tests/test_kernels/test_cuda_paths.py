@@ -106,7 +106,7 @@ def test_a_backbone_with_the_gpu_group_norm_equals_it_without(cls, monkeypatch):
     GroupNorm, to 1e-10."""
     from mmpoolformer.kernels import mlp
     from mmpoolformer.models import token_mixers
-    monkeypatch.setattr(mlp, '_fused_plans', lambda *args: None)
+    monkeypatch.setattr(mlp, '_fused_plans', lambda *args, **kwargs: None)
     monkeypatch.setattr(token_mixers, 'norm_pool_residual',
                         lambda x, norm, size, layer_scale, factors, plain, res_scale: plain(x))
     model = randomize_weights(cls(arch=next(iter(cls.arch_zoo)), out_indices=(0, 1, 2, 3))).double()

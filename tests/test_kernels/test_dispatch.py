@@ -30,6 +30,29 @@ def test_the_fastest_candidate_is_kept_per_key(timed_choices, monkeypatch):
     assert dispatch.timings()['k 1'] == {'fused/blas': 5, 'fused/onednn': 1}
 
 
+def test_a_hopeless_candidate_runs_once(timed_choices, monkeypatch):
+    """A candidate whose warm-up took HOPELESS times the fastest's and HOPELESS_S seconds is not
+    timed again (an emulated fp16 convolution's backward: seconds a run); a slow but quick one is."""
+    fast, quick, slow = dispatch.Plan(), dispatch.Plan(backend='onednn'), dispatch.PLAIN
+    seconds = {fast: 0.004, quick: 0.09, slow: 0.15}  # 22.5x (under HOPELESS_S) and 37.5x
+    now, runs = [0.], []
+    monkeypatch.setattr(dispatch.time, 'perf_counter', lambda: now[0])
+
+    def run(plan):
+        runs.append(plan)
+        now[0] += seconds[plan]
+
+    assert dispatch.choose(('k', ), [fast, quick, slow], run) == fast
+    assert runs == [fast, quick, slow] + [fast, quick] * dispatch.TRIALS
+    assert dispatch.timings()['k'] == pytest.approx(
+        {'fused/blas': 0.004, 'fused/onednn': 0.09, 'plain': 0.15})
+    seconds[slow] = 0.07  # 17.5x: timed
+    runs.clear()
+    dispatch.reset()
+    assert dispatch.choose(('k', ), [fast, quick, slow], run) == fast
+    assert runs == [fast, quick, slow] * (1 + dispatch.TRIALS)
+
+
 def test_a_tie_goes_to_the_candidate_listed_first(timed_choices, monkeypatch):
     """Within ``TIE`` of the fastest, the kernel's own plan (listed first) is kept; beyond, not."""
     first, other = dispatch.Plan(), dispatch.PLAIN
@@ -121,6 +144,12 @@ def test_low_precision_is_preferred_only_where_the_cpu_has_it(monkeypatch):
         monkeypatch.setattr(dispatch, 'cpu_info', lambda: dict(model='x', flags=['avx512_bf16']))
         assert dispatch.product_dtypes(cpu, torch.float32) == [torch.bfloat16, torch.float32]
     assert dispatch.product_dtypes(cpu, torch.float32) == [torch.float32]
+    # fp16: with AMX's instructions for it; avx512_fp16 alone computed it no faster than fp32
+    with torch.autocast('cpu', dtype=torch.float16):
+        monkeypatch.setattr(dispatch, 'cpu_info', lambda: dict(model='x', flags=['avx512_fp16']))
+        assert dispatch.product_dtypes(cpu, torch.float32) == [torch.float32, torch.float16]
+        monkeypatch.setattr(dispatch, 'cpu_info', lambda: dict(model='x', flags=['amx_fp16']))
+        assert dispatch.product_dtypes(cpu, torch.float32) == [torch.float16, torch.float32]
 
 
 def test_tracing_takes_the_plain_formulation(timed_choices):

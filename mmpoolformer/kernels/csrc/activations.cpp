@@ -78,7 +78,7 @@ constexpr float kRsqrt2Pi = 0.39894228040143268f;  // 1 / sqrt(2 pi)
 inline std::pair<Vec, Vec> gelu_and_grad(const Vec& x, const Vec& g) {
   const Vec one(1.f), half(0.5f), zero(0.f), neg_half(-0.5f), p(kP), rsqrt2(kRsqrt2),
       rsqrt2pi(kRsqrt2Pi), a1(kA1), a2(kA2), a3(kA3), a4(kA4), a5(kA5);
-  const Vec t = one / at::vec::fmadd(p, (x * rsqrt2).abs(), one);
+  const Vec t = mmpoolformer::reciprocal(at::vec::fmadd(p, (x * rsqrt2).abs(), one));
   const Vec poly = at::vec::fmadd(
       at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(a5, t, a4), t, a3), t, a2), t, a1) * t;
   const Vec e = (x * x * neg_half).exp_u20();  // exp(-h^2 / 2): erf's exp(-z^2) and the density's
@@ -150,7 +150,7 @@ inline Vec horner(const float (&coefficients)[N], const Vec& t) {
 inline Vec gelu_value(const Vec& x) {
   const Vec u = at::vec::clamp(x * Vec(kRsqrt2), Vec(-kErfEnd), Vec(kErfEnd));
   const Vec t = u * u;
-  const Vec erf = at::vec::clamp(u * horner(kErfP, t) / horner(kErfQ, t), Vec(-1.f), Vec(1.f));
+  const Vec erf = at::vec::clamp(u * horner(kErfP, t) * mmpoolformer::reciprocal(horner(kErfQ, t)), Vec(-1.f), Vec(1.f));
   const Vec half_x = x * Vec(0.5f);
   return at::vec::fmadd(half_x, erf, half_x);
 }
