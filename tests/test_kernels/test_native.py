@@ -76,6 +76,39 @@ def test_compiled_gelu_in_bf16_rounds_once_as_pytorchs_operators(gelu_value_and_
         assert error.max() <= (pytorchs.double() - exact).abs().max() + 2e-6
 
 
+@pytest.mark.parametrize('numel', [1, 31, 32, 100_003])
+def test_compiled_bf16_passes_round_their_float32_results_to_nearest_even(compiled, numel, threads):
+    """Every bf16 pass computes in float32 what its float32 pass computes and rounds it once, to
+    nearest even: bit for bit the float32 pass's results rounded by PyTorch, whichever rounding the
+    CPU takes (its own instruction with avx512_bf16, at::vec's integer arithmetic elsewhere), on
+    every length class, halves of each vector pair in place; subnormal floats (below 1.2e-38; GELU's
+    gradient at -13 here) may be flushed to zero, as the CPU's instruction does."""
+    g = torch.Generator().manual_seed(numel)
+    h = (torch.randn(numel, generator=g) * 4).bfloat16()
+    grad = torch.randn(numel, generator=g).bfloat16()
+    scale, bias = torch.tensor([0.8]), torch.tensor([-0.1])
+
+    def rounded(ours, single):
+        expected = single.bfloat16()
+        flushed = (single.abs() < torch.finfo(torch.float32).tiny) & (ours == 0)
+        return torch.equal(torch.where(flushed, ours, expected), ours)
+
+    ours, single = torch.empty_like(h), torch.empty(numel)
+    for op in (compiled.gelu, lambda x, out: compiled.star_relu(x, out, scale, bias)):
+        op(h, ours)
+        op(h.float(), single)
+        assert rounded(ours, single)
+    value, ours, value32, grad32 = torch.empty_like(h), grad.clone(), torch.empty(numel), grad.float()
+    compiled.gelu_value_and_grad(h, value, ours)
+    compiled.gelu_value_and_grad(h.float(), value32, grad32)
+    assert rounded(value, value32) and rounded(ours, grad32)
+    value, ours, value32, grad32 = torch.empty_like(h), grad.clone(), torch.empty(numel), grad.float()
+    sums = compiled.star_relu_backward(h, ours, value, scale, bias)
+    sums32 = compiled.star_relu_backward(h.float(), grad32, value32, scale, bias)
+    assert rounded(value, value32) and rounded(ours, grad32)
+    assert torch.allclose(sums, sums32, rtol=1e-12)
+
+
 def test_compiled_gelu_forward_is_as_close_to_float64_as_pytorchs(compiled):
     """GELU's forward pass (its rational erf): over every float32 of [-8, 8] a step of 2^-18 apart, no
     further from float64 than PyTorch's fp32 GELU (1.2e-6 here), within 1.2e-6 everywhere and within

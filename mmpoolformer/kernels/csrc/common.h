@@ -47,8 +47,10 @@ inline bool check_float_or_bf16(std::initializer_list<const at::Tensor*> tensors
 }
 
 // 1 / d to within an ulp or two: the CPU's reciprocal estimate (14 bits with AVX-512, 12 with AVX2)
-// and one Newton step, which doubles its bits. A division of vectors issues once in 8-16 cycles,
-// and GELU's formulas divide once per vector: it was what bounded their loops.
+// and one Newton step, which doubles its bits. A division of vectors issues once in 8-16 cycles:
+// GELU's value and derivative divide once per vector. (Not GELU's forward pass: its loop is bound by
+// its other operations, and its rational erf must reach exactly -1 for large negative inputs, where
+// the estimate left 6e-8 and gelu(-1e4) at -3e-4 instead of 0.)
 inline Vec reciprocal(const Vec& d) {
 #if defined(CPU_CAPABILITY_AVX512)
   const Vec r(_mm512_rcp14_ps(d));
