@@ -3,10 +3,11 @@
 The MLP kernel's activations (``csrc/activations.cpp``), in one pass over a chunk each way: GELU's
 value and derivative in backward (PyTorch's two operators spend three exponentials on them, this
 kernel one), StarReLU forward and backward (as PyTorch's operators, four passes forward and six
-backward); fp32 chunks, and bf16 ones under autocast. On the Zen 3 machine (AVX2, 2 threads,
-2x512x512, profiled): the GELU work of PoolFormer-S12's backward 24-28 against 57-69 ms a training
-step; ConvFormer-S18's element-wise operators around StarReLU 78-92 against 172-216 ms. On the Zen 4
-machine under bf16 autocast, S12's training step 5.5% faster with the bf16 GELU than without.
+backward); fp32 chunks, and bf16 ones under autocast (rounded by the CPU's own instruction where it
+has avx512_bf16). On the Zen 3 machine (AVX2, 2 threads, 2x512x512, profiled): the GELU work of
+PoolFormer-S12's backward 24-28 against 57-69 ms a training step; ConvFormer-S18's element-wise
+operators around StarReLU 78-92 against 172-216 ms. On the Zen 4 machine under bf16 autocast, S12's
+training step 5.5% faster with the bf16 GELU than without.
 
 The pooling branch (``csrc/pooling.cpp``), on channels-last maps: pooling and interpolation in one pass
 forward, two passes backward (PyTorch's operators: two and six). On the Zen 4 machine (AVX-512, 2
