@@ -69,31 +69,6 @@ struct Pairs<at::BFloat16> {
   }
 };
 
-// bfloat16 rounded by the CPU's own instruction, where it has avx512_bf16: one instruction for 32
-// values where at::vec's rounding takes a dozen integer ones, to the same results (round to nearest
-// even), except that it flushes subnormal floats (below 1.2e-38) to zero, as oneDNN's bf16 kernels
-// do (keeping them cost a test per vector and the whole gain). GELU's passes over a bf16 chunk take
-// 15-20% less time on the Xeon; S12's bf16 training step 2.4% less (paired), ConvFormer-S18's 1.8%. Each
-// pass's loop is written once, over a policy P (Pairs<T> or this one); its instance for this one is
-// compiled for avx512_bf16 (the wrappers below, whose `flatten` inlines the loop and the store into
-// a function allowed the instruction) and called only where cpu_rounds_bf16().
-#if defined(CPU_CAPABILITY_AVX512)
-#define MMPF_NATIVE_BF16 1
-#pragma GCC push_options
-#pragma GCC target("avx512bf16")
-struct NativeBf16 : Pairs<at::BFloat16> {
-  static void store(at::BFloat16* p, const Vec& a, const Vec& b) {
-    _mm512_storeu_si512(p, (__m512i)_mm512_cvtne2ps_pbh(__m512(b), __m512(a)));
-  }
-};
-#pragma GCC pop_options
-
-bool cpu_rounds_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-#endif
-
 // ---------------------------------------------------------------------------------------- GELU
 constexpr float kP = 0.3275911f;  // 7.1.26: erf(z) = 1 - t (a1 + a2 t + ... + a5 t^4) t exp(-z^2)
 constexpr float kA1 = 0.254829592f, kA2 = -0.284496736f, kA3 = 1.421413741f, kA4 = -1.453152027f,
@@ -140,7 +115,6 @@ void gelu_and_grad_range(const T* hp, T* vp, T* gp, int64_t begin, int64_t end) 
   }
 }
 
-
 // GELU's value alone (forward): x / 2 * (1 + erf(x / sqrt(2))), erf from a rational function instead,
 // erf(u) = u P(u^2) / Q(u^2) for |u| <= 3.92 (beyond it float32's erf is +-1), fitted in float64 by
 // least squares reweighted toward the smallest largest error (|error| < 2e-8 in float64; within 1.1e-6
@@ -180,7 +154,6 @@ void gelu_range(const T* hp, T* op, int64_t begin, int64_t end) {
     op[i] = 0.5f * x * (1.f + std::erf(x * kRsqrt2));
   }
 }
-
 
 // ------------------------------------------------------------------------------------ StarReLU
 // out = scale * relu(h)^2 + bias, over [begin, end)
@@ -241,35 +214,50 @@ void star_relu_backward_range(const T* hp, T* gp, T* vp, float s, float b, Threa
 }
 
 // ---------------------------------------------------------------------------------- the passes
-// The loops' bfloat16 instances that round with the CPU's instruction (NativeBf16); elsewhere the
-// portable ones
-#if defined(MMPF_NATIVE_BF16)
+// bfloat16 rounded by the CPU's own instruction, where it has avx512_bf16: one instruction for 32
+// values where at::vec's rounding takes a dozen integer ones, to the same results (round to nearest
+// even), except that it flushes subnormal floats (below 1.2e-38) to zero, as oneDNN's bf16 kernels
+// do (keeping them cost a test per vector and the whole gain). GELU's passes over a bf16 chunk take
+// 15-20% less time on the Xeon; S12's bf16 training step 2.4% less (paired), ConvFormer-S18's
+// 1.8%. Each loop above is written once, over a policy P (Pairs<T> or NativeBf16); its NativeBf16
+// instance is compiled for avx512_bf16 in the wrappers below (`flatten`: the loop and its store
+// inlined into a function allowed the instruction) and called only where cpu_rounds_bf16().
+#if defined(CPU_CAPABILITY_AVX512)
+bool cpu_rounds_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
 #define MMPF_INLINED __attribute__((flatten))
-using RoundingPairs = NativeBf16;
-#else
-#define MMPF_INLINED
-using RoundingPairs = Pairs<at::BFloat16>;
+struct NativeBf16 : Pairs<at::BFloat16> {
+  static void store(at::BFloat16* p, const Vec& a, const Vec& b) {
+    _mm512_storeu_si512(p, (__m512i)_mm512_cvtne2ps_pbh(__m512(b), __m512(a)));
+  }
+};
+#else  // (AVX2: never chosen)
 bool cpu_rounds_bf16() { return false; }
+#define MMPF_INLINED
+using NativeBf16 = Pairs<at::BFloat16>;
 #endif
 using BF16 = at::BFloat16;
 MMPF_INLINED void gelu_and_grad_native(const BF16* hp, BF16* vp, BF16* gp, int64_t begin,
                                        int64_t end) {
-  gelu_and_grad_range<RoundingPairs>(hp, vp, gp, begin, end);
+  gelu_and_grad_range<NativeBf16>(hp, vp, gp, begin, end);
 }
 MMPF_INLINED void gelu_native(const BF16* hp, BF16* op, int64_t begin, int64_t end) {
-  gelu_range<RoundingPairs>(hp, op, begin, end);
+  gelu_range<NativeBf16>(hp, op, begin, end);
 }
 MMPF_INLINED void star_relu_native(const BF16* hp, BF16* op, float s, float b, int64_t begin,
                                    int64_t end) {
-  star_relu_range<RoundingPairs>(hp, op, s, b, begin, end);
+  star_relu_range<NativeBf16>(hp, op, s, b, begin, end);
 }
 MMPF_INLINED void star_relu_backward_native(const BF16* hp, BF16* gp, BF16* vp, float s, float b,
                                             ThreadSums* sums, int64_t begin, int64_t end) {
-  star_relu_backward_range<RoundingPairs>(hp, gp, vp, s, b, sums, begin, end);
+  star_relu_backward_range<NativeBf16>(hp, gp, vp, s, b, sums, begin, end);
 }
-#if defined(MMPF_NATIVE_BF16)
+#undef MMPF_INLINED
+#if defined(CPU_CAPABILITY_AVX512)
 #pragma GCC pop_options
 #endif
 
