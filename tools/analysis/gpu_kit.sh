@@ -9,7 +9,8 @@
 # lacks, pycocotools and shapely built for PYTHON_VERSION, and mmcv 2.1.0 without its compiled ops
 # (a pure-Python wheel built here from its source release: enough for the backbone, its tests and
 # benchmarks; mmcv's CUDA ops, which the `models` and `dist` steps need, take
-# `tools/setup_env.sh --gpu` there). DIR is added to .git/info/exclude: wheels never belong in git.
+# `tools/setup_env.sh --gpu` there). A DIR inside the repository is added to .git/info/exclude: wheels
+# never belong in git.
 # Then, on the GPU machine, from the repository's root, with DIR carried:
 #
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site DIR/*.whl
@@ -24,7 +25,11 @@ PY=${PYTHON:-$REPO/.venv/bin/python}
 [[ -x "$PY" ]] || PY=python3
 cd "$REPO"
 mkdir -p "$DIR"
-grep -qxF "/$DIR/" .git/info/exclude 2>/dev/null || echo "/$DIR/" >> .git/info/exclude
+DIR=$(cd "$DIR" && pwd)
+case "$DIR/" in  # (inside the repository: kept out of git)
+    "$REPO"/*) entry="/${DIR#"$REPO"/}/"
+               grep -qxF "$entry" .git/info/exclude 2>/dev/null || echo "$entry" >> .git/info/exclude ;;
+esac
 
 # pinned as tools/setup_env.sh installs them; the rest: what these import beyond the GPU image's
 # packages (its list: the device tool's KINDS.md)
