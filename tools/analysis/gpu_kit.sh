@@ -31,9 +31,10 @@ case "$DIR/" in  # (inside the repository: kept out of git)
                grep -qxF "$entry" .git/info/exclude 2>/dev/null || echo "$entry" >> .git/info/exclude ;;
 esac
 
-# pinned as tools/setup_env.sh installs them; the rest: what these import beyond the GPU image's
-# packages (its list: the device tool's KINDS.md)
-PACKAGES=(mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0
+# the versions that setup.py's ranges gave tools/setup_env.sh (setuptools < 82: mmengine 0.10 imports
+# pkg_resources); the rest: what these import beyond the GPU image's packages (its list: the device
+# tool's KINDS.md)
+PACKAGES=(mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0 'setuptools<82'
           addict yapf platformdirs termcolor terminaltables prettytable wcwidth ftfy mat4py
           modelindex ordered-set pycocotools shapely)
 PLATFORMS=()
@@ -44,7 +45,7 @@ done
     --implementation cp "${PLATFORMS[@]}" -d "$DIR" "${PACKAGES[@]}"
 
 # mmcv: no wheel for these PyTorch builds; without its ops it is pure Python
-SDIST=${MMCV_SDIST:-$HOME/.cache/mmpoolformer/src/mmcv-2.1.0.tar.gz}
+SDIST=${MMCV_SDIST:-${MMPF_CACHE:-$HOME/.cache/mmpoolformer}/src/mmcv-2.1.0.tar.gz}  # (setup_env.sh's)
 [[ -f "$SDIST" ]] || "$PY" -m pip download -q --no-deps --no-binary=:all: -d "$(dirname "$SDIST")" \
     mmcv==2.1.0
 MMCV_WITH_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DIR" "$SDIST"
