@@ -25,7 +25,7 @@ import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..kernels import conv2d, norm_mlp_residual
+from ..kernels import conv2d, norm_mlp_residual, to_nchw
 from ..registry import MODELS
 from .arguments import check_arguments
 from .layers import add_residual, build_act, build_norm
@@ -528,7 +528,7 @@ class MetaFormer(BaseModule):
             x = self._run_stage(self.network[entries[-1]], x)
             if i in self.out_indices:
                 norm = getattr(self, f'norm{2 * i}', None)
-                outs.append((x if norm is None else norm(x)).contiguous())
+                outs.append(to_nchw(x if norm is None else norm(x)))
         return tuple(outs)
 
 

@@ -634,6 +634,30 @@ def test_output_norm_writes_the_nchw_map_as_it_normalises(compiled, shape):
         assert max_rel_err(ours, reference) <= max_rel_err(pytorchs, reference) + 1e-6
 
 
+@pytest.mark.parametrize('shape', [(2, 64, 32, 32), (2, 19, 5, 7)], ids=['tiles', 'tails'])
+def test_emitted_maps_after_a_layer_norm_are_turned_by_the_compiled_transposition(compiled, shape):
+    """``to_nchw`` of a channel LayerNorm's channels-last output (the Baselines' output norms): the
+    compiled transposition forward and back (the gradient turned channels-last for the norm's
+    backward), exactly the values and gradients of ``.contiguous()``."""
+    torch.manual_seed(0)
+    norm = LayerNorm2d(shape[1], eps=1e-6)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(shape)
+    results = {}
+    for plan in (kernels.Plan(), kernels.PLAIN):
+        with kernels.forced(plan), OpLog() as log:
+            y = kernels.to_nchw(norm(x))
+            grads = torch.autograd.grad(y, [x, norm.weight, norm.bias], grad)
+        assert y.is_contiguous() and grads[0].is_contiguous(memory_format=torch.channels_last)
+        names = [name for name, _ in log.ops]
+        assert names.count('mmpoolformer.transpose_affine') == (2 if plan.fused else 0)
+        results[plan.fused] = (y, *grads)
+    for ours, pytorchs in zip(results[True], results[False]):
+        assert torch.equal(ours, pytorchs)
+
+
 def test_the_backbone_output_norms_emit_nchw_maps():
     """Only the output norms write NCHW maps (the blocks' norms keep the stages channels-last)."""
     from mmpoolformer.models import PoolFormer
@@ -643,6 +667,11 @@ def test_the_backbone_output_norms_emit_nchw_maps():
                    if name.startswith('network'))
     outs = model(torch.randn(1, 3, 64, 96))
     assert all(out.is_contiguous() for out in outs)
+    from mmpoolformer.models import ConvFormer  # (channel LayerNorms: then turned by to_nchw)
+    with OpLog() as log:
+        outs = ConvFormer('s18', out_indices=(0, 1, 2, 3))(torch.randn(1, 3, 64, 96))
+    assert all(out.is_contiguous() for out in outs)
+    assert [name for name, _ in log.ops].count('mmpoolformer.transpose_affine') == 4 or not BUILDABLE
 
 
 def test_kernels_that_cannot_be_built_leave_the_work_to_pytorch(tmp_path, monkeypatch):
