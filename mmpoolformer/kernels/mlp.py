@@ -240,16 +240,36 @@ class LayerNormRows:
         # (statistics of bf16 rows in fp32, as PyTorch's LayerNorm keeps them)
         stats = dict(dtype=torch.promote_types(rows.dtype, torch.float32))
         mean, rstd = rows.new_empty(len(rows), 1, **stats), rows.new_empty(len(rows), 1, **stats)
+        if _compiled_rows(rows, weight, bias) and out.dtype in (torch.float32, torch.bfloat16):
+            # (straight into the products' dtype)
+            native.ops().layer_norm_rows(rows, weight, bias, self.eps, out, mean, rstd)
+            return out, (mean, rstd)
         # low-precision products: normalised in the input's precision, then rounded
         normed = out if out.dtype == rows.dtype else torch.empty_like(rows)
         torch.ops.aten.native_layer_norm.out(rows, rows.shape[1:], weight, bias, self.eps,
                                              out0=normed, out1=mean, out2=rstd)
         return out if normed is out else out.copy_(normed), (mean, rstd)
 
-    def backward_rows(self, grad_normed, rows, row_stats, weight, bias, needs):
-        """Gradients of a chunk's rows, and its share of the weight's and bias's."""
-        return torch.ops.aten.native_layer_norm_backward(grad_normed, rows, rows.shape[1:], *row_stats,
-                                                         weight, bias, list(needs))
+    def backward_rows(self, grad_normed, rows, row_stats, weight, bias, out, grad_weight, grad_bias):
+        """A chunk's rows' gradient into ``out``, its share of the weight's and bias's added into
+        ``grad_weight`` and ``grad_bias`` (None: not needed)."""
+        if _compiled_rows(rows, weight, bias, grad_weight, grad_bias):
+            # (a bf16 product's gradient widened first, as the threads plan widens it)
+            native.ops().layer_norm_rows_backward(grad_normed.to(rows.dtype), rows, *row_stats,
+                                                  weight, out, grad_weight, grad_bias)
+            return
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+            grad_normed, rows, rows.shape[1:], *row_stats, weight, bias,
+            [True, grad_weight is not None, grad_bias is not None])
+        out.copy_(gx)
+        for total, part in ((grad_weight, gw), (grad_bias, gb)):
+            if total is not None:
+                total += part
+
+
+def _compiled_rows(rows: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """Whether the compiled LayerNorm (``csrc/layer_norm.h``) takes these: fp32 CPU tensors."""
+    return native.takes(rows, *(t for t in others if t is not None))
 
 
 def norm_rows(module: nn.Module):
@@ -425,13 +445,8 @@ class _NormMlpResidual(torch.autograd.Function):
                         _linear(plan.backend, gh, w1_t, out=rows_gr[start:end])
                         continue
                     grad_normed = _linear(plan.backend, gh, w1_t, scratch=bufs.grad_normed(k))
-                    rows = rows_x[start:end]
-                    gx, gw, gb = norm.backward_rows(grad_normed, rows, row_stats, norm_weight, norm_bias,
-                                                    needs[:3])
-                    rows_gr[start:end] = gx
-                    for total, part in ((grad_norm_weight, gw), (grad_norm_bias, gb)):
-                        if total is not None:
-                            total += part
+                    norm.backward_rows(grad_normed, rows_x[start:end], row_stats, norm_weight, norm_bias,
+                                       rows_gr[start:end], grad_norm_weight, grad_norm_bias)
             grad_x = grad_rows
             if into_norm and not norm.per_row:
                 grad_x, grad_norm_weight, grad_norm_bias = norm.backward(grad_rows, x, (mean, rstd),

@@ -18,6 +18,12 @@ that only read (PyTorch's operators: four, two of them writing). The backbone's 
 normalised as a channels-last map is turned into an NCHW one, in tiles (PyTorch's GroupNorm and
 ``.contiguous()``: three passes, the last element by element).
 
+Channel LayerNorm over rows of tokens (``csrc/layer_norm.h``, ``csrc/layer_norm.cpp``), forward and
+backward, written straight where the MLP kernel's chunks read it, in their dtype (PyTorch's LayerNorm:
+its own output, then a copy). On the Xeon of 2026-12-04 (one thread, 1024 rows of 64 channels):
+forward 16 against 44 us, backward 18 against 39 us; ConvFormer-S18's forward 3.4% and its training
+step 5.1% faster (paired runs, 2 threads, 2x512x512, fp32), under bf16 autocast 3.1% and 2.3%.
+
 The MLP kernel's chunk loop (``csrc/mlp.cpp``: GroupNorm or channel LayerNorm, GELU or StarReLU), its
 chunks shared out among the threads, each computing its own from the normalisation to the output and
 back.
@@ -41,8 +47,9 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 CSRC = osp.join(osp.dirname(__file__), 'csrc')
 SOURCES = tuple(osp.join(CSRC, name)
-                for name in ('activations.cpp', 'pooling.cpp', 'group_norm.cpp', 'mlp.cpp'))
-HEADERS = (osp.join(CSRC, 'common.h'), )
+                for name in ('activations.cpp', 'pooling.cpp', 'group_norm.cpp', 'layer_norm.cpp',
+                             'mlp.cpp'))
+HEADERS = tuple(osp.join(CSRC, name) for name in ('common.h', 'layer_norm.h'))
 # at::vec selects its instructions by these defines; the compiler needs the matching flags
 CAPABILITY_FLAGS = {
     'AVX2': ['-mavx2', '-mfma', '-DCPU_CAPABILITY=AVX2', '-DCPU_CAPABILITY_AVX2'],
@@ -172,7 +179,8 @@ def _check(namespace) -> Optional[str]:
             and torch.allclose(ours16.double(), grad16.double() * 1.6 * relu16, rtol=2 ** -8,
                                atol=1e-6)):
         return "their bf16 StarReLU disagrees with PyTorch's"
-    return _check_pooling(namespace) or _check_statistics(namespace) or _check_mlp(namespace)
+    return (_check_pooling(namespace) or _check_statistics(namespace) or _check_layer_norm(namespace)
+            or _check_mlp(namespace))
 
 
 def _check_pooling(namespace) -> Optional[str]:
@@ -216,6 +224,28 @@ def _check_statistics(namespace) -> Optional[str]:
     if not (torch.allclose(out, (src * a[:, None] + b[:, None]).transpose(1, 2), atol=1e-6)
             and torch.equal(plain, src.transpose(1, 2))):
         return "their GroupNorm's transposing map disagrees with PyTorch's"
+    return None
+
+
+def _check_layer_norm(namespace) -> Optional[str]:
+    # rows with a tail after the vectors and a large mean; into float32 and bfloat16
+    x = torch.sin(torch.arange(70 * 19.)).view(70, 19) * 2 + 30
+    weight, bias, grad = torch.cos(torch.arange(19.)) + 1.5, torch.linspace(-1, 1, 19), torch.cos(x)
+    out, out16, mean, rstd = torch.empty_like(x), x.bfloat16(), torch.empty(70), torch.empty(70)
+    namespace.layer_norm_rows(x, weight, bias, 1e-6, out16, mean, rstd)
+    namespace.layer_norm_rows(x, weight, bias, 1e-6, out, mean, rstd)
+    xd, wd = x.double().requires_grad_(), weight.double().requires_grad_()
+    bd = bias.double().requires_grad_()
+    reference = torch.nn.functional.layer_norm(xd, (19, ), wd, bd, 1e-6)
+    reference.backward(grad.double())
+    grad_x, grad_weight, grad_bias = torch.empty_like(x), torch.ones(19), torch.ones(19)  # (added to)
+    namespace.layer_norm_rows_backward(grad, x, mean, rstd, weight, grad_x, grad_weight, grad_bias)
+    if not (torch.allclose(out.double(), reference, rtol=1e-5, atol=1e-5)
+            and torch.equal(out16, out.bfloat16())
+            and torch.allclose(grad_x.double(), xd.grad, rtol=1e-4, atol=1e-4)
+            and torch.allclose(grad_weight.double() - 1, wd.grad, rtol=1e-4, atol=1e-4)
+            and torch.allclose(grad_bias.double() - 1, bd.grad, rtol=1e-4, atol=1e-4)):
+        return "their LayerNorm disagrees with PyTorch's"
     return None
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mmpoolformer import kernels
 from mmpoolformer.kernels import mlp as mlp_kernel
 from mmpoolformer.kernels import native
-from mmpoolformer.models.layers import LayerNorm2d, StarReLU
+from mmpoolformer.models.layers import LayerNorm2d, StarReLU, add_residual
 from mmpoolformer.testing import OpLog, max_rel_err
 
 # Where PyTorch's CPU kernels have vector instructions of the kinds ours are built for, a machine with
@@ -592,6 +592,74 @@ def test_transpose_affine_turns_each_sample_and_maps_its_rows(compiled, shape, t
     assert torch.equal(plain, src.transpose(1, 2))
     exact = (src.double() * a.double()[:, None] + b.double()[:, None]).transpose(1, 2)
     assert (mapped.double() - exact).abs().max() <= 2 ** -24 * exact.abs().max()
+
+
+@pytest.mark.parametrize('width', [64, 19, 320], ids=['vectors', 'tail', 'wide'])
+def test_compiled_layer_norm_rows_match_float64(compiled, width, threads):
+    """Channel LayerNorm over rows (the MLP kernel's chunks): forward into fp32, and into bf16 as the
+    fp32 result rounded to nearest even; backward with the weight's and bias's gradients added to
+    what their tensors hold; all as close to float64 as PyTorch's LayerNorm, on rows far from zero
+    too (a mean of 100, where summing squares instead of deviations loses the variance)."""
+    draw = torch.Generator().manual_seed(width)
+    rows = 203  # (several threads' shares, none a multiple of another)
+    x = torch.randn(rows, width, generator=draw) * 3 + 100 * (torch.arange(rows)[:, None] % 2)
+    weight, bias, grad = (torch.randn(shape, generator=draw) for shape in (width, width, (rows, width)))
+    out, out16 = torch.full_like(x, float('nan')), torch.empty(rows, width, dtype=torch.bfloat16)
+    mean, rstd = torch.empty(rows, 1), torch.empty(rows, 1)
+    compiled.layer_norm_rows(x, weight, bias, 1e-6, out16, mean, rstd)
+    compiled.layer_norm_rows(x, weight, bias, 1e-6, out, mean, rstd)
+    grad_x, grad_weight, grad_bias = torch.full_like(x, float('nan')), torch.ones(width), torch.ones(width)
+    compiled.layer_norm_rows_backward(grad, x, mean, rstd, weight, grad_x, grad_weight, grad_bias)
+    assert torch.equal(out16, out.bfloat16())
+
+    def layer_norm(dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (x, weight, bias)]
+        y = F.layer_norm(inputs[0], (width, ), inputs[1], inputs[2], 1e-6)
+        return [y] + list(torch.autograd.grad(y, inputs, grad.to(dtype)))
+
+    exact, pytorchs = layer_norm(torch.float64), layer_norm(torch.float32)
+    for ours, theirs, reference in zip([out, grad_x, grad_weight - 1, grad_bias - 1], pytorchs, exact):
+        assert max_rel_err(ours, reference) <= max(2 * max_rel_err(theirs, reference), 1e-6)
+
+
+def test_compiled_layer_norm_rows_refuse_what_they_do_not_compute(compiled):
+    x, stats = torch.randn(4, 8), torch.empty(4)
+    with pytest.raises(RuntimeError, match='float32 or bfloat16'):
+        compiled.layer_norm_rows(x, None, None, 1e-6, x.half(), stats, stats.clone())
+    with pytest.raises(RuntimeError, match='one per row'):
+        compiled.layer_norm_rows(x, None, None, 1e-6, torch.empty_like(x), torch.empty(3), stats)
+    with pytest.raises(RuntimeError, match='one shape'):
+        compiled.layer_norm_rows(x, torch.ones(7), None, 1e-6, torch.empty_like(x), stats, stats.clone())
+    with pytest.raises(RuntimeError, match='contiguous float32'):
+        compiled.layer_norm_rows_backward(x.double(), x, stats, stats, None, x, None, None)
+
+
+@pytest.mark.parametrize('backend', ['blas', 'threads'])
+def test_the_mlp_kernel_normalises_its_layer_norm_chunks_with_the_compiled_rows(
+        compiled, backend, two_threads):
+    """fp32 chunks after a channel LayerNorm: normalised forward and back by the compiled rows (not
+    PyTorch's LayerNorm), and every output and gradient as close to float64 as the plain branch."""
+    modules = threads_branch(layer_norm=True)
+    x = torch.randn(2, 12, 9, 7).contiguous(memory_format=torch.channels_last)
+    ours, names = threads_step(x, modules, backend)
+    mlp_op = 'mmpoolformer.mlp_forward' in names
+    assert mlp_op == (backend == 'threads')
+    if not mlp_op:
+        assert 'mmpoolformer.layer_norm_rows' in names and 'mmpoolformer.layer_norm_rows_backward' in names
+    assert not any('native_layer_norm' in name for name in names)
+
+    def plain(x, modules):
+        norm, fc1, act, fc2, layer_scale, res = modules
+        x = x.detach().requires_grad_()
+        y = add_residual(x, fc2(act(fc1(norm(x)))), layer_scale, res, None)
+        params = [x] + [p for m in modules if m is not None for p in
+                        (m.parameters() if isinstance(m, nn.Module) else [m])]
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        return [y, *torch.autograd.grad(y, params, grad.to(y.dtype))]
+
+    exact = plain(x.double(), [None if m is None else copy.deepcopy(m).double() for m in modules])
+    for a, b, reference in zip(ours, plain(x, modules), exact):
+        assert max_rel_err(a, reference) <= max(2 * max_rel_err(b, reference), 1e-6)
 
 
 def test_transpose_affine_refuses_what_it_does_not_compute(compiled):

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "common.h"
+#include "layer_norm.h"
 
 namespace {
 
@@ -80,10 +81,34 @@ struct Norm {
   double eps;
   int64_t per_sample;
 
+  // whether layer_norm.h's loops take these rows (float32, as the weight and bias), else ATen's
+  bool compiled(const Tensor& rows) const {
+    return rows.scalar_type() == at::kFloat && rows.is_contiguous() &&
+           (!a.has_value() || a->scalar_type() == at::kFloat) &&
+           (!b.has_value() || b->scalar_type() == at::kFloat);
+  }
+  static const float* pointer(const std::optional<Tensor>& t) {
+    return t.has_value() ? t->const_data_ptr<float>() : nullptr;
+  }
+
   // rows [first, first + k) of x normalised into `out`; a per-row norm's (mean, rstd) of them
   std::tuple<Tensor, Tensor> apply(const Tensor& x, int64_t first, int64_t k, Tensor& out) const {
     if (per_row) {
       const Tensor rows = x.narrow(0, first, k);
+      const bool into = out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16;
+      if (compiled(rows) && into) {  // (layer_norm.h: straight into the products' dtype)
+        Tensor mean = at::empty({k}, rows.options()), rstd = at::empty({k}, rows.options());
+        const float *w = pointer(a), *bias = pointer(b);
+        float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+        if (out.scalar_type() == at::kBFloat16) {
+          mmpoolformer::layer_norm_rows(rows.const_data_ptr<float>(), k, rows.size(1), w, bias, eps,
+                                        out.data_ptr<at::BFloat16>(), mp, rp);
+        } else {
+          mmpoolformer::layer_norm_rows(rows.const_data_ptr<float>(), k, rows.size(1), w, bias, eps,
+                                        out.data_ptr<float>(), mp, rp);
+        }
+        return {mean, rstd};
+      }
       auto [normed, mean, rstd] = at::native_layer_norm(rows, {rows.size(1)}, a, b, eps);
       out.copy_(normed);  // (in the products' dtype: normalised in the rows', then rounded)
       return {mean, rstd};
@@ -105,6 +130,23 @@ struct Norm {
                      const std::tuple<Tensor, Tensor>& stats, const Tensor& grad_rows,
                      Tensor& grad_weight, Tensor& grad_bias, bool fresh) const {
     const Tensor rows = x.narrow(0, first, k);
+    if (compiled(rows)) {  // (the chunk's weight and bias sums, then added to the thread's)
+      const int64_t width = rows.size(1);
+      std::vector<float> sums(2 * width, 0.f);
+      mmpoolformer::layer_norm_rows_backward(
+          grad_normed.const_data_ptr<float>(), rows.const_data_ptr<float>(),
+          std::get<0>(stats).const_data_ptr<float>(), std::get<1>(stats).const_data_ptr<float>(),
+          pointer(a), k, width, grad_rows.narrow(0, first, k).data_ptr<float>(),
+          grad_weight.defined() ? sums.data() : nullptr,
+          grad_bias.defined() ? sums.data() + width : nullptr);
+      Tensor* totals[] = {&grad_weight, &grad_bias};
+      for (int64_t i = 0; i < 2; ++i) {
+        if (!totals[i]->defined()) continue;
+        const Tensor part = at::from_blob(sums.data() + i * width, {width}, rows.options());
+        fresh ? totals[i]->copy_(part) : totals[i]->add_(part);
+      }
+      return;
+    }
     auto [grad_x, part_weight, part_bias] = at::native_layer_norm_backward(
         grad_normed, rows, {rows.size(1)}, std::get<0>(stats), std::get<1>(stats), a, b,
         {true, grad_weight.defined(), grad_bias.defined()});

@@ -1,0 +1,104 @@
+// Channel LayerNorm over rows of tokens (layer_norm.h) as operators, for the MLP kernel's Python loop
+// (mlp.py's LayerNormRows): the rows shared out among the threads, the weight's and bias's gradients
+// summed per thread and added in thread order (the same sums on the same number of threads).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "common.h"
+#include "layer_norm.h"
+
+namespace {
+
+using at::Tensor;
+using mmpoolformer::check;
+
+const float* pointer(const std::optional<Tensor>& t, const Tensor& like, const char* name) {
+  if (!t.has_value()) return nullptr;
+  check(*t, like, name);
+  return t->const_data_ptr<float>();
+}
+
+// rows of x (float32, (rows, C)) normalised into `out` (float32 or bfloat16), with each row's mean and
+// 1 / sqrt(var + eps) into `mean` and `rstd` (float32, (rows, ) or (rows, 1))
+void layer_norm_rows(const Tensor& x, const std::optional<Tensor>& weight,
+                     const std::optional<Tensor>& bias, double eps, const Tensor& out,
+                     const Tensor& mean, const Tensor& rstd) {
+  check(x, x, "layer_norm_rows");
+  TORCH_CHECK(x.dim() == 2, "layer_norm_rows takes (rows, C) tensors, got ", x.sizes());
+  TORCH_CHECK(out.sizes() == x.sizes() && out.is_contiguous() &&
+                  (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+              "layer_norm_rows writes a contiguous float32 or bfloat16 tensor of the rows' shape");
+  const int64_t rows = x.size(0), width = x.size(1);
+  for (const Tensor* stat : {&mean, &rstd})
+    TORCH_CHECK(stat->scalar_type() == at::kFloat && stat->is_contiguous() && stat->numel() == rows,
+                "layer_norm_rows writes float32 statistics, one per row");
+  const Tensor row_like = at::empty({width}, x.options());
+  const float *w = pointer(weight, row_like, "layer_norm_rows"),
+              *b = pointer(bias, row_like, "layer_norm_rows");
+  const float* xp = x.const_data_ptr<float>();
+  float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    const int64_t k = end - begin, offset = begin * width;
+    if (bf16) {
+      mmpoolformer::layer_norm_rows(xp + offset, k, width, w, b, static_cast<float>(eps),
+                                    out.data_ptr<at::BFloat16>() + offset, mp + begin, rp + begin);
+    } else {
+      mmpoolformer::layer_norm_rows(xp + offset, k, width, w, b, static_cast<float>(eps),
+                                    out.data_ptr<float>() + offset, mp + begin, rp + begin);
+    }
+  });
+}
+
+// its backward: the rows' gradient into `grad_x`; the weight's and bias's gradients added into
+// `grad_weight` and `grad_bias` where given
+void layer_norm_rows_backward(const Tensor& grad, const Tensor& x, const Tensor& mean,
+                              const Tensor& rstd, const std::optional<Tensor>& weight,
+                              const Tensor& grad_x, const std::optional<Tensor>& grad_weight,
+                              const std::optional<Tensor>& grad_bias) {
+  check(x, x, "layer_norm_rows_backward");
+  TORCH_CHECK(x.dim() == 2, "layer_norm_rows_backward takes (rows, C) tensors, got ", x.sizes());
+  check(grad, x, "layer_norm_rows_backward");
+  check(grad_x, x, "layer_norm_rows_backward");
+  const int64_t rows = x.size(0), width = x.size(1);
+  for (const Tensor* stat : {&mean, &rstd})
+    TORCH_CHECK(stat->scalar_type() == at::kFloat && stat->is_contiguous() && stat->numel() == rows,
+                "layer_norm_rows_backward takes float32 statistics, one per row");
+  const Tensor row_like = at::empty({width}, x.options());
+  const float* w = pointer(weight, row_like, "layer_norm_rows_backward");
+  pointer(grad_weight, row_like, "layer_norm_rows_backward");
+  pointer(grad_bias, row_like, "layer_norm_rows_backward");
+  const int64_t threads = at::get_num_threads();
+  // each thread's sums: the weight's, then the bias's
+  std::vector<float> sums(static_cast<size_t>(threads) * 2 * width, 0.f);
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    float* mine = sums.data() + at::get_thread_num() * 2 * width;
+    const int64_t offset = begin * width;
+    mmpoolformer::layer_norm_rows_backward(
+        grad.const_data_ptr<float>() + offset, x.const_data_ptr<float>() + offset,
+        mean.const_data_ptr<float>() + begin, rstd.const_data_ptr<float>() + begin, w, end - begin,
+        width, grad_x.data_ptr<float>() + offset, grad_weight.has_value() ? mine : nullptr,
+        grad_bias.has_value() ? mine + width : nullptr);
+  });
+  const std::optional<Tensor> totals[] = {grad_weight, grad_bias};
+  for (int64_t i = 0; i < 2; ++i) {
+    if (!totals[i].has_value()) continue;
+    float* total = totals[i]->data_ptr<float>();
+    for (int64_t thread = 0; thread < threads; ++thread)
+      for (int64_t c = 0; c < width; ++c) total[c] += sums[(thread * 2 + i) * width + c];
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mmpoolformer, m) {
+  m.def("layer_norm_rows(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor(a!) out, "
+        "Tensor(b!) mean, Tensor(c!) rstd) -> ()");
+  m.def("layer_norm_rows_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
+        "Tensor(a!) grad_x, Tensor(b!)? grad_weight, Tensor(c!)? grad_bias) -> ()");
+  m.impl("layer_norm_rows", c10::DispatchKey::CPU, TORCH_FN(layer_norm_rows));
+  m.impl("layer_norm_rows_backward", c10::DispatchKey::CPU, TORCH_FN(layer_norm_rows_backward));
+}

@@ -1,0 +1,117 @@
+// Channel LayerNorm over rows of tokens (the MetaFormer Baselines' block norms), for one thread's
+// rows: the MLP kernel's chunks (mlp.cpp) and layer_norm.cpp's operators call these.
+//
+// PyTorch's LayerNorm inside a chunk allocates its output and statistics, then the chunk copies the
+// output where the product reads it; on rows of 64 channels its per-row work dominates (ConvFormer-
+// S18's stage 0 on the Xeon of 2026-12-04, one thread, 1024 rows: 68 us, and 28 us to copy, for
+// 256 KiB). Here each row is summed, then its squared deviations from the mean (two reads from L1,
+// as exact as PyTorch's running moments), then normalised straight into the output, float32 or
+// bfloat16 (rounded to nearest even, as PyTorch's casts round).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "common.h"
+
+namespace mmpoolformer {
+
+// the first n (at most one vector's) values of v into `to`
+inline void store_values(float* to, const Vec& v, int64_t n) { v.store(to, static_cast<int>(n)); }
+inline void store_values(at::BFloat16* to, const Vec& v, int64_t n) {
+  at::vec::convert_from_float<at::BFloat16>(v, v).store(to, static_cast<int>(n));
+}
+
+inline float vec_sum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
+}
+
+// the mean of a row and 1 / sqrt(variance + eps)
+inline void row_moments(const float* row, int64_t width, float eps, float& mean, float& rstd) {
+  constexpr int64_t V = Vec::size();
+  const int64_t body = width / V * V;
+  Vec acc(0.f);
+  for (int64_t i = 0; i < body; i += V) acc = acc + Vec::loadu(row + i);
+  float sum = vec_sum(acc);
+  for (int64_t i = body; i < width; ++i) sum += row[i];
+  mean = sum / static_cast<float>(width);
+  const Vec vm(mean);
+  Vec squares(0.f);
+  for (int64_t i = 0; i < body; i += V) {
+    const Vec d = Vec::loadu(row + i) - vm;
+    squares = at::vec::fmadd(d, d, squares);
+  }
+  float variance = vec_sum(squares);
+  for (int64_t i = body; i < width; ++i)
+    variance = std::fma(row[i] - mean, row[i] - mean, variance);
+  rstd = 1.f / std::sqrt(variance / static_cast<float>(width) + eps);
+}
+
+// rows [0, rows) of x, `width` values each, normalised into `out`: (x - mean) * rstd * weight + bias
+// (weight and bias: one value per column, or null), each row's mean and rstd into `mean`, `rstd`
+template <typename Out>
+void layer_norm_rows(const float* x, int64_t rows, int64_t width, const float* weight,
+                     const float* bias, float eps, Out* out, float* mean, float* rstd) {
+  constexpr int64_t V = Vec::size();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * width;
+    Out* to = out + r * width;
+    row_moments(row, width, eps, mean[r], rstd[r]);
+    const Vec vm(mean[r]), vr(rstd[r]);
+    // (every product that meets a sum is an explicit fused one, so that the compiler contracts
+    // nothing of its own and each instance, float32 or bfloat16, computes the same float32 values)
+    const auto normalized = [&](int64_t i, int64_t n) {
+      const Vec scale = weight ? vr * Vec::loadu(weight + i, n) : vr;
+      const Vec centred = Vec::loadu(row + i, n) - vm;
+      return bias ? at::vec::fmadd(centred, scale, Vec::loadu(bias + i, n)) : centred * scale;
+    };
+    int64_t i = 0;
+    if constexpr (std::is_same_v<Out, at::BFloat16>) {  // (two vectors to one: half the roundings)
+      for (; i + 2 * V <= width; i += 2 * V)
+        at::vec::convert_from_float<at::BFloat16>(normalized(i, V), normalized(i + V, V)).store(to + i);
+    }
+    for (; i < width; i += V) {
+      const int64_t n = std::min(V, width - i);
+      store_values(to + i, normalized(i, n), n);
+    }
+  }
+}
+
+// The backward of layer_norm_rows over rows [0, rows): the rows' gradient from the output's `grad`
+// into `grad_x`; the weight's and bias's gradients added into `grad_weight`, `grad_bias` (null: not
+// needed). With y = (x - mean) * rstd and g = grad * weight, per row:
+// grad_x = rstd * (g - mean(g) - y * mean(g * y)). (As in the forward, products meet sums only in
+// explicit fused operations: the MLP kernel's two loops, compiled apart, compute alike.)
+inline void layer_norm_rows_backward(const float* grad, const float* x, const float* mean,
+                                     const float* rstd, const float* weight, int64_t rows,
+                                     int64_t width, float* grad_x, float* grad_weight,
+                                     float* grad_bias) {
+  constexpr int64_t V = Vec::size();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * width;
+    const float* g_row = grad + r * width;
+    const Vec vm(mean[r]), vr(rstd[r]);
+    Vec sum_g(0.f), sum_gy(0.f);
+    for (int64_t i = 0; i < width; i += V) {
+      const int64_t n = std::min(V, width - i);  // (the partial loads fill the other lanes with 0)
+      const Vec y = (Vec::loadu(row + i, n) - vm) * vr, gv = Vec::loadu(g_row + i, n);
+      const Vec w = weight ? Vec::loadu(weight + i, n) : Vec(1.f);
+      sum_g = at::vec::fmadd(gv, w, sum_g);
+      sum_gy = at::vec::fmadd(gv * w, y, sum_gy);
+      if (grad_weight)
+        store_values(grad_weight + i, at::vec::fmadd(gv, y, Vec::loadu(grad_weight + i, n)), n);
+      if (grad_bias) store_values(grad_bias + i, gv + Vec::loadu(grad_bias + i, n), n);
+    }
+    const Vec a(vec_sum(sum_g) / static_cast<float>(width));
+    const Vec b(vec_sum(sum_gy) / static_cast<float>(width));
+    float* to = grad_x + r * width;
+    for (int64_t i = 0; i < width; i += V) {
+      const int64_t n = std::min(V, width - i);
+      const Vec y = (Vec::loadu(row + i, n) - vm) * vr, gv = Vec::loadu(g_row + i, n);
+      const Vec w = weight ? Vec::loadu(weight + i, n) : Vec(1.f);
+      store_values(to + i, vr * at::vec::fnmadd(y, b, at::vec::fmsub(gv, w, a)), n);
+    }
+  }
+}
+
+}  // namespace mmpoolformer
