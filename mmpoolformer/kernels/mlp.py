@@ -22,7 +22,7 @@ fill the device; what remains of the kernel there is what it keeps for backward.
 forward pass.
 
 On a CPU with several threads one more plan (:data:`THREADS`) runs the whole chunk loop compiled
-(``csrc/mlp.cpp``; GroupNorm or channel LayerNorm, GELU or StarReLU, not the first half): each
+(``csrc/mlp.cpp``; GroupNorm or channel LayerNorm, GELU or StarReLU, the first half too): each
 thread takes whole chunks of about one core's L2 cache, with single-threaded products, where the loop
 here splits every operation of every chunk between the threads (which then wait for each other, and
 for Python, at every operation). On the Zen 4 machine, a block's MLP forward and backward at S12's
@@ -37,7 +37,9 @@ otherwise); ``r`` is ResScale's per-channel factor on the residual, or none.
 Without fc2 the kernel computes the first half alone, ``act(fc1(norm(x)))``, and writes the hidden
 map: the expansion of a mixer whose spatial operation needs the whole map (ConvFormer's SepConv, before
 its depthwise convolution), which otherwise writes and reads that wide map once per operation of its
-activation.
+activation. Its compiled loop made ConvFormer-S18's forward 2.0% and its training step 1.4% faster
+than the Python loop's (the Xeon of 2026-12-04, 2 threads, 2x512x512, fp32, paired runs; under bf16
+autocast as fast: the run-time choice keeps what pays).
 """
 from typing import Callable, List, Optional
 
@@ -667,4 +669,5 @@ def norm_linear_act(x: torch.Tensor, norm: nn.Module, fc: nn.Conv2d, act: nn.Mod
                                       torch.is_grad_enabled(), *kernel_act.params)
 
     key = ('expand', type(norm).__name__, fc.in_channels, fc.out_channels, type(act).__name__)
-    return dispatch.run(key, fused + [dispatch.PLAIN], compute, x, params)
+    return dispatch.run(key, fused + _threads_plan(x, norm, act) + [dispatch.PLAIN], compute, x,
+                        params)

@@ -385,6 +385,55 @@ def test_the_threads_plan_gives_the_blas_plans_numbers(compiled, res_scale, reco
         assert max_rel_err(a, b) <= 1e-6
 
 
+def expand_step(x, modules, backend, dtype=None):
+    """The first half, ``act(fc1(norm(x)))`` (SepConv's expansion), as :func:`threads_step`."""
+    norm, fc1, act = modules[:3]
+    x = x.detach().requires_grad_()
+    with kernels.forced(kernels.Plan(backend=backend, dtype=dtype or x.dtype)), OpLog() as log:
+        y = kernels.norm_linear_act(x, norm, fc1, act, plain=lambda x: pytest.fail('plain'))
+        params = [x] + [p for m in (norm, fc1, act) for p in m.parameters()]
+        grads = torch.autograd.grad(y, params, torch.randn(y.shape, generator=torch.Generator()
+                                                           .manual_seed(1)).to(y.dtype))
+    return [y, *grads], [name for name, _ in log.ops]
+
+
+@pytest.mark.parametrize('layer_norm', [False, True], ids=['group_norm', 'layer_norm'])
+@pytest.mark.parametrize('act', [nn.GELU(), StarReLU(0.8, -0.1)], ids=COMPILED.keys())
+@pytest.mark.parametrize('recompute_up_to', [1000, 0], ids=['hidden_recomputed', 'hidden_kept'])
+def test_the_threads_plan_computes_the_first_half(compiled, recompute_up_to, act, layer_norm,
+                                                  two_threads, monkeypatch):
+    """The expansion alone (no fc2: the output is the activation, fc1's width) through the compiled
+    loop: the Python loop's output and gradients to fp32 rounding (with bf16 products, where the CPU
+    has them: its output exactly, its gradients as close to fp32), and in float64 ``gradcheck``'s."""
+    for chunks in ('THREAD_CHUNK_BYTES', 'CHUNK_BYTES'):  # (chunks of 7 rows in both loops)
+        monkeypatch.setattr(mlp_kernel, chunks, 7 * 48 * 4)
+    monkeypatch.setattr(mlp_kernel, 'RECOMPUTE_HIDDEN_UP_TO', recompute_up_to)
+    modules = threads_branch(act=copy.deepcopy(act), layer_norm=layer_norm)
+    x = (torch.randn(2, 12, 5, 9) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    ours, names = expand_step(x, modules, 'threads')
+    assert names.count('mmpoolformer.mlp_forward') == 1 and names.count('mmpoolformer.mlp_backward') == 1
+    assert ours[0].shape == (2, 48, 5, 9)
+    python_loop, names = expand_step(x, modules, 'blas')
+    assert 'mmpoolformer.mlp_forward' not in names
+    for a, b in zip(ours, python_loop):
+        assert max_rel_err(a, b) <= 1e-6
+    if kernels.dispatch.native_low_precision(x.device, torch.bfloat16):  # (bf16 products: as rounded)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low, names = expand_step(x, modules, 'threads', torch.bfloat16)
+            low_loop, _ = expand_step(x, modules, 'blas', torch.bfloat16)
+        assert 'mmpoolformer.mlp_backward' in names and low[0].dtype == torch.float32
+        assert torch.equal(low[0], low_loop[0])
+        for a, b, r in zip(low, low_loop, ours):
+            assert max_rel_err(a, r) <= 1.25 * max_rel_err(b, r) + 1e-6
+    norm, fc1, act = (copy.deepcopy(m).double() for m in modules[:3])
+
+    def expand(x):
+        with kernels.forced(kernels.Plan(backend='threads', dtype=torch.float64)):
+            return kernels.norm_linear_act(x, norm, fc1, act, plain=lambda x: pytest.fail('plain'))
+
+    assert torch.autograd.gradcheck(expand, [x.double().detach().requires_grad_()])
+
+
 @pytest.mark.parametrize('chunk_rows, height, c', [(16, 5, 12), (90, 10, 13)],
                          ids=['16_rows', '90_rows_13_channels'])
 @pytest.mark.parametrize('layer_norm', [False, True], ids=['group_norm', 'layer_norm'])

@@ -1,6 +1,6 @@
 // The MLP kernel's chunk loop (mlp.py) with the chunks shared out among the threads, for blocks with
-// GroupNorm or channel LayerNorm and GELU or StarReLU (PoolFormer's, the MetaFormer Baselines'), built
-// for the CPU at hand by native.py.
+// GroupNorm or channel LayerNorm and GELU or StarReLU (PoolFormer's, the MetaFormer Baselines'), and
+// for its first half alone (SepConv's expansion), built for the CPU at hand by native.py.
 //
 // mlp.py runs its chunks one after another and each operation of a chunk on every thread: a product,
 // the activation, a bias sum, each with its own start and end of the threads, and Python between them.
@@ -318,10 +318,12 @@ void residual(Tensor& out, const Tensor& x, const std::optional<Tensor>& res_sca
 }
 
 // out = res_scale * x + scale * fc2(act(fc1(norm(x)))); fc1's output into `hidden` where given (kept
-// for backward)
+// for backward). Without w2, the first half: out = act(fc1(norm(x))), rows of fc1's width (b2,
+// res_scale none, scale 1).
 void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::optional<Tensor>& b,
                  bool per_row, double eps, const Tensor& w1,
-                 const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& b2,
+                 const std::optional<Tensor>& b1, const std::optional<Tensor>& w2,
+                 const std::optional<Tensor>& b2,
                  const std::optional<Tensor>& res_scale, const std::optional<Tensor>& act_scale,
                  const std::optional<Tensor>& act_bias, double scale, int64_t per_sample, int64_t rows,
                  const Tensor& out, const std::optional<Tensor>& hidden) {
@@ -329,7 +331,11 @@ void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::opt
   const Norm norm{a, b, per_row, eps, per_sample};
   const int64_t channels = x.size(1), hidden_size = w1.size(0);
   const bool low = w1.scalar_type() != x.scalar_type();  // (bfloat16 products)
-  check_arguments(x, {&x, &out}, hidden, w1, "mlp_forward");
+  const bool first_half = !w2.has_value();
+  check_arguments(x, {&x}, hidden, w1, "mlp_forward");
+  check_rows(out, x, first_half ? hidden_size : channels, x.scalar_type(), "mlp_forward");
+  TORCH_CHECK(!first_half || (!b2.has_value() && !res_scale.has_value() && scale == 1.),
+              "mlp_forward's first half (no w2) takes no b2, res_scale or scale");
   const Chunks chunks(x.size(0), rows);
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
     // (the other threads do not inherit the caller's thread-local state: autograd stays out here)
@@ -341,16 +347,21 @@ void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::opt
       norm.apply(x, first, k, normed);
       Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
       product_out(h, normed, w1.t(), b1);
-      Tensor act = buf.act.narrow(0, 0, k);
+      Tensor oc = out.narrow(0, first, k);
+      // (the first half's activation straight into the output where the dtypes agree)
+      Tensor act = first_half && !low ? oc : buf.act.narrow(0, 0, k);
       activation.forward(h, act);
-      Tensor xc = x.narrow(0, first, k), oc = out.narrow(0, first, k);
-      residual(oc, xc, res_scale, b2, scale);
+      if (first_half) {
+        if (low) oc.copy_(act);
+        continue;
+      }
+      residual(oc, x.narrow(0, first, k), res_scale, b2, scale);
       if (low) {  // fc2's output in the products' dtype, then added
         Tensor branch = buf.channels_low.narrow(0, 0, k);
-        at::mm_out(branch, act, w2.t());
+        at::mm_out(branch, act, w2->t());
         oc.add_(branch, scale);
       } else {
-        oc.addmm_(act, w2.t(), 1., scale);
+        oc.addmm_(act, w2->t(), 1., scale);
       }
     }
   });
@@ -360,9 +371,11 @@ void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::opt
 // their gradient into `grad_rows`) or to the rows (a per-row norm: their gradient into `grad_rows`),
 // and the gradients of fc1's and fc2's weights and biases and a per-row norm's weight and bias
 // written into the given tensors, StarReLU's scale and bias added into theirs (None: not needed).
+// Without w2, the first half's: `grad` is the activation's output's, rows of fc1's width.
 void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tensor>& a,
                   const std::optional<Tensor>& b, bool per_row, double eps, const Tensor& w1,
-                  const std::optional<Tensor>& b1, const Tensor& w2, const std::optional<Tensor>& hidden,
+                  const std::optional<Tensor>& b1, const std::optional<Tensor>& w2,
+                  const std::optional<Tensor>& hidden,
                   const std::optional<Tensor>& act_scale, const std::optional<Tensor>& act_bias,
                   double scale, int64_t per_sample, int64_t rows, const Tensor& grad_rows,
                   const std::optional<Tensor>& grad_w1, const std::optional<Tensor>& grad_b1,
@@ -375,7 +388,11 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
   const Norm norm{a, b, per_row, eps, per_sample};
   const int64_t channels = x.size(1), hidden_size = w1.size(0);
   const bool low = w1.scalar_type() != x.scalar_type();  // (bfloat16 products)
-  check_arguments(x, {&grad, &grad_rows}, hidden, w1, "mlp_backward");
+  const bool first_half = !w2.has_value();
+  check_arguments(x, {&grad_rows}, hidden, w1, "mlp_backward");
+  check_rows(grad, x, first_half ? hidden_size : channels, x.scalar_type(), "mlp_backward");
+  TORCH_CHECK(!first_half || (!grad_w2.has_value() && !grad_b2.has_value() && scale == 1.),
+              "mlp_backward's first half (no w2) has no fc2 gradients and no scale");
   const Chunks chunks(x.size(0), rows);
   const int64_t threads = at::get_num_threads();
   // each thread's own gradient sums, added in thread order afterwards: the first thread's are the
@@ -405,7 +422,7 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
     for (int64_t c = begin; c < end; ++c) {
       const int64_t first = chunks.first(c), k = chunks.size(c);
       Tensor gc = grad.narrow(0, first, k);
-      if (scale != 1. || low) {  // (scaled, or cast to the products' dtype, in one pass)
+      if ((scale != 1. || low) && !first_half) {  // (scaled, or cast to the products' dtype)
         Tensor scaled = buf.grad.narrow(0, 0, k);
         gc = scale != 1. ? at::mul_out(scaled, gc, at::scalar_tensor(scale, gc.options()))
                          : scaled.copy_(gc);
@@ -418,7 +435,11 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
       fresh[thread] = 0;
       if (gb2.defined()) add_column_sums(gb2, gc, column_block, first_sums);
       Tensor gh = buf.grad_hidden.narrow(0, 0, k), value = buf.act.narrow(0, 0, k);
-      at::mm_out(gh, gc, w2);
+      if (first_half) {  // (the joint pass's value unused: it costs little beside the derivative)
+        gh.copy_(gc);
+      } else {
+        at::mm_out(gh, gc, *w2);
+      }
       activation.value_and_grad(h, value, gh, act_sums.data() + 2 * at::get_thread_num());
       if (gw2.defined()) accumulate(gw2, gc.t(), value, product_w2, first_sums);
       if (gw1.defined()) accumulate(gw1, gh.t(), normed, product_w1, first_sums);
@@ -454,10 +475,10 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
 
 TORCH_LIBRARY_FRAGMENT(mmpoolformer, m) {
   m.def("mlp_forward(Tensor x, Tensor? a, Tensor? b, bool per_row, float eps, Tensor w1, Tensor? b1, "
-        "Tensor w2, Tensor? b2, Tensor? res_scale, Tensor? act_scale, Tensor? act_bias, float scale, "
+        "Tensor? w2, Tensor? b2, Tensor? res_scale, Tensor? act_scale, Tensor? act_bias, float scale, "
         "int per_sample, int rows, Tensor(a!) out, Tensor(b!)? hidden) -> ()");
   m.def("mlp_backward(Tensor grad, Tensor x, Tensor? a, Tensor? b, bool per_row, float eps, Tensor w1, "
-        "Tensor? b1, Tensor w2, Tensor? hidden, Tensor? act_scale, Tensor? act_bias, float scale, "
+        "Tensor? b1, Tensor? w2, Tensor? hidden, Tensor? act_scale, Tensor? act_bias, float scale, "
         "int per_sample, int rows, Tensor(a!) grad_rows, Tensor(b!)? grad_w1, Tensor(c!)? grad_b1, "
         "Tensor(d!)? grad_w2, Tensor(e!)? grad_b2, Tensor(f!)? grad_act_scale, "
         "Tensor(g!)? grad_act_bias, Tensor(h!)? grad_norm_weight, Tensor(i!)? grad_norm_bias) -> ()");
