@@ -104,9 +104,11 @@ def ops():
         _unavailable(reason)
         return None
     # (first used inside a dispatch mode, as a FLOP counter's, the check is no work of the caller's)
-    # (nor is it the caller's autograd, inference mode or autocast)
+    # (nor is it the caller's autograd, inference mode or autocast, nor what an enclosing activation
+    # checkpoint counts: identity saved-tensor hooks keep the check's own autograd out of its hooks)
+    keep = lambda t: t  # noqa: E731
     with _disable_current_modes(), torch.inference_mode(False), torch.enable_grad(), \
-            torch.autocast('cpu', enabled=False):
+            torch.autocast('cpu', enabled=False), torch.autograd.graph.saved_tensors_hooks(keep, keep):
         problem = _check(torch.ops.mmpoolformer)
     if problem:
         _unavailable(problem)

@@ -819,6 +819,26 @@ def test_kernels_that_cannot_be_built_leave_the_work_to_pytorch(tmp_path, monkey
         native.ops.cache_clear()
 
 
+def test_kernels_first_used_inside_an_activation_checkpoint_leave_it_intact(compiled, two_threads):
+    """The load check (autograd of its own) runs where the kernels are first used, which may be a
+    checkpointed block's forward (``with_cp`` in a fresh process): none of its saved tensors may
+    count as the block's, or the recomputation differs and backward fails."""
+    import torch.utils.checkpoint as checkpoint
+    norm, fc1, act = threads_branch(layer_norm=True, act=StarReLU())[:3]
+    x = torch.randn(2, 12, 5, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def expand(x):
+        with kernels.forced(kernels.Plan(backend='threads')):
+            return kernels.norm_linear_act(x, norm, fc1, act, plain=lambda x: pytest.fail('plain'))
+
+    native.ops.cache_clear()  # (as in a fresh process: loaded and checked on first use, below)
+    try:
+        checkpoint.checkpoint(expand, x, use_reentrant=False).sum().backward()
+    finally:
+        native.ops.cache_clear()
+    assert x.grad is not None
+
+
 def test_no_kernels_of_ours_without_vector_instructions(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'DEFAULT')
     native.ops.cache_clear()
