@@ -13,14 +13,17 @@ device at hand, the plain formulation always among them (``dispatch``).
   autocast, and in training their weight gradient as a product over patches or as a correlation;
 - ``group_norm``: the statistics and the per-sample affine map the others share; GroupNorm on its
   own, on CUDA devices from statistics spread over the whole device; the emitted maps on CPUs
-  normalised as they are turned from channels-last to NCHW (``to_nchw``: turned, after other norms).
+  normalised as they are turned from channels-last to NCHW;
+- ``layout``: maps turned between channels-last and NCHW by the compiled transposition (the emitted
+  maps after other norms, ``to_nchw``; the depthwise convolutions' weight gradients);
 - ``native``: compiled CPU kernels (``csrc/``) for the element-wise work of ``mlp``, ``pooling`` and
   ``group_norm``, built on first use for the CPU at hand;
 - ``triton_ops``: the pooling branch's passes as Triton kernels, a plan of ``pooling`` on CUDA devices.
 """
 from .conv import conv2d
 from .dispatch import PLAIN, Plan, chosen, cpu_info, forced
-from .group_norm import group_normalize, to_nchw
+from .group_norm import group_normalize
+from .layout import to_nchw
 from .mlp import norm_linear_act, norm_mlp_residual
 from .pooling import avg_pool, norm_pool_residual
 

@@ -24,12 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import dispatch, native
-
-
-def tokens(x: torch.Tensor) -> torch.Tensor:
-    """The ``(N, H * W, C)`` token view of a channels-last ``(N, C, H, W)`` map (a copy otherwise)."""
-    n, c = x.shape[:2]
-    return x.permute(0, 2, 3, 1).reshape(n, -1, c)
+from .layout import channels_last, samples, tokens, transposes
 
 
 def group_stats(x: torch.Tensor, groups: int, eps: float,
@@ -155,50 +150,6 @@ def backward_by_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rs
     return grad_x.to(out_dtype), grad_weight, grad_bias
 
 
-def transposes(x: torch.Tensor) -> bool:
-    """Whether the compiled kernels turn ``x`` (a channels-last fp32 CPU map) into an NCHW one."""
-    return x.dim() == 4 and native.takes(x, memory_format=torch.channels_last)
-
-
-def _samples(nchw: torch.Tensor) -> torch.Tensor:
-    """The ``(N, C, H * W)`` view of an NCHW map: each sample's channels-by-positions matrix."""
-    return nchw.view(*nchw.shape[:2], -1)
-
-
-def _channels_last(nchw: torch.Tensor) -> torch.Tensor:
-    """A contiguous NCHW fp32 map turned channels-last by the compiled transposition."""
-    out = torch.empty_like(nchw, memory_format=torch.channels_last)
-    native.ops().transpose_affine(_samples(nchw), None, None, tokens(out))
-    return out
-
-
-class _ToNCHW(torch.autograd.Function):
-    """``x.contiguous()`` of a channels-last fp32 CPU map by the compiled transposition (tiles of one
-    vector each way), and its gradient turned back the same way."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = x.new_empty(x.shape)
-        native.ops().transpose_affine(tokens(x), None, None, _samples(out))
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _channels_last(grad) if native.takes(grad) else grad.contiguous(
-            memory_format=torch.channels_last)
-
-
-def to_nchw(x: torch.Tensor) -> torch.Tensor:
-    """``x.contiguous()``, for a backbone's emitted maps: a channels-last fp32 map on a CPU by the
-    faster of PyTorch's copy and the compiled transposition. PyTorch's copy goes element by element
-    there: 6.7 ms for a 2x64x128x128 map on the Xeon of 2026-12-04 (2 threads), the transposition
-    0.55 ms; its gradient, an NCHW map, costs the same copy again in a channel LayerNorm's backward."""
-    if x.is_contiguous() or dispatch.tracing() or not transposes(x):
-        return x.contiguous()
-    return dispatch.run(('to_nchw', x.shape[1]), [dispatch.Plan(), dispatch.PLAIN],
-                        lambda plan, x: _ToNCHW.apply(x) if plan.fused else x.contiguous(), x, [])
-
-
 class _GroupNorm(torch.autograd.Function):
     """GroupNorm from :func:`group_stats` and the affine map, keeping ``x`` and the statistics. With
     ``contiguous``, the output as a contiguous NCHW map: from a channels-last map on a CPU with the
@@ -214,7 +165,7 @@ class _GroupNorm(torch.autograd.Function):
         ctx.transposed = contiguous and transposes(x)
         if ctx.transposed:
             out = x.new_empty(x.shape)
-            native.ops().transpose_affine(tokens(x), a.float(), b.float(), _samples(out))
+            native.ops().transpose_affine(tokens(x), a.float(), b.float(), samples(out))
             return out
         out = torch.addcmul(b[:, :, None, None].to(x.dtype), x, a[:, :, None, None].to(x.dtype))
         return out.contiguous() if contiguous else out
@@ -223,7 +174,7 @@ class _GroupNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, mean, rstd = ctx.saved_tensors
         if ctx.transposed and native.takes(grad):  # (an NCHW gradient: turned as x is laid out)
-            grad = _channels_last(grad)
+            grad = channels_last(grad)
         grads = group_norm_backward(grad, x, mean, rstd, weight, ctx.needs_input_grad[:3])
         grad_x, grad_weight, grad_bias = (None if t is None else t.to(dtype) for t, dtype in zip(
             grads, (x.dtype, ctx.param_dtype, ctx.param_dtype)))

@@ -48,7 +48,8 @@ import torch.nn as nn
 
 from . import dispatch, native
 from .dispatch import Plan
-from .group_norm import affine, group_norm_backward, group_stats, tokens
+from .group_norm import affine, group_norm_backward, group_stats
+from .layout import tokens
 
 CHUNK_BYTES = 1 << 22  # hidden activations per chunk: stays in cache with room for the rest
 # Training keeps the hidden map ``h`` (four times as wide as the block) for backward, except in blocks

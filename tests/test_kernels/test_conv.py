@@ -72,6 +72,21 @@ def test_depthwise_weight_gradient_by_correlation_is_exact(geometry, channels_la
     assert max_rel_err(weight_grad_by_correlation(grad, x, kernel, (1, 1), padding), expected) <= 1e-13
 
 
+def test_depthwise_correlation_turns_fp32_channels_last_maps_by_the_compiled_transposition():
+    """In fp32 on channels-last maps (the backbone's), the input and the gradient go NCHW through
+    the compiled transposition (``layout.nchw``), not PyTorch's copy: the same weight gradient."""
+    from mmpoolformer.kernels import native
+    c, kernel, padding = 16, (7, 7), (3, 3)
+    x, grad = (torch.randn(2, c, 9, 11).contiguous(memory_format=torch.channels_last) for _ in '12')
+    with OpLog() as log:
+        ours = weight_grad_by_correlation(grad, x, kernel, (1, 1), padding)
+    names = [name for name, _ in log.ops]
+    assert names.count('mmpoolformer.transpose_affine') == (2 if native.ops() is not None else 0)
+    assert native.ops() is None or 'aten.copy_' not in names
+    reference = weight_grad_by_correlation(grad.contiguous(), x.contiguous(), kernel, (1, 1), padding)
+    assert torch.equal(ours, reference)
+
+
 def downsampling(**kwargs):
     torch.manual_seed(0)
     return nn.Conv2d(8, 12, 3, 2, 1, **kwargs)

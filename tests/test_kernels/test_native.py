@@ -711,6 +711,23 @@ def test_the_mlp_kernel_normalises_its_layer_norm_chunks_with_the_compiled_rows(
         assert max_rel_err(a, reference) <= max(2 * max_rel_err(b, reference), 1e-6)
 
 
+@pytest.mark.parametrize('shape', [(2, 64, 32, 32), (2, 19, 5, 7), (1, 3, 1, 2)],
+                         ids=['tiles', 'tails', 'tiny'])
+def test_layout_turns_maps_either_way_exactly(compiled, shape):
+    """``layout.nchw`` / ``layout.channels_last``: the values of ``.contiguous()`` in each format, by
+    the compiled transposition for fp32 maps, by PyTorch's copy for others."""
+    from mmpoolformer.kernels import layout
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    for dtype, turned in ((torch.float32, 1), (torch.float64, 0)):
+        with OpLog() as log:
+            y = layout.nchw(x.to(dtype))
+            z = layout.channels_last(y)
+        assert y.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(y, x.to(dtype)) and torch.equal(z, x.to(dtype))
+        names = [name for name, _ in log.ops]
+        assert names.count('mmpoolformer.transpose_affine') == 2 * turned or x.is_contiguous()
+
+
 def test_transpose_affine_refuses_what_it_does_not_compute(compiled):
     src = torch.randn(2, 4, 6)
     with pytest.raises(RuntimeError, match='into \\(N, S, R\\)'):
