@@ -29,7 +29,8 @@ def add_residual(x: torch.Tensor, y: torch.Tensor, layer_scale: Optional[torch.T
     if layer_scale is not None:
         y = y * layer_scale.view(-1, 1, 1)
     y = y if factors is None else y * factors
-    return (x if res_scale is None else x * res_scale.view(-1, 1, 1)) + y
+    # (ResScale in the same pass as the sum: one map written instead of two)
+    return x + y if res_scale is None else torch.addcmul(y, x, res_scale.view(-1, 1, 1))
 
 
 class GroupNorm(nn.GroupNorm):
