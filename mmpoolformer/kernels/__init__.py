@@ -14,6 +14,7 @@ device at hand, the plain formulation always among them (``dispatch``).
 - ``group_norm``: the statistics and the per-sample affine map the others share; GroupNorm on its
   own, on CUDA devices from statistics spread over the whole device; the emitted maps on CPUs
   normalised as they are turned from channels-last to NCHW;
+- ``layer_norm``: channel LayerNorm on its own, on CPUs by the compiled rows the MLP kernel uses;
 - ``layout``: maps turned between channels-last and NCHW by the compiled transposition (the emitted
   maps after other norms, ``to_nchw``; the depthwise convolutions' weight gradients);
 - ``native``: compiled CPU kernels (``csrc/``) for the element-wise work of ``mlp``, ``pooling`` and
@@ -23,11 +24,12 @@ device at hand, the plain formulation always among them (``dispatch``).
 from .conv import conv2d
 from .dispatch import PLAIN, Plan, chosen, cpu_info, forced
 from .group_norm import group_normalize
+from .layer_norm import layer_normalize
 from .layout import to_nchw
 from .mlp import norm_linear_act, norm_mlp_residual
 from .pooling import avg_pool, norm_pool_residual
 
 __all__ = [
     'Plan', 'PLAIN', 'forced', 'chosen', 'cpu_info', 'avg_pool', 'conv2d', 'group_normalize',
-    'norm_linear_act', 'norm_mlp_residual', 'norm_pool_residual', 'to_nchw'
+    'layer_normalize', 'norm_linear_act', 'norm_mlp_residual', 'norm_pool_residual', 'to_nchw'
 ]

@@ -674,6 +674,38 @@ def test_compiled_layer_norm_rows_match_float64(compiled, width, threads):
         assert max_rel_err(ours, reference) <= max(2 * max_rel_err(theirs, reference), 1e-6)
 
 
+@pytest.mark.parametrize('bias', [True, False], ids=['bias', 'no_bias'])
+def test_channel_layer_norm_alone_takes_the_compiled_rows(compiled, bias, threads):
+    """``LayerNorm2d`` on a channels-last fp32 map (the Baselines' norms outside the MLP): forward
+    and backward by the compiled rows, a channels-last output, and output and every gradient as
+    close to float64 as PyTorch's LayerNorm."""
+    torch.manual_seed(0)
+    norm = LayerNorm2d(19, eps=1e-6, bias=bias)
+    nn.init.normal_(norm.weight)
+    if bias:
+        nn.init.normal_(norm.bias)
+    x = (torch.randn(2, 19, 7, 5) * 3 + 10).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape)
+    params = [p for p in norm.parameters()]
+    results = {}
+    for plan in (kernels.Plan(), kernels.PLAIN):
+        xr = x.clone().requires_grad_()
+        with kernels.forced(plan), OpLog() as log:
+            y = norm(xr)
+            grads = torch.autograd.grad(y, [xr] + params, grad)
+        names = [name for name, _ in log.ops]
+        assert names.count('mmpoolformer.layer_norm_rows') == (1 if plan.fused else 0)
+        assert names.count('mmpoolformer.layer_norm_rows_backward') == (1 if plan.fused else 0)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        results[plan.fused] = (y, *grads)
+    exact_norm = copy.deepcopy(norm).double()
+    xd = x.double().requires_grad_()
+    exact = exact_norm(xd)
+    exact = (exact, *torch.autograd.grad(exact, [xd] + list(exact_norm.parameters()), grad.double()))
+    for ours, pytorchs, reference in zip(results[True], results[False], exact):
+        assert max_rel_err(ours, reference) <= max(2 * max_rel_err(pytorchs, reference), 1e-6)
+
+
 def test_compiled_layer_norm_rows_refuse_what_they_do_not_compute(compiled):
     x, stats = torch.randn(4, 8), torch.empty(4)
     with pytest.raises(RuntimeError, match='float32 or bfloat16'):
@@ -784,8 +816,10 @@ def test_emitted_maps_after_a_layer_norm_are_turned_by_the_compiled_transpositio
     grad = torch.randn(shape)
     results = {}
     for plan in (kernels.Plan(), kernels.PLAIN):
+        with kernels.forced(kernels.PLAIN):  # (the norm as PyTorch computes it, in both)
+            normed = norm(x)
         with kernels.forced(plan), OpLog() as log:
-            y = kernels.to_nchw(norm(x))
+            y = kernels.to_nchw(normed)
             grads = torch.autograd.grad(y, [x, norm.weight, norm.bias], grad)
         assert y.is_contiguous() and grads[0].is_contiguous(memory_format=torch.channels_last)
         names = [name for name, _ in log.ops]

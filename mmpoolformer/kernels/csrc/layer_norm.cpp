@@ -72,10 +72,13 @@ void layer_norm_rows_backward(const Tensor& grad, const Tensor& x, const Tensor&
   pointer(grad_weight, row_like, "layer_norm_rows_backward");
   pointer(grad_bias, row_like, "layer_norm_rows_backward");
   const int64_t threads = at::get_num_threads();
-  // each thread's sums: the weight's, then the bias's
-  std::vector<float> sums(static_cast<size_t>(threads) * 2 * width, 0.f);
+  // each thread's sums, the weight's then the bias's, a cache line apart from the next thread's (a
+  // line both threads write, every row, costs more than the whole backward)
+  constexpr int64_t kLine = 64 / sizeof(float);
+  const int64_t slot = (2 * width + kLine - 1) / kLine * kLine + kLine;
+  std::vector<float> sums(static_cast<size_t>(threads) * slot, 0.f);
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    float* mine = sums.data() + at::get_thread_num() * 2 * width;
+    float* mine = sums.data() + at::get_thread_num() * slot;
     const int64_t offset = begin * width;
     mmpoolformer::layer_norm_rows_backward(
         grad.const_data_ptr<float>() + offset, x.const_data_ptr<float>() + offset,
@@ -88,7 +91,7 @@ void layer_norm_rows_backward(const Tensor& grad, const Tensor& x, const Tensor&
     if (!totals[i].has_value()) continue;
     float* total = totals[i]->data_ptr<float>();
     for (int64_t thread = 0; thread < threads; ++thread)
-      for (int64_t c = 0; c < width; ++c) total[c] += sums[(thread * 2 + i) * width + c];
+      for (int64_t c = 0; c < width; ++c) total[c] += sums[thread * slot + i * width + c];
   }
 }
 
