@@ -347,15 +347,19 @@ def threads_branch(c=12, res_scale=False, dtype=torch.float32, act=None, layer_n
     return modules + [nn.Parameter(t.to(dtype)) if t is not None else None for t in (layer_scale, res)]
 
 
-def threads_step(x, modules, backend, factors=None, dtype=None):
-    """The branch with ``backend``'s plan forced (products in ``dtype``, default ``x``'s): its output
-    and every gradient."""
+def threads_step(x, modules, backend, factors=None, dtype=None, first_half=False):
+    """The branch with ``backend``'s plan forced (products in ``dtype``, default ``x``'s), or its first
+    half alone, ``act(fc1(norm(x)))`` (SepConv's expansion): its output and every gradient."""
     norm, fc1, act, fc2, layer_scale, res = modules
+    used = modules[:3] if first_half else modules
     x = x.detach().requires_grad_()
     with kernels.forced(kernels.Plan(backend=backend, dtype=dtype or x.dtype)), OpLog() as log:
-        y = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, layer_scale, res, factors,
-                                      plain=lambda x: pytest.fail('plain'))
-        params = [x] + [p for m in modules if m is not None for p in
+        if first_half:
+            y = kernels.norm_linear_act(x, norm, fc1, act, plain=lambda x: pytest.fail('plain'))
+        else:
+            y = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, layer_scale, res, factors,
+                                          plain=lambda x: pytest.fail('plain'))
+        params = [x] + [p for m in used if m is not None for p in
                         (m.parameters() if isinstance(m, nn.Module) else [m])]
         grads = torch.autograd.grad(y, params, torch.randn(y.shape, generator=torch.Generator()
                                                            .manual_seed(1)).to(y.dtype))
@@ -385,18 +389,6 @@ def test_the_threads_plan_gives_the_blas_plans_numbers(compiled, res_scale, reco
         assert max_rel_err(a, b) <= 1e-6
 
 
-def expand_step(x, modules, backend, dtype=None):
-    """The first half, ``act(fc1(norm(x)))`` (SepConv's expansion), as :func:`threads_step`."""
-    norm, fc1, act = modules[:3]
-    x = x.detach().requires_grad_()
-    with kernels.forced(kernels.Plan(backend=backend, dtype=dtype or x.dtype)), OpLog() as log:
-        y = kernels.norm_linear_act(x, norm, fc1, act, plain=lambda x: pytest.fail('plain'))
-        params = [x] + [p for m in (norm, fc1, act) for p in m.parameters()]
-        grads = torch.autograd.grad(y, params, torch.randn(y.shape, generator=torch.Generator()
-                                                           .manual_seed(1)).to(y.dtype))
-    return [y, *grads], [name for name, _ in log.ops]
-
-
 @pytest.mark.parametrize('layer_norm', [False, True], ids=['group_norm', 'layer_norm'])
 @pytest.mark.parametrize('act', [nn.GELU(), StarReLU(0.8, -0.1)], ids=COMPILED.keys())
 @pytest.mark.parametrize('recompute_up_to', [1000, 0], ids=['hidden_recomputed', 'hidden_kept'])
@@ -410,17 +402,17 @@ def test_the_threads_plan_computes_the_first_half(compiled, recompute_up_to, act
     monkeypatch.setattr(mlp_kernel, 'RECOMPUTE_HIDDEN_UP_TO', recompute_up_to)
     modules = threads_branch(act=copy.deepcopy(act), layer_norm=layer_norm)
     x = (torch.randn(2, 12, 5, 9) * 2 + 1).contiguous(memory_format=torch.channels_last)
-    ours, names = expand_step(x, modules, 'threads')
+    ours, names = threads_step(x, modules, 'threads', first_half=True)
     assert names.count('mmpoolformer.mlp_forward') == 1 and names.count('mmpoolformer.mlp_backward') == 1
     assert ours[0].shape == (2, 48, 5, 9)
-    python_loop, names = expand_step(x, modules, 'blas')
+    python_loop, names = threads_step(x, modules, 'blas', first_half=True)
     assert 'mmpoolformer.mlp_forward' not in names
     for a, b in zip(ours, python_loop):
         assert max_rel_err(a, b) <= 1e-6
     if kernels.dispatch.native_low_precision(x.device, torch.bfloat16):  # (bf16 products: as rounded)
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            low, names = expand_step(x, modules, 'threads', torch.bfloat16)
-            low_loop, _ = expand_step(x, modules, 'blas', torch.bfloat16)
+            low, names = threads_step(x, modules, 'threads', dtype=torch.bfloat16, first_half=True)
+            low_loop, _ = threads_step(x, modules, 'blas', dtype=torch.bfloat16, first_half=True)
         assert 'mmpoolformer.mlp_backward' in names and low[0].dtype == torch.float32
         assert torch.equal(low[0], low_loop[0])
         for a, b, r in zip(low, low_loop, ours):
