@@ -40,16 +40,9 @@ void layer_norm_rows(const Tensor& x, const std::optional<Tensor>& weight,
               *b = pointer(bias, row_like, "layer_norm_rows");
   const float* xp = x.const_data_ptr<float>();
   float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
-  const bool bf16 = out.scalar_type() == at::kBFloat16;
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    const int64_t k = end - begin, offset = begin * width;
-    if (bf16) {
-      mmpoolformer::layer_norm_rows(xp + offset, k, width, w, b, static_cast<float>(eps),
-                                    out.data_ptr<at::BFloat16>() + offset, mp + begin, rp + begin);
-    } else {
-      mmpoolformer::layer_norm_rows(xp + offset, k, width, w, b, static_cast<float>(eps),
-                                    out.data_ptr<float>() + offset, mp + begin, rp + begin);
-    }
+    mmpoolformer::layer_norm_rows_into(xp + begin * width, end - begin, width, w, b,
+                                       static_cast<float>(eps), out, begin, mp + begin, rp + begin);
   });
 }
 

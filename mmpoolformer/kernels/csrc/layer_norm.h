@@ -77,6 +77,20 @@ void layer_norm_rows(const float* x, int64_t rows, int64_t width, const float* w
   }
 }
 
+// layer_norm_rows into rows [first, first + rows) of `out`, a contiguous float32 or bfloat16 tensor
+// of `width` columns (the callers check its dtype)
+inline void layer_norm_rows_into(const float* x, int64_t rows, int64_t width, const float* weight,
+                                 const float* bias, float eps, const at::Tensor& out, int64_t first,
+                                 float* mean, float* rstd) {
+  if (out.scalar_type() == at::kBFloat16) {
+    layer_norm_rows(x, rows, width, weight, bias, eps, out.data_ptr<at::BFloat16>() + first * width,
+                    mean, rstd);
+  } else {
+    layer_norm_rows(x, rows, width, weight, bias, eps, out.data_ptr<float>() + first * width, mean,
+                    rstd);
+  }
+}
+
 // The backward of layer_norm_rows over rows [0, rows): the rows' gradient from the output's `grad`
 // into `grad_x`; the weight's and bias's gradients added into `grad_weight`, `grad_bias` (null: not
 // needed). With y = (x - mean) * rstd and g = grad * weight, per row:

@@ -98,15 +98,9 @@ struct Norm {
       const bool into = out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16;
       if (compiled(rows) && into) {  // (layer_norm.h: straight into the products' dtype)
         Tensor mean = at::empty({k}, rows.options()), rstd = at::empty({k}, rows.options());
-        const float *w = pointer(a), *bias = pointer(b);
-        float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
-        if (out.scalar_type() == at::kBFloat16) {
-          mmpoolformer::layer_norm_rows(rows.const_data_ptr<float>(), k, rows.size(1), w, bias, eps,
-                                        out.data_ptr<at::BFloat16>(), mp, rp);
-        } else {
-          mmpoolformer::layer_norm_rows(rows.const_data_ptr<float>(), k, rows.size(1), w, bias, eps,
-                                        out.data_ptr<float>(), mp, rp);
-        }
+        mmpoolformer::layer_norm_rows_into(rows.const_data_ptr<float>(), k, rows.size(1), pointer(a),
+                                           pointer(b), eps, out, 0, mean.data_ptr<float>(),
+                                           rstd.data_ptr<float>());
         return {mean, rstd};
       }
       auto [normed, mean, rstd] = at::native_layer_norm(rows, {rows.size(1)}, a, b, eps);
