@@ -17,10 +17,12 @@ device at hand, the plain formulation always among them (``dispatch``).
 - ``layer_norm``: channel LayerNorm on its own, on CPUs by the compiled rows the MLP kernel uses;
 - ``layout``: maps turned between channels-last and NCHW by the compiled transposition (the emitted
   maps after other norms, ``to_nchw``; the depthwise convolutions' weight gradients);
+- ``attention``: multi-head attention, in inference on CPUs by a compiled forward pass;
 - ``native``: compiled CPU kernels (``csrc/``) for the element-wise work of ``mlp``, ``pooling`` and
-  ``group_norm``, built on first use for the CPU at hand;
+  ``group_norm``, and for ``attention``, built on first use for the CPU at hand;
 - ``triton_ops``: the pooling branch's passes as Triton kernels, a plan of ``pooling`` on CUDA devices.
 """
+from .attention import attend
 from .conv import conv2d
 from .dispatch import PLAIN, Plan, chosen, cpu_info, forced
 from .group_norm import group_normalize
@@ -30,6 +32,6 @@ from .mlp import norm_linear_act, norm_mlp_residual
 from .pooling import avg_pool, norm_pool_residual
 
 __all__ = [
-    'Plan', 'PLAIN', 'forced', 'chosen', 'cpu_info', 'avg_pool', 'conv2d', 'group_normalize',
+    'Plan', 'PLAIN', 'forced', 'chosen', 'cpu_info', 'attend', 'avg_pool', 'conv2d', 'group_normalize',
     'layer_normalize', 'norm_linear_act', 'norm_mlp_residual', 'norm_pool_residual', 'to_nchw'
 ]

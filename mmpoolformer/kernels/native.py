@@ -13,6 +13,10 @@ The pooling branch (``csrc/pooling.cpp``), on channels-last maps: pooling and in
 forward, two passes backward (PyTorch's operators: two and six). On the Zen 4 machine (AVX-512, 2
 threads): S12's stage-0 branch, forward and backward, 7.0 against 12.0 ms.
 
+Multi-head attention's forward pass (``csrc/attention.cpp``): scores, softmax and weighted values a
+block of queries at a time, with the products' tiles in registers (PyTorch's flash attention for CPUs:
+BLAS calls on blocks and an online softmax).
+
 GroupNorm's statistics (``csrc/group_norm.cpp``) where each group is one block of memory: two passes
 that only read (PyTorch's operators: four, two of them writing). The backbone's emitted maps
 normalised as a channels-last map is turned into an NCHW one, in tiles (PyTorch's GroupNorm and
@@ -48,7 +52,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 CSRC = osp.join(osp.dirname(__file__), 'csrc')
 SOURCES = tuple(osp.join(CSRC, name)
                 for name in ('activations.cpp', 'pooling.cpp', 'group_norm.cpp', 'layer_norm.cpp',
-                             'mlp.cpp'))
+                             'mlp.cpp', 'attention.cpp'))
 HEADERS = tuple(osp.join(CSRC, name) for name in ('common.h', 'layer_norm.h'))
 # at::vec selects its instructions by these defines; the compiler needs the matching flags
 CAPABILITY_FLAGS = {
@@ -182,7 +186,7 @@ def _check(namespace) -> Optional[str]:
                                atol=1e-6)):
         return "their bf16 StarReLU disagrees with PyTorch's"
     return (_check_pooling(namespace) or _check_statistics(namespace) or _check_layer_norm(namespace)
-            or _check_mlp(namespace))
+            or _check_mlp(namespace) or _check_attention(namespace))
 
 
 def _check_pooling(namespace) -> Optional[str]:
@@ -284,6 +288,20 @@ def _check_mlp(namespace) -> Optional[str]:
     if not all(torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
                for got, want in zip([grad_normed] + weights, expected)):
         return "their MLP's backward disagrees with PyTorch's"
+    return None
+
+
+def _check_attention(namespace) -> Optional[str]:
+    # strided views of one projection, as the model has them; queries and keys that leave tails
+    draw = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 45, 3, 2, 16, generator=draw) * 2).permute(2, 0, 3, 1, 4)
+    q = q[:, :, :37]
+    out = torch.empty(2, 37, 2, 16)
+    namespace.attention(q, k, v, 0.25, out)
+    scores = q.double() @ k.double().transpose(-1, -2) * 0.25
+    reference = (scores.softmax(-1) @ v.double()).transpose(1, 2)
+    if not torch.allclose(out.double(), reference, rtol=1e-5, atol=1e-5):
+        return "their attention disagrees with PyTorch's"
     return None
 
 

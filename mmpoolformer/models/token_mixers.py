@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import avg_pool, conv2d, norm_linear_act, norm_pool_residual
+from ..kernels import attend, avg_pool, conv2d, norm_linear_act, norm_pool_residual
 from ..registry import TOKEN_MIXERS
 from .layers import add_residual, build_act
 
@@ -164,8 +164,8 @@ class SepConv(nn.Module):
 @TOKEN_MIXERS.register_module()
 class Attention(nn.Module):
     """Multi-head self-attention over all tokens of the map, without a position embedding, as in the
-    official hybrid MetaFormers and CAFormer (there without any bias), through PyTorch's
-    scaled-dot-product attention.
+    official hybrid MetaFormers and CAFormer (there without any bias): PyTorch's scaled-dot-product
+    attention, or in inference on CPUs the compiled kernel where it is faster (``kernels.attend``).
 
     Parameters keep the official names (a fused ``qkv``, then ``proj``), so the released hybrids and
     CAFormers load unchanged. Tokens attend to every token, so the cost grows with the square of
@@ -226,8 +226,7 @@ class Attention(nn.Module):
             reduced = F.avg_pool2d(x, self.sr_ratio, ceil_mode=True).flatten(2).transpose(1, 2)
             [q] = self._heads(F.linear(tokens, w_q, b_q))
             k, v = self._heads(F.linear(reduced, w_kv, b_kv))
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.)
+        out = attend(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(n, h * w, c)))
         return out.transpose(1, 2).reshape(n, c, h, w)
 

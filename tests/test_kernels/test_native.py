@@ -940,7 +940,8 @@ class _Off:
                 return result[0], result[1] * 1.0001
             out = args[{'gelu': 1, 'gelu_value_and_grad': 1, 'star_relu': 1, 'star_relu_backward': 1,
                         'pool_mix': 3, 'pool_mix_adjoint': 2, 'pool_mix_input_grad': 0,
-                        'mlp_forward': 15, 'mlp_backward': 15, 'transpose_affine': 3}[name]]
+                        'mlp_forward': 15, 'mlp_backward': 15, 'transpose_affine': 3,
+                        'attention': 4}[name]]
             out[(0, ) * out.dim()] += 1e-3
             return result
         return wrong
@@ -949,9 +950,71 @@ class _Off:
 @pytest.mark.parametrize('kernel', ['gelu', 'gelu_value_and_grad', 'star_relu', 'star_relu_backward',
                                     'pool_mix', 'pool_mix_adjoint', 'pool_mix_input_grad',
                                     'row_stats', 'transpose_affine', 'mlp_forward',
-                                    'mlp_backward'])
+                                    'mlp_backward', 'attention'])
 def test_the_load_check_refuses_a_wrong_kernel(compiled, kernel):
     """Each kernel is checked against PyTorch's operators when loaded: one off by a small error
     is refused (and PyTorch's operators then do its work)."""
     assert native._check(compiled) is None
     assert native._check(_Off(compiled, kernel)) is not None
+
+
+def projected_heads(n, heads, length, keys, dim, spread, draw):
+    """Queries, keys and values as the model has them: strided views of one projection's output."""
+    qkv = torch.randn(n, max(length, keys), 3, heads, dim, generator=draw) * spread
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    return q[:, :, :length], k[:, :, :keys], v[:, :, :keys]
+
+
+@pytest.mark.parametrize('n, heads, length, keys, dim', [
+    (2, 3, 37, 45, 16), (1, 2, 64, 64, 32), (1, 1, 5, 300, 64), (2, 2, 70, 7, 32)],
+    ids=['tails', 'blocks', 'one_block_many_keys', 'fewer_keys'])
+@pytest.mark.parametrize('spread', [1., 8.], ids=['even', 'peaked'])
+def test_compiled_attention_matches_float64(compiled, n, heads, length, keys, dim, spread, threads):
+    """Blocks of queries with a tail, keys that leave a tail to the register tiles, every supported
+    head dimension; scores far apart too (most weights then underflow to zero): as close to float64
+    as PyTorch's attention, written (N, L, heads, head_dim)."""
+    draw = torch.Generator().manual_seed(length)
+    q, k, v = projected_heads(n, heads, length, keys, dim, spread, draw)
+    out = torch.full((n, length, heads, dim), float('nan'))
+    compiled.attention(q, k, v, dim ** -0.5, out)
+    weights = (q.double() @ k.double().transpose(-1, -2) * dim ** -0.5).softmax(-1)
+    exact = (weights @ v.double()).transpose(1, 2)
+    pytorchs = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    assert max_rel_err(out, exact) <= max(2 * max_rel_err(pytorchs, exact), 1e-6)
+
+
+def test_compiled_attention_refuses_what_it_does_not_compute(compiled):
+    q = torch.randn(1, 2, 8, 32)
+    out = torch.empty(1, 8, 2, 32)
+    with pytest.raises(RuntimeError, match='float32 CPU tensors'):
+        compiled.attention(q.double(), q, q, 1., out)
+    with pytest.raises(RuntimeError, match='last dimension is contiguous'):
+        compiled.attention(q.transpose(2, 3), q, q, 1., out)
+    with pytest.raises(RuntimeError, match="the queries' batch, heads and head_dim"):
+        compiled.attention(q, q[:, :1], q[:, :1], 1., out)
+    with pytest.raises(RuntimeError, match='contiguous float32 tensor'):
+        compiled.attention(q, q, q, 1., out.transpose(1, 2))
+    odd = torch.randn(1, 2, 8, 24)
+    with pytest.raises(RuntimeError, match='a head_dim of 1, 2, 4 or 8 vectors'):
+        compiled.attention(odd, odd, odd, 1., torch.empty(1, 8, 2, 24))
+
+
+@pytest.mark.parametrize('sr_ratio', [1, 2])
+def test_attention_in_inference_takes_the_compiled_kernel(compiled, sr_ratio):
+    """The ``Attention`` mixer: without gradients (evaluation) by the compiled kernel when it is the
+    plan, its output as PyTorch's to 1e-5; where a gradient is needed by PyTorch's, whatever the
+    plan, so training is unchanged."""
+    from mmpoolformer.models.token_mixers import Attention
+    torch.manual_seed(0)
+    mixer = Attention(64, sr_ratio=sr_ratio).eval()
+    x = torch.randn(2, 64, 11, 7)
+    outputs = {}
+    for plan in (kernels.Plan(), kernels.PLAIN):
+        with torch.no_grad(), kernels.forced(plan), OpLog() as log:
+            outputs[plan.fused] = mixer(x)
+        names = [name for name, _ in log.ops]
+        assert names.count('mmpoolformer.attention') == (1 if plan.fused else 0)
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-5)
+    with kernels.forced(kernels.Plan()), OpLog() as log:
+        y = mixer(x)
+    assert 'mmpoolformer.attention' not in [name for name, _ in log.ops] and y.requires_grad
