@@ -958,23 +958,28 @@ def test_the_load_check_refuses_a_wrong_kernel(compiled, kernel):
     assert native._check(_Off(compiled, kernel)) is not None
 
 
-def projected_heads(n, heads, length, keys, dim, spread, draw):
-    """Queries, keys and values as the model has them: strided views of one projection's output."""
-    qkv = torch.randn(n, max(length, keys), 3, heads, dim, generator=draw) * spread
-    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+def projected_heads(n, heads, length, keys, dim, spread, draw, projected_heads=None):
+    """Queries, keys and values as the model has them: strided views of one projection's output
+    (of ``projected_heads`` heads, the first ``heads`` taken)."""
+    qkv = torch.randn(n, max(length, keys), 3, projected_heads or heads, dim, generator=draw) * spread
+    q, k, v = qkv[:, :, :, :heads].permute(2, 0, 3, 1, 4)
     return q[:, :, :length], k[:, :, :keys], v[:, :, :keys]
 
 
-@pytest.mark.parametrize('n, heads, length, keys, dim', [
-    (2, 3, 37, 45, 16), (1, 2, 64, 64, 32), (1, 1, 5, 300, 64), (2, 2, 70, 7, 32)],
-    ids=['tails', 'blocks', 'one_block_many_keys', 'fewer_keys'])
+@pytest.mark.parametrize('n, heads, length, keys, dim, projected', [
+    (2, 3, 37, 45, 16, None), (1, 2, 64, 64, 32, None), (1, 1, 5, 300, 64, None),
+    (2, 2, 70, 7, 32, None), (2, 2, 40, 300, 32, 40)],
+    ids=['tails', 'blocks', 'one_block_many_keys', 'fewer_keys', 'rows_far_apart'])
 @pytest.mark.parametrize('spread', [1., 8.], ids=['even', 'peaked'])
-def test_compiled_attention_matches_float64(compiled, n, heads, length, keys, dim, spread, threads):
+def test_compiled_attention_matches_float64(compiled, n, heads, length, keys, dim, projected, spread,
+                                            threads):
     """Blocks of queries with a tail, keys that leave a tail to the register tiles, every supported
-    head dimension; scores far apart too (most weights then underflow to zero): as close to float64
-    as PyTorch's attention, written (N, L, heads, head_dim)."""
+    head dimension, keys whose rows spread over more than 4 MiB (copied together per head); scores
+    far apart too (most weights then underflow to zero): as close to float64 as PyTorch's
+    attention, written (N, L, heads, head_dim)."""
     draw = torch.Generator().manual_seed(length)
-    q, k, v = projected_heads(n, heads, length, keys, dim, spread, draw)
+    q, k, v = projected_heads(n, heads, length, keys, dim, spread, draw, projected)
+    assert (keys * k.stride(2) * 4 > 4 << 20) == (projected is not None)
     out = torch.full((n, length, heads, dim), float('nan'))
     compiled.attention(q, k, v, dim ** -0.5, out)
     weights = (q.double() @ k.double().transpose(-1, -2) * dim ** -0.5).softmax(-1)

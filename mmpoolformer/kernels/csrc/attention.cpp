@@ -102,9 +102,15 @@ void attend(const Tensor& q, const Tensor& k, const Tensor& v, float scale, cons
   const float *qp = q.const_data_ptr<float>(), *kp = k.const_data_ptr<float>(),
               *vp = v.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t out_stride = heads * dim, q_row = q.stride(2), k_row = k.stride(2), v_row = v.stride(2);
+  const int64_t out_stride = heads * dim, q_row = q.stride(2);
+  // keys and values of one head read where they lie unless their rows spread over more than 4 MiB
+  // (1024 pages: more than the TLBs hold; a head of 4200 keys then took twice as long); then each
+  // thread copies a head's rows together when it starts on the head
+  const bool pack = keys * std::max(k.stride(2), v.stride(2)) * 4 > (int64_t{4} << 20);
   at::parallel_for(0, n * heads * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores_t(keys * kQueries), queries_t(dim * kQueries), inverse(kQueries);
+    std::vector<float> packed(pack ? 2 * keys * dim : 0);
+    int64_t packed_head = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t sample = task / blocks / heads, head = task / blocks % heads;
       const int64_t first = task % blocks * kQueries, count = std::min(kQueries, length - first);
@@ -112,6 +118,19 @@ void attend(const Tensor& q, const Tensor& k, const Tensor& v, float scale, cons
       const float* qb = qp + sample * q.stride(0) + head * q.stride(1) + first * q.stride(2);
       const float* kb = kp + sample * k.stride(0) + head * k.stride(1);
       const float* vb = vp + sample * v.stride(0) + head * v.stride(1);
+      int64_t k_row = k.stride(2), v_row = v.stride(2);
+      if (pack) {
+        if (packed_head != task / blocks) {
+          for (int64_t j = 0; j < keys; ++j) {
+            std::copy(kb + j * k_row, kb + j * k_row + dim, packed.data() + j * dim);
+            std::copy(vb + j * v_row, vb + j * v_row + dim, packed.data() + (keys + j) * dim);
+          }
+          packed_head = task / blocks;
+        }
+        kb = packed.data();
+        vb = packed.data() + keys * dim;
+        k_row = v_row = dim;
+      }
       for (int64_t i = 0; i < width; ++i)  // (padding queries: zeros, scores zero, never written)
         for (int64_t e = 0; e < dim; ++e)
           queries_t[e * width + i] = i < count ? qb[i * q_row + e] : 0.f;
