@@ -17,8 +17,9 @@ Multi-head attention's forward pass (``csrc/attention.cpp``): scores, softmax an
 block of queries at a time, with the products' tiles in registers (PyTorch's flash attention for CPUs:
 BLAS calls on blocks and an online softmax).
 
-GroupNorm's statistics (``csrc/group_norm.cpp``) where each group is one block of memory: two passes
-that only read (PyTorch's operators: four, two of them writing). The backbone's emitted maps
+GroupNorm's statistics (``csrc/group_norm.cpp``) where each group is one block of memory: one pass
+that only reads, each block's deviations from its own mean summed from L1 (PyTorch's operators: four
+passes, two of them writing). The backbone's emitted maps
 normalised as a channels-last map is turned into an NCHW one, in tiles (PyTorch's GroupNorm and
 ``.contiguous()``: three passes, the last element by element).
 

@@ -604,8 +604,8 @@ def test_the_compiled_pooling_refuses_what_it_does_not_compute(compiled):
 def test_group_statistics_compiled_where_each_group_is_one_block(compiled, shape, groups,
                                                                   channels_last, compiled_ops,
                                                                   threads):
-    """Two reading passes where each group is contiguous in memory, within a rounding of float64
-    where the mean is large against the spread (PyTorch's float sums: a few)."""
+    """One reading pass where each group is contiguous in memory (blocks merged exactly), within a
+    rounding of float64 where the mean is large against the spread (PyTorch's float sums: a few)."""
     from mmpoolformer.kernels.group_norm import group_stats
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.1 + 30
     if channels_last:

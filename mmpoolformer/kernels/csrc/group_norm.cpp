@@ -2,11 +2,10 @@
 // map, or a channels-last one with one group (PoolFormer's GroupNorm(1, C)), built for the CPU at hand
 // by native.py.
 //
-// Two passes that only read: the mean, then the squared deviations from it. As PyTorch's operators the
-// second is three (the deviations written, squared in place, summed). Each pass sums float vectors
-// over blocks of a few hundred values, then the blocks in float64, so that the error does not grow
-// with a group of millions of values; the mean's rounding to float before the deviations costs nothing
-// a float map could show.
+// One pass over memory that only reads: each block of a few hundred values summed, then its squared
+// deviations from its own mean while it is in L1, in float vectors; the blocks then merged exactly in
+// float64 (row_stats), so that the error does not grow with a group of millions of values, nor with a
+// mean far from zero. (PyTorch's operators: four passes, two of them writing.)
 //
 // The backbone's emitted maps (group_norm.py): PyTorch's GroupNorm writes a channels-last map, and
 // `.contiguous()` then turns it around element by element. Here the normalisation is applied as the
@@ -28,57 +27,75 @@ namespace {
 using mmpoolformer::check;
 using mmpoolformer::kBlock;
 using mmpoolformer::lane_sum;
-using mmpoolformer::ThreadSums;
 using mmpoolformer::Vec;
 
-// sum over each row of f(x) (f on vectors and on scalars), rows of `width` values, in float64
-template <typename VecFn, typename ScalarFn>
-std::vector<double> row_sums(const float* xp, int64_t rows, int64_t width, VecFn vec_fn,
-                             ScalarFn scalar_fn) {
-  ThreadSums sums(rows);
-  // blocks of one row each, spread over the threads: a map of two samples still uses every thread
-  const int64_t blocks_per_row = (width + kBlock - 1) / kBlock;
-  at::parallel_for(0, rows * blocks_per_row, 16, [&](int64_t begin, int64_t end) {
-    double* mine = sums.mine();
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t row = block / blocks_per_row, first = (block % blocks_per_row) * kBlock;
-      const int64_t stop = std::min(first + kBlock, width);
-      const float* values = xp + row * width;
-      Vec acc(0.f);
-      int64_t i = first;
-      for (; i + Vec::size() <= stop; i += Vec::size()) acc = acc + vec_fn(Vec::loadu(values + i));
-      double sum = lane_sum(acc);
-      for (; i < stop; ++i) sum += scalar_fn(values[i]);
-      mine[row] += sum;
-    }
-  });
-  return sums.totals();
+// the sum of a block's values, and of their squared deviations from `center`, each in float vectors
+// and then in float64 (a block is kBlock values at most: in L1 for the second pass)
+inline double block_sum(const float* values, int64_t count) {
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= count; i += Vec::size()) acc = acc + Vec::loadu(values + i);
+  double sum = lane_sum(acc);
+  for (; i < count; ++i) sum += values[i];
+  return sum;
 }
 
-// mean and 1 / sqrt(var + eps) of each row of a (rows, width) float32 tensor, as float32 (rows, )
+inline double block_squares(const float* values, int64_t count, float center) {
+  const Vec c(center);
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= count; i += Vec::size()) {
+    const Vec d = Vec::loadu(values + i) - c;
+    acc = at::vec::fmadd(d, d, acc);
+  }
+  double sum = lane_sum(acc);
+  for (; i < count; ++i) sum += static_cast<double>(values[i] - center) * (values[i] - center);
+  return sum;
+}
+
+// mean and 1 / sqrt(var + eps) of each row of a (rows, width) float32 tensor, as float32 (rows, ).
+// One pass over memory: each block's sum, then (from L1) its squared deviations from its own mean
+// rounded to float, m_b; blocks spread over the threads, so a map of two samples uses every thread.
+// Then per row, in block order (the same numbers on any number of threads), exactly:
+// sum (x - mean)^2 = sum over blocks of [sum (x - m_b)^2 + 2 (m_b - mean) (s_b - n_b m_b)
+// + n_b (m_b - mean)^2], every term without cancellation.
 std::tuple<at::Tensor, at::Tensor> row_stats(const at::Tensor& x, double eps) {
   check(x, x, "row_stats");
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0,
               "row_stats takes (rows, width) tensors of width > 0, got ", x.sizes());
   const int64_t rows = x.size(0), width = x.size(1);
+  const int64_t blocks_per_row = (width + kBlock - 1) / kBlock;
   const float* xp = x.const_data_ptr<float>();
-  const std::vector<double> sums = row_sums(
-      xp, rows, width, [](const Vec& v) { return v; }, [](float v) { return v; });
+  std::vector<double> sums(rows * blocks_per_row), squares(rows * blocks_per_row);
+  std::vector<float> centers(rows * blocks_per_row);
+  at::parallel_for(0, rows * blocks_per_row, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = (block % blocks_per_row) * kBlock;
+      const int64_t count = std::min(kBlock, width - first);
+      const float* values = xp + (block / blocks_per_row) * width + first;
+      sums[block] = block_sum(values, count);
+      centers[block] = static_cast<float>(sums[block] / count);
+      squares[block] = block_squares(values, count, centers[block]);
+    }
+  });
   at::Tensor mean = at::empty({rows}, x.options()), rstd = at::empty({rows}, x.options());
   float* mp = mean.data_ptr<float>();
   float* rp = rstd.data_ptr<float>();
-  for (int64_t row = 0; row < rows; ++row) mp[row] = static_cast<float>(sums[row] / width);
-  // deviations from each row's own mean: one pass per row keeps the mean a single broadcast
-  std::vector<double> squares(rows);
   for (int64_t row = 0; row < rows; ++row) {
-    const float m = mp[row];
-    const Vec vm(m);
-    squares[row] = row_sums(
-        xp + row * width, 1, width, [vm](const Vec& v) { const Vec d = v - vm; return d * d; },
-        [m](float v) { return (v - m) * (v - m); })[0];
+    const int64_t first = row * blocks_per_row;
+    double total = 0.;
+    for (int64_t block = first; block < first + blocks_per_row; ++block) total += sums[block];
+    const double row_mean = total / width;
+    double deviations = 0.;
+    for (int64_t block = first; block < first + blocks_per_row; ++block) {
+      const int64_t count = std::min(kBlock, width - (block - first) * kBlock);
+      const double offset = centers[block] - row_mean;
+      deviations += squares[block] + 2. * offset * (sums[block] - count * static_cast<double>(centers[block])) +
+                    count * offset * offset;
+    }
+    mp[row] = static_cast<float>(row_mean);
+    rp[row] = static_cast<float>(1. / std::sqrt(std::max(deviations, 0.) / width + eps));
   }
-  for (int64_t row = 0; row < rows; ++row)
-    rp[row] = static_cast<float>(1. / std::sqrt(squares[row] / width + eps));
   return {mean, rstd};
 }
 
