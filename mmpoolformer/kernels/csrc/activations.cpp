@@ -31,6 +31,7 @@
 
 namespace {
 
+using mmpoolformer::check;
 using mmpoolformer::check_float_or_bf16;
 using mmpoolformer::kBlock;
 using mmpoolformer::lane_sum;
@@ -297,6 +298,38 @@ void gelu(const at::Tensor& h, const at::Tensor& out) {
   }
 }
 
+// h += bias (a row's worth, added to each row) and out = gelu(h), float32 (rows, width): fc1's bias
+// added where its output is activated, not by the product (PyTorch's addmm first writes the bias over
+// the whole output, a pass of its own); the same numbers as h.add_(bias) and then gelu where the
+// width is a whole number of vectors (every MLP's hidden width of the released models)
+void bias_gelu(const at::Tensor& h, const at::Tensor& bias, const at::Tensor& out) {
+  check(h, h, "bias_gelu");
+  check(out, h, "bias_gelu");
+  TORCH_CHECK(h.dim() == 2, "bias_gelu takes (rows, width) tensors, got ", h.sizes());
+  const int64_t width = h.size(1);
+  check(bias, at::empty({width}, h.options()), "bias_gelu");
+  float* hp = h.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* bp = bias.const_data_ptr<float>();
+  at::parallel_for(0, h.size(0), std::max<int64_t>(1, at::internal::GRAIN_SIZE / width),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      float* x = hp + row * width;
+      float* y = op + row * width;
+      int64_t c = 0;
+      for (; c + Vec::size() <= width; c += Vec::size()) {
+        const Vec v = Vec::loadu(x + c) + Vec::loadu(bp + c);
+        v.store(x + c);
+        gelu_value(v).store(y + c);
+      }
+      for (; c < width; ++c) {
+        x[c] += bp[c];
+        y[c] = 0.5f * x[c] * (1.f + std::erf(x[c] * kRsqrt2));
+      }
+    }
+  });
+}
+
 void star_relu(const at::Tensor& h, const at::Tensor& out, const at::Tensor& scale,
                const at::Tensor& bias) {
   const float s = scale.item<float>(), b = bias.item<float>();
@@ -337,11 +370,13 @@ at::Tensor star_relu_backward(const at::Tensor& h, const at::Tensor& grad,
 
 TORCH_LIBRARY_FRAGMENT(mmpoolformer, m) {
   m.def("gelu(Tensor h, Tensor(a!) out) -> ()");
+  m.def("bias_gelu(Tensor(a!) h, Tensor bias, Tensor(b!) out) -> ()");
   m.def("gelu_value_and_grad(Tensor h, Tensor(a!) value, Tensor(b!) grad) -> ()");
   m.def("star_relu(Tensor h, Tensor(a!) out, Tensor scale, Tensor bias) -> ()");
   m.def("star_relu_backward(Tensor h, Tensor(a!) grad, Tensor(b!)? value, Tensor scale, "
         "Tensor bias) -> Tensor");
   m.impl("gelu", c10::DispatchKey::CPU, TORCH_FN(gelu));
+  m.impl("bias_gelu", c10::DispatchKey::CPU, TORCH_FN(bias_gelu));
   m.impl("gelu_value_and_grad", c10::DispatchKey::CPU, TORCH_FN(gelu_value_and_grad));
   m.impl("star_relu", c10::DispatchKey::CPU, TORCH_FN(star_relu));
   m.impl("star_relu_backward", c10::DispatchKey::CPU, TORCH_FN(star_relu_backward));

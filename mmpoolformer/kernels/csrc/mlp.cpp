@@ -254,6 +254,23 @@ struct Activation {
     return h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16;
   }
 
+  // whether fc1's bias is better added in the activation's pass (bias_gelu: float32 GELU) than by
+  // the product (addmm: the bias written over the output first, a pass of its own)
+  static bool takes_bias(const std::optional<Tensor>& scale, const Tensor& h,
+                         const std::optional<Tensor>& b1) {
+    return b1.has_value() && !scale.has_value() && h.scalar_type() == at::kFloat;
+  }
+
+  // fc1's output `product` (without its bias) and bias: h = product + b1 in place, out = act(h)
+  void forward(const Tensor& product, const std::optional<Tensor>& b1, Tensor& out) const {
+    if (takes_bias(scale, product, b1)) {
+      static const auto op = compiled_pass<void(In, In, In)>("mmpoolformer::bias_gelu");
+      op.call(product, *b1, out);
+    } else {
+      forward(product, out);
+    }
+  }
+
   void forward(const Tensor& h, Tensor& out) const {
     if (!scale.has_value() && compiled(h)) {
       static const auto op = compiled_pass<void(In, In)>("mmpoolformer::gelu");
@@ -340,11 +357,12 @@ void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::opt
       Tensor normed = buf.normed.narrow(0, 0, k);
       norm.apply(x, first, k, normed);
       Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
-      product_out(h, normed, w1.t(), b1);
+      const bool bias_later = Activation::takes_bias(act_scale, h, b1);
+      product_out(h, normed, w1.t(), bias_later ? std::nullopt : b1);
       Tensor oc = out.narrow(0, first, k);
       // (the first half's activation straight into the output where the dtypes agree)
       Tensor act = first_half && !low ? oc : buf.act.narrow(0, 0, k);
-      activation.forward(h, act);
+      activation.forward(h, bias_later ? b1 : std::nullopt, act);
       if (first_half) {
         if (low) oc.copy_(act);
         continue;
@@ -424,7 +442,12 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
       Tensor normed = buf.normed.narrow(0, 0, k);
       const auto stats = norm.apply(x, first, k, normed);
       Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
-      if (!hidden.has_value()) product_out(h, normed, w1_t, b1);
+      if (!hidden.has_value() && Activation::takes_bias(act_scale, h, b1)) {
+        product_out(h, normed, w1_t, std::nullopt);  // (rounded as forward's bias_gelu rounded it)
+        h.add_(*b1);
+      } else if (!hidden.has_value()) {
+        product_out(h, normed, w1_t, b1);
+      }
       const bool first_sums = fresh[thread];
       fresh[thread] = 0;
       if (gb2.defined()) add_column_sums(gb2, gc, column_block, first_sums);
