@@ -24,7 +24,7 @@ constexpr int64_t kQueries = 32;  // a block's queries: its transposed scores, k
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kRows = 8;  // rows of a register tile (8 x 2 vectors of 16: 16 of the 32 registers)
 #else
-constexpr int kRows = 4;  // (AVX2: 4 x 2 vectors of 8, 8 of the 16 registers)
+constexpr int kRows = 6;  // (AVX2: 6 x 2 vectors of 8, 12 of the 16 registers)
 #endif
 constexpr int64_t kTile = 2 * Vec::size();     // a scores tile's queries: two vectors
 constexpr int64_t kVectors = kQueries / Vec::size();  // a block's queries in vectors
@@ -45,8 +45,17 @@ inline Vec exp2_nonpositive(const Vec& t) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.00000012f));
   return Vec(_mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-64.f), _CMP_GE_OQ), p, n));
 #else
-  const Vec e = (t * Vec(0.693147180559945f)).exp_u20();
-  return Vec::blendv(Vec(0.f), e, t >= Vec(-64.f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.00132764725f), f, _mm256_set1_ps(0.00967554189f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.0555071309f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.240221202f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.693146944f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.00000012f));
+  // 2^n as a float's exponent bits (n >= -64 where kept: a normal number)
+  const __m256 power = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  return Vec(_mm256_and_ps(_mm256_mul_ps(p, power), _mm256_cmp_ps(t, _mm256_set1_ps(-64.f), _CMP_GE_OQ)));
 #endif
 }
 
@@ -95,6 +104,11 @@ inline void values_tile(const float* weights_t, int64_t width, const float* valu
 
 template <int vectors>
 void attend(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr int kValueRows = kRows;
+#else
+  constexpr int kValueRows = std::max(1, 2 * kRows / vectors);  // (12 accumulators at most)
+#endif
   const int64_t n = q.size(0), heads = q.size(1), length = q.size(2), dim = q.size(3),
                 keys = k.size(2);
   const int64_t blocks = (length + kQueries - 1) / kQueries;
@@ -166,9 +180,9 @@ void attend(const Tensor& q, const Tensor& k, const Tensor& v, float scale, cons
         (Vec(1.f) / sums[u]).store(inverse.data() + u * Vec::size());
       float* ob = op + (sample * length + first) * out_stride + head * dim;
       int64_t r = 0;
-      for (; r + kRows <= count; r += kRows)
-        values_tile<kRows, vectors>(scores_t.data() + r, width, vb, v_row, keys,
-                                    inverse.data() + r, ob + r * out_stride, out_stride);
+      for (; r + kValueRows <= count; r += kValueRows)
+        values_tile<kValueRows, vectors>(scores_t.data() + r, width, vb, v_row, keys,
+                                         inverse.data() + r, ob + r * out_stride, out_stride);
       for (; r < count; ++r)
         values_tile<1, vectors>(scores_t.data() + r, width, vb, v_row, keys, inverse.data() + r,
                                 ob + r * out_stride, out_stride);
