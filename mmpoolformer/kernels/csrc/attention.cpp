@@ -30,10 +30,11 @@ constexpr int64_t kTile = 2 * Vec::size();     // a scores tile's queries: two v
 constexpr int64_t kVectors = kQueries / Vec::size();  // a block's queries in vectors
 
 // 2^t for t <= 0 (a score less the largest, scaled, in base 2), to 2.3e-7 relative: a degree-5
-// polynomial of the fraction fitted to 2^f on [-1/2, 1/2] and, with AVX-512, the exponent put in by
-// one instruction (vscalefps); with AVX2 at::vec's exp_u20. Zero below 2^-64: the weights then sum to
-// at least 1 and lose nothing, and neither they nor their products with the values are ever
-// subnormal, which Intel CPUs compute in microcode (a weighted sum of values took 3 times as long).
+// polynomial of the fraction fitted to 2^f on [-1/2, 1/2], the exponent put in by one instruction
+// with AVX-512 (vscalefps), added to the float's exponent bits with AVX2. Zero below 2^-64: the
+// weights then sum to at least 1 and lose nothing, and neither they nor their products with the
+// values are ever subnormal, which Intel CPUs compute in microcode (a weighted sum of values took 3
+// times as long).
 inline Vec exp2_nonpositive(const Vec& t) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
