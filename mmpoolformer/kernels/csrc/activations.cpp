@@ -33,6 +33,7 @@ namespace {
 
 using mmpoolformer::check;
 using mmpoolformer::check_float_or_bf16;
+using mmpoolformer::horner;
 using mmpoolformer::kBlock;
 using mmpoolformer::lane_sum;
 using mmpoolformer::ThreadSums;
@@ -128,12 +129,6 @@ constexpr float kErfQ[] = {1.f, 0.504157304763794f, 0.11508134007453918f, 0.0151
                            0.001188030350022018f, 3.807078246609308e-05f};
 constexpr float kErfEnd = 3.92f;
 
-template <size_t N>
-inline Vec horner(const float (&coefficients)[N], const Vec& t) {
-  Vec sum(coefficients[N - 1]);
-  for (size_t i = N - 1; i-- > 0;) sum = at::vec::fmadd(sum, t, Vec(coefficients[i]));
-  return sum;
-}
 
 inline Vec gelu_value(const Vec& x) {
   const Vec u = at::vec::clamp(x * Vec(kRsqrt2), Vec(-kErfEnd), Vec(kErfEnd));

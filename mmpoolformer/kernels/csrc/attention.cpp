@@ -18,6 +18,7 @@
 namespace {
 
 using at::Tensor;
+using mmpoolformer::horner;
 using mmpoolformer::Vec;
 
 constexpr int64_t kQueries = 32;  // a block's queries: its transposed scores, keys x 32, stay in L2
@@ -35,24 +36,17 @@ constexpr int64_t kVectors = kQueries / Vec::size();  // a block's queries in ve
 // weights then sum to at least 1 and lose nothing, and neither they nor their products with the
 // values are ever subnormal, which Intel CPUs compute in microcode (a weighted sum of values took 3
 // times as long).
+constexpr float kExp2[] = {1.00000012f, 0.693146944f, 0.240221202f, 0.0555071309f, 0.00967554189f,
+                           0.00132764725f};
+
 inline Vec exp2_nonpositive(const Vec& t) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00132764725f), f, _mm512_set1_ps(0.00967554189f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0555071309f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240221202f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693146944f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.00000012f));
+  const Vec p = horner(kExp2, Vec(_mm512_sub_ps(t, n)));
   return Vec(_mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-64.f), _CMP_GE_OQ), p, n));
 #else
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(t, n);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.00132764725f), f, _mm256_set1_ps(0.00967554189f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.0555071309f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.240221202f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.693146944f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.00000012f));
+  const Vec p = horner(kExp2, Vec(_mm256_sub_ps(t, n)));
   // 2^n as a float's exponent bits (n >= -64 where kept: a normal number)
   const __m256 power = _mm256_castsi256_ps(
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));

@@ -60,6 +60,14 @@ inline Vec reciprocal(const Vec& d) {
   return r * at::vec::fnmadd(d, r, Vec(2.f));  // r (2 - d r)
 }
 
+// the polynomial sum_i coefficients[i] t^i, by Horner's scheme (fused multiply-adds)
+template <size_t N>
+inline Vec horner(const float (&coefficients)[N], const Vec& t) {
+  Vec sum(coefficients[N - 1]);
+  for (size_t i = N - 1; i-- > 0;) sum = at::vec::fmadd(sum, t, Vec(coefficients[i]));
+  return sum;
+}
+
 constexpr int64_t kBlock = 64 * Vec::size();  // values summed in float before a double takes them
 
 // the lanes of a vector, summed in float64
