@@ -21,7 +21,7 @@ HEAD_DIMS = (16, 32, 64)  # 1, 2 or 4 vectors of AVX-512 floats and 2, 4 or 8 of
 
 def _compiled_takes(*tensors: torch.Tensor) -> bool:
     return (all(t.device.type == 'cpu' and t.dtype == torch.float32 and t.dim() == 4
-                and t.stride(-1) == 1 and not t.requires_grad for t in tensors)
+                and t.stride(-1) == 1 for t in tensors)
             and tensors[0].shape[-1] in HEAD_DIMS and tensors[1].shape[-2] > 0
             and native.ops() is not None)
 

@@ -3,8 +3,8 @@
 The MLP kernel's activations (``csrc/activations.cpp``), in one pass over a chunk each way: GELU
 forward with fc1's bias added in the same pass (PyTorch's addmm writes the bias over its output in a
 pass of its own: S12's forward 3.4 ms less on the Xeon of 2026-12-05), GELU's value and derivative in
-backward (PyTorch's two operators spend three exponentials on them, this
-kernel one), StarReLU forward and backward (as PyTorch's operators, four passes forward and six
+backward (PyTorch's two operators spend three exponentials on them, this kernel one), StarReLU
+forward and backward (as PyTorch's operators, four passes forward and six
 backward); fp32 chunks, and bf16 ones under autocast (rounded by the CPU's own instruction where it
 has avx512_bf16). On the Zen 3 machine (AVX2, 2 threads, 2x512x512, profiled): the GELU work of
 PoolFormer-S12's backward 24-28 against 57-69 ms a training step; ConvFormer-S18's element-wise

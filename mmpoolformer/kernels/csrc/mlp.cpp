@@ -442,11 +442,10 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
       Tensor normed = buf.normed.narrow(0, 0, k);
       const auto stats = norm.apply(x, first, k, normed);
       Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
-      if (!hidden.has_value() && Activation::takes_bias(act_scale, h, b1)) {
-        product_out(h, normed, w1_t, std::nullopt);  // (rounded as forward's bias_gelu rounded it)
-        h.add_(*b1);
-      } else if (!hidden.has_value()) {
-        product_out(h, normed, w1_t, b1);
+      if (!hidden.has_value()) {
+        const bool bias_later = Activation::takes_bias(act_scale, h, b1);
+        product_out(h, normed, w1_t, bias_later ? std::nullopt : b1);
+        if (bias_later) h.add_(*b1);  // (rounded as forward's bias_gelu rounded it)
       }
       const bool first_sums = fresh[thread];
       fresh[thread] = 0;
