@@ -81,6 +81,7 @@ class Activation:
         self.params = ()
         self._value_and_backward = None  # a compiled kernel's, if there is one for it
         self._compiled_dtypes = (torch.float32, )  # what that kernel takes
+        self._adds_bias = False  # whether the compiled forward adds fc1's bias in its pass
         kind = type(module)
         if kind is nn.GELU:
             approximate = module.approximate
@@ -88,6 +89,7 @@ class Activation:
             if approximate == 'none':
                 self._value_and_backward = _gelu_value_and_backward
                 self._compiled_dtypes = COMPILED_DTYPES
+                self._adds_bias = True
                 self.forward = _gelu_forward
             else:
                 self.forward = lambda h, out, params: torch.ops.aten.gelu.out(
@@ -121,6 +123,13 @@ class Activation:
                 or dtype not in self._compiled_dtypes or native.ops() is None):
             return None
         return self._value_and_backward
+
+    def takes_bias(self, backend: str, bias: Optional[torch.Tensor], dtype: torch.dtype) -> bool:
+        """Whether fc1's bias is better added in the activation's pass (``bias_gelu``: fp32 GELU,
+        BLAS products, as in ``csrc/mlp.cpp``) than by the product (``addmm`` writes the bias over
+        its output first, a pass of its own)."""
+        return (self._adds_bias and backend == 'blas' and bias is not None and dtype == torch.float32
+                and native.takes(bias))
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
@@ -313,6 +322,7 @@ class _NormMlpResidual(torch.autograd.Function):
             # results, kept as they are instead of copied into one map)
             kept_h = [] if for_backward and c > RECOMPUTE_HIDDEN_UP_TO else None
             fused_act = act.onednn_post_op if plan.backend == 'onednn' and not for_backward else None
+            bias_later = act.takes_bias(plan.backend, b1, dtype)
             bufs = _Buffers(tx, w1.shape[0], dtype)
             rows_x, rows_out = tx.flatten(0, 1), tout.flatten(0, 1)
             dropped = lambda i: _residual(tx[i], res_scale, out=tout[i])  # noqa: E731
@@ -334,12 +344,18 @@ class _NormMlpResidual(torch.autograd.Function):
                     if fused_act:  # inference: oneDNN applies the activation as it writes fc1's output
                         ac = torch.ops.mkldnn._linear_pointwise(nc, w1, b1, *fused_act)
                     else:
+                        b1_product = None if bias_later else b1
                         if kept_h is None:
-                            hc = _linear(plan.backend, nc, w1, b1, scratch=bufs.hidden(end - start))
+                            hc = _linear(plan.backend, nc, w1, b1_product,
+                                         scratch=bufs.hidden(end - start))
                         else:
-                            hc = _linear(plan.backend, nc, w1, b1)
+                            hc = _linear(plan.backend, nc, w1, b1_product)
                             kept_h.append(hc)
-                        ac = act.forward(hc, act_out, act_params)
+                        if bias_later:  # (hc += b1 in place, the activation of it into act_out)
+                            native.ops().bias_gelu(hc, b1, act_out)
+                            ac = act_out
+                        else:
+                            ac = act.forward(hc, act_out, act_params)
                     if first_half:
                         if fused_act or act_out is not oc:
                             oc.copy_(ac)
@@ -366,6 +382,7 @@ class _NormMlpResidual(torch.autograd.Function):
         plan, norm, act, scales = ctx.plan, ctx.norm, ctx.act, ctx.scales
         dtype, hidden = w1.dtype, w1.shape[0]
         c = x.shape[1]
+        bias_later = act.takes_bias(plan.backend, b1, dtype)
         with torch.autocast(x.device.type, enabled=False):
             coefficients = norm.coefficients((mean, rstd), norm_weight, norm_bias, c)
             grad = grad.contiguous(memory_format=torch.channels_last)
@@ -420,8 +437,13 @@ class _NormMlpResidual(torch.autograd.Function):
                                                                                   out=bufs.grad(k))
                     nc, row_stats = norm.normalize(rows_x, start, end, samples, coefficients,
                                                    bufs.normed(k))
-                    hc = kept_h[index] if kept_h else _linear(plan.backend, nc, w1, b1,
-                                                              scratch=bufs.hidden(k))
+                    if kept_h:
+                        hc = kept_h[index]
+                    else:  # (rounded as forward's bias_gelu rounded it, where it took the bias)
+                        hc = _linear(plan.backend, nc, w1, None if bias_later else b1,
+                                     scratch=bufs.hidden(k))
+                        if bias_later:
+                            hc.add_(b1)
                     if needs[6]:
                         gb2 += gc.sum(0)
                     if joint is not None:  # the activation's value and gradient in one pass
