@@ -81,7 +81,7 @@ class Activation:
         self.params = ()
         self._value_and_backward = None  # a compiled kernel's, if there is one for it
         self._compiled_dtypes = (torch.float32, )  # what that kernel takes
-        self._adds_bias = False  # whether the compiled forward adds fc1's bias in its pass
+        self._forward_with_bias = None  # a compiled forward that adds fc1's bias in its pass
         kind = type(module)
         if kind is nn.GELU:
             approximate = module.approximate
@@ -89,7 +89,7 @@ class Activation:
             if approximate == 'none':
                 self._value_and_backward = _gelu_value_and_backward
                 self._compiled_dtypes = COMPILED_DTYPES
-                self._adds_bias = True
+                self._forward_with_bias = _bias_gelu_forward
                 self.forward = _gelu_forward
             else:
                 self.forward = lambda h, out, params: torch.ops.aten.gelu.out(
@@ -128,8 +128,13 @@ class Activation:
         """Whether fc1's bias is better added in the activation's pass (``bias_gelu``: fp32 GELU,
         BLAS products, as in ``csrc/mlp.cpp``) than by the product (``addmm`` writes the bias over
         its output first, a pass of its own)."""
-        return (self._adds_bias and backend == 'blas' and bias is not None and dtype == torch.float32
-                and native.takes(bias))
+        return (self._forward_with_bias is not None and backend == 'blas' and bias is not None
+                and dtype == torch.float32 and native.takes(bias))
+
+    def forward_with_bias(self, h: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``h += bias`` in place, and the activation of it into ``out``, in one pass (where
+        :meth:`takes_bias`)."""
+        return self._forward_with_bias(h, bias, out)
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
@@ -144,6 +149,12 @@ def _gelu_forward(h, out, params):
         native.ops().gelu(h, out)
         return out
     return torch.ops.aten.gelu.out(h, out=out)
+
+
+def _bias_gelu_forward(h, bias, out):
+    """``h += bias`` and GELU of it into ``out``: the compiled pass (fp32 chunks)."""
+    native.ops().bias_gelu(h, bias, out)
+    return out
 
 
 def _gelu_value_and_backward(h, out, g, params, grads):
@@ -351,11 +362,8 @@ class _NormMlpResidual(torch.autograd.Function):
                         else:
                             hc = _linear(plan.backend, nc, w1, b1_product)
                             kept_h.append(hc)
-                        if bias_later:  # (hc += b1 in place, the activation of it into act_out)
-                            native.ops().bias_gelu(hc, b1, act_out)
-                            ac = act_out
-                        else:
-                            ac = act.forward(hc, act_out, act_params)
+                        ac = act.forward_with_bias(hc, b1, act_out) if bias_later else act.forward(
+                            hc, act_out, act_params)
                     if first_half:
                         if fused_act or act_out is not oc:
                             oc.copy_(ac)
