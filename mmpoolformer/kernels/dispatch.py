@@ -180,21 +180,43 @@ def run(key: tuple, candidates: Sequence[Plan], compute: Callable, x: torch.Tens
     detached copies of ``x`` and leave no gradient behind; identity saved-tensor hooks keep them out of
     an enclosing activation checkpoint.
     """
-    training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    training = records(x, params)
     name = lambda dtype: str(dtype).replace('torch.', '')  # noqa: E731
     key = (x.device.type, ) + tuple(key) + (name(x.dtype), 'autocast:' + name(autocast_dtype(
         x.device)), 'train' if training else 'infer', size_class(x.numel()))
 
     def trial(plan):
+        global _trial_running
         keep = lambda t: t  # noqa: E731
         with torch.autograd.graph.saved_tensors_hooks(keep, keep), torch.set_grad_enabled(training):
             xt = x.detach().requires_grad_(x.requires_grad)
-            y = compute(plan, xt)
+            _trial_running = True
+            try:
+                y = compute(plan, xt)
+            finally:
+                _trial_running = False
             if training:
                 inputs = [t for t in (xt, *params) if t.requires_grad]
                 torch.autograd.grad(y, inputs, torch.ones_like(y), allow_unused=True)
 
     return compute(choose(key, candidates, trial), x)
+
+
+_trial_running = False
+
+
+def records(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+    """Whether autograd records a branch of input ``x`` and parameters ``params`` (training, or
+    anything that asks for a gradient): then its plans are timed forward and backward, and no kernel
+    may write over a tensor that backward could need."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+
+
+def may_overwrite(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+    """Whether a branch whose caller owns ``x`` (a temporary nobody else holds) may write its
+    result over it: where nothing records (inference) and outside :func:`choose`'s trials, which
+    run every candidate on the same input."""
+    return not (_trial_running or records(x, params))
 
 
 def _synchronize(key: tuple) -> None:

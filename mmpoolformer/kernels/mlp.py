@@ -311,19 +311,22 @@ class _NormMlpResidual(torch.autograd.Function):
     half, ``act(fc1(norm(x)))`` (``b2`` and ``res_scale`` None, ``scales`` all 1). ``records``: whether
     autograd records the call (grad mode was on); inside ``forward`` grad mode is always off, and
     ``needs_input_grad`` says only which inputs require grad, which they do in inference too (a
-    model's parameters under ``torch.no_grad()``)."""
+    model's parameters under ``torch.no_grad()``). ``overwrite``: the output is written over ``x``
+    (inference, where the caller owns ``x``); each chunk's rows are read before they are written."""
 
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, res_scale, norm, act, scales, plan,
-                records, *act_params):
+                records, overwrite, *act_params):
         with torch.autocast(x.device.type, enabled=False):
             dtype = plan.dtype or x.dtype
             n, c = x.shape[:2]
             first_half = w2 is None
-            out = torch.empty((n, w1.shape[0]) + x.shape[2:] if first_half else x.shape, dtype=x.dtype,
-                              device=x.device, memory_format=torch.channels_last)
-            # (the output, before the chunks write it, is the statistics' scratch)
-            mean, rstd = norm.statistics(x, None if first_half else out)
+            assert not (overwrite and (first_half or records)), 'only an inference residual overwrites'
+            out = x if overwrite else torch.empty(
+                (n, w1.shape[0]) + x.shape[2:] if first_half else x.shape, dtype=x.dtype,
+                device=x.device, memory_format=torch.channels_last)
+            # (a fresh output, before the chunks write it, is the statistics' scratch)
+            mean, rstd = norm.statistics(x, None if first_half or overwrite else out)
             coefficients = norm.coefficients((mean, rstd), norm_weight, norm_bias, c)
             w1, b1, w2, b2_low = (None if t is None else t.to(dtype) for t in (w1, b1, w2, b2))
             act_params = tuple(t.to(dtype) for t in act_params)
@@ -402,7 +405,7 @@ class _NormMlpResidual(torch.autograd.Function):
             gb1 = sums(hidden, **acc) if needs[4] else None
             gw2 = sums(w2.shape, **acc) if needs[5] else None
             gb2 = sums(c, **acc) if needs[6] else None
-            act_needs = needs[13:]  # the activation's tensors come after forward's 13 inputs
+            act_needs = needs[len(needs) - ctx.act_params:]  # (forward's last inputs)
             grad_act = [torch.zeros(t.shape, **acc) if need else None
                         for t, need in zip(act_params, act_needs)]
             into_norm = any(needs[:3])
@@ -497,7 +500,7 @@ class _NormMlpResidual(torch.autograd.Function):
         cast = lambda t: None if t is None else t.to(param_dtype)  # noqa: E731
         return (grad_x if needs[0] else None, cast(grad_norm_weight), cast(grad_norm_bias), cast(gw1),
                 cast(gb1), cast(gw2), cast(gb2), cast(grad_res_scale), None, None, None, None, None,
-                *map(cast, grad_act))
+                None, *map(cast, grad_act))
 
 
 def _residual(xc: torch.Tensor, res_scale: Optional[torch.Tensor], bias=None, scale: float = 1.,
@@ -507,7 +510,7 @@ def _residual(xc: torch.Tensor, res_scale: Optional[torch.Tensor], bias=None, sc
     if res_scale is None:
         if bias is not None:
             return torch.add(xc, bias, alpha=scale, out=out)
-        return xc if out is None else out.copy_(xc)
+        return xc if out is None or out.data_ptr() == xc.data_ptr() else out.copy_(xc)
     if bias is not None:
         return torch.addcmul(bias * scale, xc, res_scale, out=out)
     return torch.mul(xc, res_scale, out=out)
@@ -639,7 +642,7 @@ def _norm_params(norm: nn.Module):
 def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.Module,
                       fc2: nn.Conv2d, layer_scale: Optional[torch.Tensor],
                       res_scale: Optional[torch.Tensor], factors: Optional[torch.Tensor],
-                      plain: Callable) -> torch.Tensor:
+                      plain: Callable, overwrite: bool = False) -> torch.Tensor:
     """``res_scale * x + factors * layer_scale * fc2(act(fc1(norm(x))))``, by the fastest plan for
     this input.
 
@@ -647,7 +650,9 @@ def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.
     ``layer_scale`` and ``res_scale`` per-channel vectors or None, ``factors`` the ``(N, 1, 1, 1)``
     per-sample factors of stochastic depth (None: all one) and ``plain(x)`` the same branch as the
     modules compute it, which is taken where the kernel does not apply (another norm or activation,
-    dropout, fp16 or other dtypes) and wherever it is faster.
+    dropout, fp16 or other dtypes) and wherever it is faster. ``overwrite``: the caller owns ``x``
+    (a temporary of its own), which the kernel may then write its result over where nothing records
+    gradients: in inference a map fewer to allocate, and the residual added where it lies.
     """
     fused = _fused_plans(x, norm, act, scaled_weight=layer_scale is not None)
     if fused is None:
@@ -667,10 +672,13 @@ def norm_mlp_residual(x: torch.Tensor, norm: nn.Module, fc1: nn.Conv2d, act: nn.
         if layer_scale is not None:
             w2 = w2 * layer_scale[:, None]
             b2 = None if b2 is None else b2 * layer_scale
+        # (a copy into channels-last is the kernel's own, to write over as well)
         x = x.contiguous(memory_format=torch.channels_last)
         return _NormMlpResidual.apply(x, norm_weight, norm_bias, fc1.weight.flatten(1), fc1.bias, w2,
                                       b2, res_scale, rows, kernel_act, scales, plan,
-                                      torch.is_grad_enabled(), *kernel_act.params)
+                                      torch.is_grad_enabled(),
+                                      overwrite and dispatch.may_overwrite(x, params),
+                                      *kernel_act.params)
 
     key = ('mlp', type(norm).__name__, fc1.in_channels, fc1.out_channels, type(act).__name__,
            'res_scale' if res_scale is not None else 'residual')
@@ -697,7 +705,7 @@ def norm_linear_act(x: torch.Tensor, norm: nn.Module, fc: nn.Conv2d, act: nn.Mod
         x = x.contiguous(memory_format=torch.channels_last)
         return _NormMlpResidual.apply(x, norm_weight, norm_bias, fc.weight.flatten(1), fc.bias, None,
                                       None, None, rows, kernel_act, [1.] * x.shape[0], plan,
-                                      torch.is_grad_enabled(), *kernel_act.params)
+                                      torch.is_grad_enabled(), False, *kernel_act.params)
 
     key = ('expand', type(norm).__name__, fc.in_channels, fc.out_channels, type(act).__name__)
     return dispatch.run(key, fused + _threads_plan(x, norm, act) + [dispatch.PLAIN], compute, x,

@@ -122,12 +122,12 @@ class Mlp(nn.Module):
     def forward(self, x):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
-    def fused_residual(self, x, norm, layer_scale, res_scale, factors, plain):
+    def fused_residual(self, x, norm, layer_scale, res_scale, factors, plain, overwrite=False):
         """See :meth:`MetaFormerBlock.residual`."""
         if isinstance(self.drop, nn.Dropout):
             return plain(x)
         return norm_mlp_residual(x, norm, self.fc1, self.act, self.fc2, layer_scale, res_scale,
-                                 factors, plain)
+                                 factors, plain, overwrite)
 
 
 class MetaFormerBlock(nn.Module):
@@ -181,17 +181,20 @@ class MetaFormerBlock(nn.Module):
     def forward(self, x):
         ls1, ls2 = (self.layer_scale_1, self.layer_scale_2) if self.use_layer_scale else (None, None)
         rs1, rs2 = (self.res_scale_1, self.res_scale_2) if self.use_res_scale else (None, None)
-        x = self.residual(x, self.norm1, self.token_mixer, ls1, rs1)
-        return self.residual(x, self.norm2, self.mlp, ls2, rs2)
+        mixed = self.residual(x, self.norm1, self.token_mixer, ls1, rs1)
+        # the mixer's residual is a new map, the block's own: the MLP's may be written over it
+        owned = mixed is not x and not mixed._is_view()
+        return self.residual(mixed, self.norm2, self.mlp, ls2, rs2, overwrite=owned)
 
-    def residual(self, x, norm, branch, layer_scale, res_scale=None):
+    def residual(self, x, norm, branch, layer_scale, res_scale=None, overwrite=False):
         """``res_scale * x + drop_path(layer_scale * branch(norm(x)))``.
 
         A branch that can compute this faster than as written, fused with the norm and the residual
-        add, has a method ``fused_residual(x, norm, layer_scale, res_scale, factors, plain)``:
-        ``factors`` are stochastic depth's per-sample factors for this step (or None), ``plain(x)`` is
-        this formula as written, which the branch returns wherever its kernel does not apply or does
-        not pay.
+        add, has a method ``fused_residual(x, norm, layer_scale, res_scale, factors, plain,
+        overwrite)``: ``factors`` are stochastic depth's per-sample factors for this step (or None),
+        ``plain(x)`` is this formula as written, which the branch returns wherever its kernel does not
+        apply or does not pay; ``overwrite`` says that ``x`` is the block's own temporary, which the
+        kernel may write its result over where nothing records gradients (inference).
         """
         factors = self.drop_path.factors(x)
 
@@ -201,7 +204,7 @@ class MetaFormerBlock(nn.Module):
         fused = getattr(branch, 'fused_residual', None)
         if fused is None:
             return plain(x)
-        return fused(x, norm, layer_scale, res_scale, factors, plain)
+        return fused(x, norm, layer_scale, res_scale, factors, plain, overwrite)
 
 
 _ARCH_KEYS = {'depths', 'embed_dims', 'mlp_ratios', 'layer_scale_init_value', 'res_scale_init_values'}

@@ -70,7 +70,7 @@ def gradcheck_mlp_kernel(norm, fc1, act, fc2, scales, res_scale=None, device='cp
 
     def fn(*args):
         return _NormMlpResidual.apply(*args[:8], norm_rows(norm), Activation(act), scales,
-                                      kernels.Plan(backend='blas'), True, *args[8:])
+                                      kernels.Plan(backend='blas'), True, False, *args[8:])
 
     assert torch.autograd.gradcheck(fn, grad_args, eps=1e-6, atol=1e-7, fast_mode=True)
 
@@ -225,7 +225,7 @@ def gradcheck_first_half(norm, fc1, act, device='cpu'):
     def fn(x, norm_weight, norm_bias, w1, b1, *act_params):
         return _NormMlpResidual.apply(x, norm_weight, norm_bias, w1, b1, None, None, None,
                                       norm_rows(norm), Activation(act), [1.] * 3,
-                                      kernels.Plan(backend='blas'), True, *act_params)
+                                      kernels.Plan(backend='blas'), True, False, *act_params)
 
     assert torch.autograd.gradcheck(fn, grad_args, eps=1e-6, atol=1e-7, fast_mode=True)
 

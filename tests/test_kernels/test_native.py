@@ -391,6 +391,57 @@ def test_the_threads_plan_gives_the_blas_plans_numbers(compiled, res_scale, reco
         assert max_rel_err(a, b) <= 1e-6
 
 
+@pytest.mark.parametrize('backend', ['threads', *kernels.dispatch.backends(torch.device('cpu'),
+                                                                        torch.float32)])
+@pytest.mark.parametrize('layer_norm', [False, True], ids=['group_norm', 'layer_norm'])
+@pytest.mark.parametrize('res_scale, bias', [(False, True), (True, True), (False, False)],
+                         ids=['bias', 'res_scale', 'no_bias'])
+def test_an_inference_residual_is_written_over_the_input_it_owns(compiled, backend, layer_norm,
+                                                                   res_scale, bias, two_threads,
+                                                                   monkeypatch):
+    """``overwrite``: in inference the output takes the input's memory, with the numbers of a fresh
+    output (chunks of 7 rows, across two samples); where autograd records, or without ``overwrite``,
+    the input stays as it was."""
+    for chunks in ('THREAD_CHUNK_BYTES', 'CHUNK_BYTES'):
+        monkeypatch.setattr(mlp_kernel, chunks, 7 * 48 * 4)
+    norm, fc1, act, fc2, layer_scale, res = threads_branch(res_scale=res_scale, layer_norm=layer_norm)
+    if not bias:
+        fc2.bias = None
+    x = (torch.randn(2, 12, 5, 9) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    original = x.clone()
+
+    def run(x, overwrite):
+        return kernels.norm_mlp_residual(x, norm, fc1, act, fc2, layer_scale, res, None,
+                                         plain=lambda x: pytest.fail('plain'), overwrite=overwrite)
+
+    with kernels.forced(kernels.Plan(backend=backend)), OpLog() as log:
+        recorded = run(x, True)  # (the parameters require grad)
+        assert torch.equal(x, original) and recorded.data_ptr() != x.data_ptr()
+        with torch.no_grad():
+            fresh = run(x, False)
+            assert torch.equal(x, original)
+            y = run(x, True)
+    assert y.data_ptr() == x.data_ptr()
+    assert torch.equal(y, fresh)
+    assert max_rel_err(fresh, recorded) <= 1e-6  # (oneDNN applies GELU as it writes in inference only)
+    assert ('mmpoolformer.mlp_forward' in [name for name, _ in log.ops]) == (backend == 'threads')
+
+
+def test_an_inference_residual_leaves_the_plans_trials_their_input(compiled, two_threads,
+                                                                    timed_choices):
+    """The run-time choice times every plan on the same input: none may overwrite it then, the kept
+    plan's run may."""
+    norm, fc1, act, fc2, layer_scale, res = threads_branch(c=32)
+    x = torch.randn(2, 32, 24, 24).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = x + layer_scale.view(-1, 1, 1) * fc2(act(fc1(norm(x))))
+        y = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, layer_scale, res, None,
+                                      plain=lambda x: x + layer_scale.view(-1, 1, 1) * fc2(
+                                          act(fc1(norm(x)))), overwrite=True)
+    assert len(kernels.chosen()) == 1  # (the plans were timed)
+    assert max_rel_err(y, expected) <= 1e-6
+
+
 @pytest.mark.parametrize('layer_norm', [False, True], ids=['group_norm', 'layer_norm'])
 @pytest.mark.parametrize('act', [nn.GELU(), StarReLU(0.8, -0.1)], ids=COMPILED.keys())
 @pytest.mark.parametrize('recompute_up_to', [1000, 0], ids=['hidden_recomputed', 'hidden_kept'])

@@ -70,6 +70,48 @@ def test_outputs_and_gradients_equal_the_official_formulation(channels_last, pla
         assert max_rel_err(g, ref_grads[name]) <= 2e-5, name
 
 
+@pytest.mark.parametrize('plan', PLANS, ids=str)
+def test_inference_equals_the_official_formulation(plan):
+    """Under ``torch.no_grad()`` each block's MLP residual is written over the block's own map (the
+    mixer's residual): the outputs still equal the official formulation's, and the input image is left
+    as it was."""
+    ours, ref = randomized_pair()
+    ours.eval()
+    ref.eval()
+    x = torch.randn(2, 3, 61, 45, generator=torch.Generator().manual_seed(1))
+    image = x.clone()
+    with torch.no_grad(), kernels.forced(plan):
+        outs = ours(x)
+        ref_outs = ref(x.double())
+    assert torch.equal(x, image)
+    for a, b in zip(outs, ref_outs):
+        assert max_rel_err(a, b) <= 1e-5
+
+
+class _Owning(torch.nn.Module):
+    """A branch that reports the ``overwrite`` it is offered, as the residual itself."""
+
+    def __init__(self, result):
+        super().__init__()
+        self.result, self.offered = result, []
+
+    def fused_residual(self, x, norm, layer_scale, res_scale, factors, plain, overwrite=False):
+        self.offered.append(overwrite)
+        return self.result(x)
+
+
+@pytest.mark.parametrize('mixer_result, offered', [(lambda x: x + 1, True), (lambda x: x, False),
+                                                   (lambda x: x[:, :], False)],
+                         ids=['new_map', 'its_input', 'a_view_of_its_input'])
+def test_the_block_offers_the_mlp_its_own_map_only(mixer_result, offered):
+    """The MLP's residual may write over the mixer's residual where that is a map the block made,
+    never over the block's input (a mixer that hands it back, or a view of it)."""
+    block = MetaFormerBlock(8, _Owning(mixer_result))
+    block.mlp = _Owning(lambda x: x)
+    block(torch.randn(1, 8, 3, 3))
+    assert block.token_mixer.offered == [False] and block.mlp.offered == [offered]
+
+
 @pytest.mark.parametrize('plan', PLANS[:-1], ids=str)
 def test_fused_block_equals_its_plain_formulation_with_drop_path(plan):
     """The block with drop path active: the same samples are dropped in both formulations, and the

@@ -314,7 +314,8 @@ struct Activation {
   }
 };
 
-// out = res_scale * x + scale * bias, each where given, in one pass
+// out = res_scale * x + scale * bias, each where given, in one pass (out may be x itself: an
+// inference residual written over its input)
 void residual(Tensor& out, const Tensor& x, const std::optional<Tensor>& res_scale,
               const std::optional<Tensor>& bias, double scale) {
   if (res_scale.has_value() && bias.has_value()) {
@@ -323,14 +324,15 @@ void residual(Tensor& out, const Tensor& x, const std::optional<Tensor>& res_sca
     at::add_out(out, x, *bias, scale);
   } else if (res_scale.has_value()) {
     at::mul_out(out, x, *res_scale);
-  } else {
+  } else if (out.data_ptr() != x.data_ptr()) {
     out.copy_(x);
   }
 }
 
 // out = res_scale * x + scale * fc2(act(fc1(norm(x)))); fc1's output into `hidden` where given (kept
 // for backward). Without w2, the first half: out = act(fc1(norm(x))), rows of fc1's width (b2,
-// res_scale none, scale 1).
+// res_scale none, scale 1). `out` may be x itself (inference): a chunk's rows are normalised before
+// its output is written over them, and no chunk reads another's.
 void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::optional<Tensor>& b,
                  bool per_row, double eps, const Tensor& w1,
                  const std::optional<Tensor>& b1, const std::optional<Tensor>& w2,
