@@ -14,6 +14,7 @@ bit for bit alike. :func:`forced` pins a plan, for tests and benchmarks.
 import contextlib
 import functools
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -186,15 +187,14 @@ def run(key: tuple, candidates: Sequence[Plan], compute: Callable, x: torch.Tens
         x.device)), 'train' if training else 'infer', size_class(x.numel()))
 
     def trial(plan):
-        global _trial_running
         keep = lambda t: t  # noqa: E731
         with torch.autograd.graph.saved_tensors_hooks(keep, keep), torch.set_grad_enabled(training):
             xt = x.detach().requires_grad_(x.requires_grad)
-            _trial_running = True
+            _trials.running = True
             try:
                 y = compute(plan, xt)
             finally:
-                _trial_running = False
+                _trials.running = False
             if training:
                 inputs = [t for t in (xt, *params) if t.requires_grad]
                 torch.autograd.grad(y, inputs, torch.ones_like(y), allow_unused=True)
@@ -202,7 +202,7 @@ def run(key: tuple, candidates: Sequence[Plan], compute: Callable, x: torch.Tens
     return compute(choose(key, candidates, trial), x)
 
 
-_trial_running = False
+_trials = threading.local()  # whether this thread is running a trial
 
 
 def records(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
@@ -216,7 +216,7 @@ def may_overwrite(x: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
     """Whether a branch whose caller owns ``x`` (a temporary nobody else holds) may write its
     result over it: where nothing records (inference) and outside :func:`choose`'s trials, which
     run every candidate on the same input."""
-    return not (_trial_running or records(x, params))
+    return not (getattr(_trials, 'running', False) or records(x, params))
 
 
 def _synchronize(key: tuple) -> None:

@@ -190,11 +190,12 @@ class MetaFormerBlock(nn.Module):
         """``res_scale * x + drop_path(layer_scale * branch(norm(x)))``.
 
         A branch that can compute this faster than as written, fused with the norm and the residual
-        add, has a method ``fused_residual(x, norm, layer_scale, res_scale, factors, plain,
-        overwrite)``: ``factors`` are stochastic depth's per-sample factors for this step (or None),
-        ``plain(x)`` is this formula as written, which the branch returns wherever its kernel does not
-        apply or does not pay; ``overwrite`` says that ``x`` is the block's own temporary, which the
-        kernel may write its result over where nothing records gradients (inference).
+        add, has a method ``fused_residual(x, norm, layer_scale, res_scale, factors, plain)``:
+        ``factors`` are stochastic depth's per-sample factors for this step (or None), ``plain(x)`` is
+        this formula as written, which the branch returns wherever its kernel does not apply or does
+        not pay. With ``overwrite`` (the MLP's, see :meth:`forward`) it is also given
+        ``overwrite=True``: ``x`` is the block's own temporary, which the kernel may write its result
+        over where nothing records gradients (inference).
         """
         factors = self.drop_path.factors(x)
 
@@ -204,7 +205,9 @@ class MetaFormerBlock(nn.Module):
         fused = getattr(branch, 'fused_residual', None)
         if fused is None:
             return plain(x)
-        return fused(x, norm, layer_scale, res_scale, factors, plain, overwrite)
+        if overwrite:
+            return fused(x, norm, layer_scale, res_scale, factors, plain, overwrite=True)
+        return fused(x, norm, layer_scale, res_scale, factors, plain)
 
 
 _ARCH_KEYS = {'depths', 'embed_dims', 'mlp_ratios', 'layer_scale_init_value', 'res_scale_init_values'}

@@ -67,10 +67,9 @@ class Pooling(nn.Module):
     def forward(self, x):
         return avg_pool(self.pool, x) - x  # (``self.pool(x)`` with a backward right on every device)
 
-    def fused_residual(self, x, norm, layer_scale, res_scale, factors, plain, overwrite=False):
+    def fused_residual(self, x, norm, layer_scale, res_scale, factors, plain):
         """After a GroupNorm the branch needs the norm's statistics only (``kernels.pooling``); see
-        :meth:`~mmpoolformer.models.MetaFormerBlock.residual` (its output is always a new map: each
-        token's pooling reads its neighbours)."""
+        :meth:`~mmpoolformer.models.MetaFormerBlock.residual`."""
         return norm_pool_residual(x, norm, self.pool_size, layer_scale, factors, plain, res_scale)
 
     def extra_repr(self) -> str:
@@ -152,7 +151,7 @@ class SepConv(nn.Module):
     def forward(self, x):
         return self.pwconv2(conv2d(self.dwconv, self.act1(self.pwconv1(x))))
 
-    def fused_residual(self, x, norm, layer_scale, res_scale, factors, plain, overwrite=False):
+    def fused_residual(self, x, norm, layer_scale, res_scale, factors, plain):
         """See :meth:`MetaFormerBlock.residual`: the norm, the expansion and its activation in token
         chunks (the MLP kernel's first half: the expanded map is written once, not once per
         operation), then the depthwise convolution and the projection."""
