@@ -231,10 +231,17 @@ class GroupNormRows:
         return affine(*stats, weight, bias, channels)
 
     def normalize(self, rows_x, start, end, samples, coefficients, out):
-        """The chunk's rows normalised into ``out``: each sample's part with its own ``a * x + b``."""
+        """The chunk's rows normalised into ``out``: each sample's part with its own ``a * x + b``
+        (compiled where it takes them: straight into bf16 products' dtype, where ``addcmul`` computes
+        fp32 and copies it rounded)."""
         a, b = coefficients
+        compiled = _compiled_rows(rows_x, a, b) and out.dtype in (torch.float32, torch.bfloat16)
         for i, first, last in samples:
-            torch.addcmul(b[i], rows_x[first:last], a[i], out=out[first - start:last - start])
+            part = out[first - start:last - start]
+            if compiled:
+                native.ops().affine_rows(rows_x[first:last], a[i], b[i], part)
+            else:
+                torch.addcmul(b[i], rows_x[first:last], a[i], out=part)
         return out, None
 
     def backward(self, grad_normed, x, stats, weight, needs):

@@ -255,6 +255,13 @@ def _check_layer_norm(namespace) -> Optional[str]:
     reference.backward(grad.double())
     grad_x, grad_weight, grad_bias = torch.empty_like(x), torch.ones(19), torch.ones(19)  # (added to)
     namespace.layer_norm_rows_backward(grad, x, mean, rstd, weight, grad_x, grad_weight, grad_bias)
+    a, b = torch.cos(torch.arange(19.)), torch.linspace(-2, 2, 19)
+    mapped, mapped16 = torch.empty_like(x), torch.empty_like(out16)
+    namespace.affine_rows(x, a, b, mapped)
+    namespace.affine_rows(x, a, b, mapped16)
+    if not (torch.allclose(mapped, torch.addcmul(b, x, a), rtol=1e-6, atol=1e-6)
+            and torch.equal(mapped16, mapped.bfloat16())):
+        return "their GroupNorm's affine map of rows disagrees with PyTorch's"
     if not (torch.allclose(out.double(), reference, rtol=1e-5, atol=1e-5)
             and torch.equal(out16, out.bfloat16())
             and torch.allclose(grad_x.double(), xd.grad, rtol=1e-4, atol=1e-4)

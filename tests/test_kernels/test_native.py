@@ -994,7 +994,7 @@ class _Off:
             out = args[{'gelu': 1, 'gelu_value_and_grad': 1, 'star_relu': 1, 'star_relu_backward': 1,
                         'pool_mix': 3, 'pool_mix_adjoint': 2, 'pool_mix_input_grad': 0,
                         'mlp_forward': 15, 'mlp_backward': 15, 'transpose_affine': 3,
-                        'attention': 4, 'bias_gelu': 2}[name]]
+                        'attention': 4, 'bias_gelu': 2, 'affine_rows': 3}[name]]
             out[(0, ) * out.dim()] += 1e-3
             return result
         return wrong
@@ -1003,12 +1003,25 @@ class _Off:
 @pytest.mark.parametrize('kernel', ['gelu', 'gelu_value_and_grad', 'star_relu', 'star_relu_backward',
                                     'pool_mix', 'pool_mix_adjoint', 'pool_mix_input_grad',
                                     'row_stats', 'transpose_affine', 'mlp_forward',
-                                    'mlp_backward', 'attention', 'bias_gelu'])
+                                    'mlp_backward', 'attention', 'bias_gelu', 'affine_rows'])
 def test_the_load_check_refuses_a_wrong_kernel(compiled, kernel):
     """Each kernel is checked against PyTorch's operators when loaded: one off by a small error
     is refused (and PyTorch's operators then do its work)."""
     assert native._check(compiled) is None
     assert native._check(_Off(compiled, kernel)) is not None
+
+
+@pytest.mark.parametrize('width', [64, 320, 19], ids=['vectors', 'wide', 'tail'])
+def test_compiled_affine_rows_is_addcmul_in_fp32_and_bf16(compiled, width, threads):
+    """GroupNorm's per-sample map of token rows, ``a * x + b``: PyTorch's ``addcmul`` exactly, into
+    fp32 and rounded once into bf16, on every row and thread share (the scalar tail too)."""
+    draw = torch.Generator().manual_seed(width)
+    x, a, b = (torch.randn(shape, generator=draw) for shape in ((300, width), (width, ), (width, )))
+    expected = torch.addcmul(b, x, a)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.full((300, width), float('nan'), dtype=dtype)
+        compiled.affine_rows(x, a, b, out)
+        assert torch.equal(out, expected.to(dtype))
 
 
 @pytest.mark.parametrize('width', [256, 1280, 19], ids=['vectors', 'wide', 'tail'])

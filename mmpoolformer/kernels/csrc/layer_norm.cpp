@@ -1,6 +1,7 @@
-// Channel LayerNorm over rows of tokens (layer_norm.h) as operators, for the MLP kernel's Python loop
-// (mlp.py's LayerNormRows): the rows shared out among the threads, the weight's and bias's gradients
-// summed per thread and added in thread order (the same sums on the same number of threads).
+// Channel LayerNorm over rows of tokens and GroupNorm's affine map of rows (layer_norm.h) as
+// operators, for the MLP kernel's Python loop (mlp.py's LayerNormRows and GroupNormRows): the rows
+// shared out among the threads, the weight's and bias's gradients summed per thread and added in
+// thread order (the same sums on the same number of threads).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -43,6 +44,25 @@ void layer_norm_rows(const Tensor& x, const std::optional<Tensor>& weight,
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     mmpoolformer::layer_norm_rows_into(xp + begin * width, end - begin, width, w, b,
                                        static_cast<float>(eps), out, begin, mp + begin, rp + begin);
+  });
+}
+
+// rows of x (float32, (rows, C)) mapped by a * x + b (float32, (C, ) each) into `out` (float32 or
+// bfloat16)
+void affine_rows(const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& out) {
+  check(x, x, "affine_rows");
+  TORCH_CHECK(x.dim() == 2, "affine_rows takes (rows, C) tensors, got ", x.sizes());
+  TORCH_CHECK(out.sizes() == x.sizes() && out.is_contiguous() &&
+                  (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+              "affine_rows writes a contiguous float32 or bfloat16 tensor of the rows' shape");
+  const int64_t width = x.size(1);
+  const Tensor row_like = at::empty({width}, x.options());
+  check(a, row_like, "affine_rows");
+  check(b, row_like, "affine_rows");
+  const float *xp = x.const_data_ptr<float>(), *ap = a.const_data_ptr<float>(),
+              *bp = b.const_data_ptr<float>();
+  at::parallel_for(0, x.size(0), 64, [&](int64_t begin, int64_t end) {
+    mmpoolformer::affine_rows_into(xp + begin * width, end - begin, width, ap, bp, out, begin);
   });
 }
 
@@ -95,6 +115,8 @@ TORCH_LIBRARY_FRAGMENT(mmpoolformer, m) {
         "Tensor(b!) mean, Tensor(c!) rstd) -> ()");
   m.def("layer_norm_rows_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
         "Tensor(a!) grad_x, Tensor(b!)? grad_weight, Tensor(c!)? grad_bias) -> ()");
+  m.def("affine_rows(Tensor x, Tensor a, Tensor b, Tensor(a!) out) -> ()");
   m.impl("layer_norm_rows", c10::DispatchKey::CPU, TORCH_FN(layer_norm_rows));
+  m.impl("affine_rows", c10::DispatchKey::CPU, TORCH_FN(affine_rows));
   m.impl("layer_norm_rows_backward", c10::DispatchKey::CPU, TORCH_FN(layer_norm_rows_backward));
 }

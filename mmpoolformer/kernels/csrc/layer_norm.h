@@ -1,5 +1,6 @@
-// Channel LayerNorm over rows of tokens (the MetaFormer Baselines' block norms), for one thread's
-// rows: the MLP kernel's chunks (mlp.cpp) and layer_norm.cpp's operators call these.
+// Channel LayerNorm over rows of tokens (the MetaFormer Baselines' block norms), and the per-sample
+// affine map that applies GroupNorm to rows once its statistics are known, for one thread's rows:
+// the MLP kernel's chunks (mlp.cpp) and layer_norm.cpp's operators call these.
 //
 // PyTorch's LayerNorm inside a chunk allocates its output and statistics, then the chunk copies the
 // output where the product reads it; on rows of 64 channels its per-row work dominates (ConvFormer-
@@ -88,6 +89,42 @@ inline void layer_norm_rows_into(const float* x, int64_t rows, int64_t width, co
   } else {
     layer_norm_rows(x, rows, width, weight, bias, eps, out.data_ptr<float>() + first * width, mean,
                     rstd);
+  }
+}
+
+// rows [0, rows) of x, `width` values each, mapped into `out` by a * x + b (a and b: one value per
+// column; GroupNorm's per-sample map): float32, or bfloat16 rounded once from the float32 value
+// (PyTorch's addcmul into a bfloat16 tensor computes a float32 result and then copies it rounded,
+// twice the time)
+template <typename Out>
+void affine_rows(const float* x, int64_t rows, int64_t width, const float* a, const float* b, Out* out) {
+  constexpr int64_t V = Vec::size();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * width;
+    Out* to = out + r * width;
+    const auto mapped = [&](int64_t i, int64_t n) {
+      return at::vec::fmadd(Vec::loadu(row + i, n), Vec::loadu(a + i, n), Vec::loadu(b + i, n));
+    };
+    int64_t i = 0;
+    if constexpr (std::is_same_v<Out, at::BFloat16>) {
+      for (; i + 2 * V <= width; i += 2 * V)
+        at::vec::convert_from_float<at::BFloat16>(mapped(i, V), mapped(i + V, V)).store(to + i);
+    }
+    for (; i < width; i += V) {
+      const int64_t n = std::min(V, width - i);
+      store_values(to + i, mapped(i, n), n);
+    }
+  }
+}
+
+// affine_rows into rows [first, first + rows) of `out`, a contiguous float32 or bfloat16 tensor of
+// `width` columns (the callers check its dtype)
+inline void affine_rows_into(const float* x, int64_t rows, int64_t width, const float* a,
+                             const float* b, const at::Tensor& out, int64_t first) {
+  if (out.scalar_type() == at::kBFloat16) {
+    affine_rows(x, rows, width, a, b, out.data_ptr<at::BFloat16>() + first * width);
+  } else {
+    affine_rows(x, rows, width, a, b, out.data_ptr<float>() + first * width);
   }
 }
 

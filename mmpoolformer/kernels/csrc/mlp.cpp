@@ -81,7 +81,8 @@ struct Norm {
   double eps;
   int64_t per_sample;
 
-  // whether layer_norm.h's loops take these rows (float32, as the weight and bias), else ATen's
+  // whether layer_norm.h's loops take these rows (float32, as the weight and bias or GroupNorm's
+  // per-sample coefficients), else ATen's
   bool compiled(const Tensor& rows) const {
     return rows.scalar_type() == at::kFloat && rows.is_contiguous() &&
            (!a.has_value() || a->scalar_type() == at::kFloat) &&
@@ -107,11 +108,20 @@ struct Norm {
       out.copy_(normed);  // (in the products' dtype: normalised in the rows', then rounded)
       return {mean, rstd};
     }
+    const bool into = out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16;
     for (int64_t start = first; start < first + k;) {
       const int64_t sample = start / per_sample;
       const int64_t end = std::min(first + k, (sample + 1) * per_sample);
-      Tensor part = out.narrow(0, start - first, end - start);
-      at::addcmul_out(part, (*b)[sample], x.narrow(0, start, end - start), (*a)[sample]);
+      const Tensor rows = x.narrow(0, start, end - start);
+      if (compiled(rows) && into) {  // (layer_norm.h: straight into the products' dtype)
+        const int64_t width = rows.size(1);
+        mmpoolformer::affine_rows_into(rows.const_data_ptr<float>(), end - start, width,
+                                       pointer(a) + sample * width, pointer(b) + sample * width, out,
+                                       start - first);
+      } else {
+        Tensor part = out.narrow(0, start - first, end - start);
+        at::addcmul_out(part, (*b)[sample], rows, (*a)[sample]);
+      }
       start = end;
     }
     return {};
