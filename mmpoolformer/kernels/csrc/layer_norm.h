@@ -23,6 +23,33 @@ inline void store_values(at::BFloat16* to, const Vec& v, int64_t n) {
   at::vec::convert_from_float<at::BFloat16>(v, v).store(to, static_cast<int>(n));
 }
 
+// value(i, n), the float32 values of columns [i, i + n), stored into a row of `width` columns,
+// float32 or bfloat16 (there two vectors rounded into one at a time: half the conversions)
+template <typename Out, typename Values>
+inline void store_row(Out* to, int64_t width, const Values& value) {
+  constexpr int64_t V = Vec::size();
+  int64_t i = 0;
+  if constexpr (std::is_same_v<Out, at::BFloat16>) {
+    for (; i + 2 * V <= width; i += 2 * V)
+      at::vec::convert_from_float<at::BFloat16>(value(i, V), value(i + V, V)).store(to + i);
+  }
+  for (; i < width; i += V) {
+    const int64_t n = std::min(V, width - i);
+    store_values(to + i, value(i, n), n);
+  }
+}
+
+// fn(pointer to row `first` of `out`), `out` a contiguous float32 or bfloat16 tensor of `width`
+// columns (the callers check its dtype), the pointer of its type
+template <typename Fn>
+inline void with_row_pointer(const at::Tensor& out, int64_t first, int64_t width, const Fn& fn) {
+  if (out.scalar_type() == at::kBFloat16) {
+    fn(out.data_ptr<at::BFloat16>() + first * width);
+  } else {
+    fn(out.data_ptr<float>() + first * width);
+  }
+}
+
 inline float vec_sum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
 }
@@ -53,7 +80,6 @@ inline void row_moments(const float* row, int64_t width, float eps, float& mean,
 template <typename Out>
 void layer_norm_rows(const float* x, int64_t rows, int64_t width, const float* weight,
                      const float* bias, float eps, Out* out, float* mean, float* rstd) {
-  constexpr int64_t V = Vec::size();
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * width;
     Out* to = out + r * width;
@@ -66,15 +92,7 @@ void layer_norm_rows(const float* x, int64_t rows, int64_t width, const float* w
       const Vec centred = Vec::loadu(row + i, n) - vm;
       return bias ? at::vec::fmadd(centred, scale, Vec::loadu(bias + i, n)) : centred * scale;
     };
-    int64_t i = 0;
-    if constexpr (std::is_same_v<Out, at::BFloat16>) {  // (two vectors to one: half the roundings)
-      for (; i + 2 * V <= width; i += 2 * V)
-        at::vec::convert_from_float<at::BFloat16>(normalized(i, V), normalized(i + V, V)).store(to + i);
-    }
-    for (; i < width; i += V) {
-      const int64_t n = std::min(V, width - i);
-      store_values(to + i, normalized(i, n), n);
-    }
+    store_row(to, width, normalized);
   }
 }
 
@@ -83,13 +101,9 @@ void layer_norm_rows(const float* x, int64_t rows, int64_t width, const float* w
 inline void layer_norm_rows_into(const float* x, int64_t rows, int64_t width, const float* weight,
                                  const float* bias, float eps, const at::Tensor& out, int64_t first,
                                  float* mean, float* rstd) {
-  if (out.scalar_type() == at::kBFloat16) {
-    layer_norm_rows(x, rows, width, weight, bias, eps, out.data_ptr<at::BFloat16>() + first * width,
-                    mean, rstd);
-  } else {
-    layer_norm_rows(x, rows, width, weight, bias, eps, out.data_ptr<float>() + first * width, mean,
-                    rstd);
-  }
+  with_row_pointer(out, first, width, [&](auto* to) {
+    layer_norm_rows(x, rows, width, weight, bias, eps, to, mean, rstd);
+  });
 }
 
 // rows [0, rows) of x, `width` values each, mapped into `out` by a * x + b (a and b: one value per
@@ -98,22 +112,11 @@ inline void layer_norm_rows_into(const float* x, int64_t rows, int64_t width, co
 // twice the time)
 template <typename Out>
 void affine_rows(const float* x, int64_t rows, int64_t width, const float* a, const float* b, Out* out) {
-  constexpr int64_t V = Vec::size();
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * width;
-    Out* to = out + r * width;
-    const auto mapped = [&](int64_t i, int64_t n) {
+    store_row(out + r * width, width, [&](int64_t i, int64_t n) {
       return at::vec::fmadd(Vec::loadu(row + i, n), Vec::loadu(a + i, n), Vec::loadu(b + i, n));
-    };
-    int64_t i = 0;
-    if constexpr (std::is_same_v<Out, at::BFloat16>) {
-      for (; i + 2 * V <= width; i += 2 * V)
-        at::vec::convert_from_float<at::BFloat16>(mapped(i, V), mapped(i + V, V)).store(to + i);
-    }
-    for (; i < width; i += V) {
-      const int64_t n = std::min(V, width - i);
-      store_values(to + i, mapped(i, n), n);
-    }
+    });
   }
 }
 
@@ -121,11 +124,7 @@ void affine_rows(const float* x, int64_t rows, int64_t width, const float* a, co
 // `width` columns (the callers check its dtype)
 inline void affine_rows_into(const float* x, int64_t rows, int64_t width, const float* a,
                              const float* b, const at::Tensor& out, int64_t first) {
-  if (out.scalar_type() == at::kBFloat16) {
-    affine_rows(x, rows, width, a, b, out.data_ptr<at::BFloat16>() + first * width);
-  } else {
-    affine_rows(x, rows, width, a, b, out.data_ptr<float>() + first * width);
-  }
+  with_row_pointer(out, first, width, [&](auto* to) { affine_rows(x, rows, width, a, b, to); });
 }
 
 // The backward of layer_norm_rows over rows [0, rows): the rows' gradient from the output's `grad`
