@@ -85,8 +85,8 @@ struct Norm {
   // per-sample coefficients), else ATen's
   bool compiled(const Tensor& rows) const {
     return rows.scalar_type() == at::kFloat && rows.is_contiguous() &&
-           (!a.has_value() || a->scalar_type() == at::kFloat) &&
-           (!b.has_value() || b->scalar_type() == at::kFloat);
+           (!a.has_value() || (a->scalar_type() == at::kFloat && a->is_contiguous())) &&
+           (!b.has_value() || (b->scalar_type() == at::kFloat && b->is_contiguous()));
   }
   static const float* pointer(const std::optional<Tensor>& t) {
     return t.has_value() ? t->const_data_ptr<float>() : nullptr;
