@@ -59,7 +59,7 @@ CHUNK_BYTES = 1 << 22  # hidden activations per chunk: stays in cache with room 
 # PoolFormer-S12's stage 0, forward and backward, on the CPUs measured); at C = 128 keeping it makes
 # the block ~15% faster. Keeping it at 96 too would cost ConvFormer-M36 6% more training memory.
 RECOMPUTE_HIDDEN_UP_TO = 96
-# what the compiled activations take: fp32 chunks, and bf16 ones where the products run in bf16
+# what the compiled passes (activations, rows) take: fp32 chunks, and bf16 ones where the products run in bf16
 COMPILED_DTYPES = (torch.float32, torch.bfloat16)
 # The plan whose chunks the threads share out, each taking its chunks whole (csrc/mlp.cpp), on CPUs:
 # hidden activations per chunk, about one core's L2 cache.
@@ -235,7 +235,7 @@ class GroupNormRows:
         (compiled where it takes them: straight into bf16 products' dtype, where ``addcmul`` computes
         fp32 and copies it rounded)."""
         a, b = coefficients
-        compiled = _compiled_rows(rows_x, a, b) and out.dtype in (torch.float32, torch.bfloat16)
+        compiled = _compiled_rows_into(out, rows_x, a, b)
         for i, first, last in samples:
             part = out[first - start:last - start]
             if compiled:
@@ -270,7 +270,7 @@ class LayerNormRows:
         # (statistics of bf16 rows in fp32, as PyTorch's LayerNorm keeps them)
         stats = dict(dtype=torch.promote_types(rows.dtype, torch.float32))
         mean, rstd = rows.new_empty(len(rows), 1, **stats), rows.new_empty(len(rows), 1, **stats)
-        if _compiled_rows(rows, weight, bias) and out.dtype in (torch.float32, torch.bfloat16):
+        if _compiled_rows_into(out, rows, weight, bias):
             # (straight into the products' dtype)
             native.ops().layer_norm_rows(rows, weight, bias, self.eps, out, mean, rstd)
             return out, (mean, rstd)
@@ -298,8 +298,13 @@ class LayerNormRows:
 
 
 def _compiled_rows(rows: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
-    """Whether the compiled LayerNorm (``csrc/layer_norm.h``) takes these: fp32 CPU tensors."""
+    """Whether the compiled rows (``csrc/layer_norm.h``) take these: fp32 CPU tensors."""
     return native.takes(rows, *(t for t in others if t is not None))
+
+
+def _compiled_rows_into(out: torch.Tensor, rows: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """Whether they also write ``out``: fp32, or bf16 (the products' dtype under bf16 autocast)."""
+    return out.dtype in COMPILED_DTYPES and _compiled_rows(rows, *others)
 
 
 def norm_rows(module: nn.Module):

@@ -129,7 +129,6 @@ constexpr float kErfQ[] = {1.f, 0.504157304763794f, 0.11508134007453918f, 0.0151
                            0.001188030350022018f, 3.807078246609308e-05f};
 constexpr float kErfEnd = 3.92f;
 
-
 inline Vec gelu_value(const Vec& x) {
   const Vec u = at::vec::clamp(x * Vec(kRsqrt2), Vec(-kErfEnd), Vec(kErfEnd));
   const Vec t = u * u;
