@@ -68,7 +68,8 @@ THREAD_CHUNK_BYTES = 1 << 20
 
 
 class Activation:
-    """An activation as the kernel needs it: into a given buffer, and its backward in place.
+    """An activation as the kernel needs it: into a given buffer (which may be its input), and its
+    backward in place.
 
     ``params`` are its learned tensors (StarReLU's scale and bias), which the kernel takes as inputs
     and hands back to ``forward`` / ``backward`` as it received them; ``backward`` adds their
@@ -365,8 +366,9 @@ class _NormMlpResidual(torch.autograd.Function):
                     nc, _ = norm.normalize(rows_x, start, end, samples, coefficients,
                                            bufs.normed(end - start))
                     oc = rows_out[start:end]
-                    # the first half writes its activation straight into the output, where dtypes agree
-                    act_out = oc if first_half and dtype == x.dtype else bufs.act(end - start)
+                    # the activation where it is read next: the first half's straight into the
+                    # output where dtypes agree; else over fc1's output where that is not kept
+                    act_out = oc if first_half and dtype == x.dtype else None
                     if fused_act:  # inference: oneDNN applies the activation as it writes fc1's output
                         ac = torch.ops.mkldnn._linear_pointwise(nc, w1, b1, *fused_act)
                     else:
@@ -377,6 +379,8 @@ class _NormMlpResidual(torch.autograd.Function):
                         else:
                             hc = _linear(plan.backend, nc, w1, b1_product)
                             kept_h.append(hc)
+                        if act_out is None:
+                            act_out = hc if kept_h is None else bufs.act(end - start)
                         ac = act.forward_with_bias(hc, b1, act_out) if bias_later else act.forward(
                             hc, act_out, act_params)
                     if first_half:

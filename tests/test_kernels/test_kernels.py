@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmpoolformer import kernels
 from mmpoolformer.kernels import mlp as mlp_kernel
@@ -386,6 +387,39 @@ def test_the_kernels_step_aside_for_what_they_do_not_compute():
     kernels.norm_linear_act(x, nn.BatchNorm2d(6), fc1, act, plain)
     kernels.norm_linear_act(x, norm, fc1, nn.Tanh(), plain)
     assert taken == [True] * 6
+
+
+class _StarReluOperands(TorchDispatchMode):
+    """Records, for each compiled StarReLU run inside it, whether it wrote over its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.over_input = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket._qualified_op_name == 'mmpoolformer::star_relu':
+            h, out = args[:2]
+            self.over_input.append(h.data_ptr() == out.data_ptr())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('backend', ['blas', 'onednn'])
+@pytest.mark.parametrize('grad', [False, True], ids=['inference', 'training'])
+def test_the_activation_writes_over_fc1s_output_where_that_is_not_kept(backend, grad, monkeypatch):
+    """One hidden-width buffer in cache, not two: in inference fc1's output is read once, by the
+    activation, which writes over it; in training (fc1's output kept for backward) into a buffer of
+    its own. The chunk loops in Python; the compiled loop's threads are outside dispatch modes."""
+    if kernels.native.ops() is None:
+        pytest.skip('no compiled kernels here')
+    monkeypatch.setattr(mlp_kernel, 'CHUNK_BYTES', 100 * 24 * 4)
+    monkeypatch.setattr(mlp_kernel, 'RECOMPUTE_HIDDEN_UP_TO', 0)
+    norm, fc1, _, fc2, ls = branch(dim=12, hidden=24, dtype=torch.float32)
+    act = StarReLU()  # (oneDNN applies GELU in its product in inference)
+    x = torch.randn(2, 12, 23, 17, requires_grad=grad)
+    with torch.set_grad_enabled(grad), kernels.forced(kernels.Plan(backend=backend)), \
+            _StarReluOperands() as seen:
+        kernels.norm_mlp_residual(x, norm, fc1, act, fc2, ls, None, None, plain=None)
+    assert len(seen.over_input) > 2 and all(over is not grad for over in seen.over_input)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)

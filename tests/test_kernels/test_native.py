@@ -1026,14 +1026,17 @@ def test_compiled_affine_rows_is_addcmul_in_fp32_and_bf16(compiled, width, threa
 
 @pytest.mark.parametrize('width', [256, 1280, 19], ids=['vectors', 'wide', 'tail'])
 def test_compiled_bias_gelu_adds_fc1s_bias_and_activates(compiled, width, threads):
-    """fc1's output plus its bias kept in place (what backward reads), GELU of it into the output:
-    the same numbers as adding the bias and then the compiled GELU where rows are whole vectors,
+    """fc1's output plus its bias kept in place (what backward reads), GELU of it into the output
+    (which may be fc1's output itself): the same numbers as adding the bias and then the compiled GELU where rows are whole vectors,
     and as close to float64 as PyTorch's GELU everywhere."""
     draw = torch.Generator().manual_seed(width)
     h, bias = torch.randn(37, width, generator=draw) * 3, torch.randn(width, generator=draw)
     ours, out = h.clone(), torch.full((37, width), float('nan'))
     compiled.bias_gelu(ours, bias, out)
     assert torch.equal(ours, h + bias)
+    alias = h.clone()  # (inference: the activation written over fc1's output)
+    compiled.bias_gelu(alias, bias, alias)
+    assert torch.equal(alias, out)
     if width % 16 == 0:
         separate = torch.empty_like(out)
         compiled.gelu(h + bias, separate)

@@ -295,7 +295,8 @@ void gelu(const at::Tensor& h, const at::Tensor& out) {
 // h += bias (a row's worth, added to each row) and out = gelu(h), float32 (rows, width): fc1's bias
 // added where its output is activated, not by the product (PyTorch's addmm first writes the bias over
 // the whole output, a pass of its own); the same numbers as h.add_(bias) and then gelu where the
-// width is a whole number of vectors (every MLP's hidden width of the released models)
+// width is a whole number of vectors (every MLP's hidden width of the released models). `out` may be
+// `h` itself (inference, where the sum is not kept): then only the activation is stored.
 void bias_gelu(const at::Tensor& h, const at::Tensor& bias, const at::Tensor& out) {
   check(h, h, "bias_gelu");
   check(out, h, "bias_gelu");
@@ -313,7 +314,7 @@ void bias_gelu(const at::Tensor& h, const at::Tensor& bias, const at::Tensor& ou
       int64_t c = 0;
       for (; c + Vec::size() <= width; c += Vec::size()) {
         const Vec v = Vec::loadu(x + c) + Vec::loadu(bp + c);
-        v.store(x + c);
+        if (y != x) v.store(x + c);
         gelu_value(v).store(y + c);
       }
       for (; c < width; ++c) {

@@ -372,8 +372,9 @@ void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::opt
       const bool bias_later = Activation::takes_bias(act_scale, h, b1);
       product_out(h, normed, w1.t(), bias_later ? std::nullopt : b1);
       Tensor oc = out.narrow(0, first, k);
-      // (the first half's activation straight into the output where the dtypes agree)
-      Tensor act = first_half && !low ? oc : buf.act.narrow(0, 0, k);
+      // the activation where it is read next: the first half's straight into the output where the
+      // dtypes agree; else over fc1's output where that is not kept (one buffer fewer in cache)
+      Tensor act = first_half && !low ? oc : hidden.has_value() ? buf.act.narrow(0, 0, k) : h;
       activation.forward(h, bias_later ? b1 : std::nullopt, act);
       if (first_half) {
         if (low) oc.copy_(act);
