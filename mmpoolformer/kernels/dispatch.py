@@ -190,11 +190,11 @@ def run(key: tuple, candidates: Sequence[Plan], compute: Callable, x: torch.Tens
         keep = lambda t: t  # noqa: E731
         with torch.autograd.graph.saved_tensors_hooks(keep, keep), torch.set_grad_enabled(training):
             xt = x.detach().requires_grad_(x.requires_grad)
-            _trials.running = True
+            outer, _trials.running = getattr(_trials, 'running', False), True
             try:
                 y = compute(plan, xt)
-            finally:
-                _trials.running = False
+            finally:  # (a branch may try another's plans inside its own trial)
+                _trials.running = outer
             if training:
                 inputs = [t for t in (xt, *params) if t.requires_grad]
                 torch.autograd.grad(y, inputs, torch.ones_like(y), allow_unused=True)

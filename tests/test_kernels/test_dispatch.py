@@ -116,6 +116,23 @@ def test_a_block_times_its_plans_once_per_kind_of_input_and_leaves_no_gradients(
     assert len(dispatch.chosen()) == 6
 
 
+def test_a_branch_timed_inside_anothers_trial_leaves_it_a_trial(timed_choices):
+    """A branch whose plain formulation is itself a timed branch (SepConv's bands against its
+    composed formulation) times the inner one inside its own trials; after each, the outer trial is
+    still a trial (no kernel may write over its input there), and the final call is not."""
+    x, seen = torch.ones(3), []
+
+    def outer(plan, x):
+        if not plan.fused:
+            dispatch.run(('inner', ), [dispatch.Plan(), dispatch.PLAIN], lambda plan, x: x + 1, x, ())
+        seen.append(dispatch.may_overwrite(x, ()))
+        return x * 2
+
+    dispatch.run(('outer', ), [dispatch.Plan(), dispatch.PLAIN], outer, x, ())
+    assert len(seen) == 2 * (1 + dispatch.TRIALS) + 1
+    assert not any(seen[:-1]) and seen[-1]
+
+
 def test_timing_inside_an_activation_checkpoint(timed_choices):
     """The first call of a kind may come inside ``torch.utils.checkpoint``: its trials run outside the
     checkpoint's saved-tensor hooks, and the gradients equal those without checkpointing."""
