@@ -7,6 +7,8 @@ device at hand, the plain formulation always among them (``dispatch``).
 
 - ``mlp``: GroupNorm or channel LayerNorm, fc1, activation, fc2, scales and residual in token chunks
   (or the first three alone: SepConv's expansion);
+- ``sep_conv``: ConvFormer's SepConv with its norm and residual, in inference on CPUs band by band
+  of image rows;
 - ``pooling``: GroupNorm, pooling, scale and residual as one interpolation; the plain pooling with a
   backward that is right on CUDA's channels-last maps;
 - ``conv``: the stem's, the downsamplings' and the depthwise convolutions: their precision under
@@ -30,8 +32,10 @@ from .layer_norm import layer_normalize
 from .layout import to_nchw
 from .mlp import norm_linear_act, norm_mlp_residual
 from .pooling import avg_pool, norm_pool_residual
+from .sep_conv import sep_conv_residual
 
 __all__ = [
     'Plan', 'PLAIN', 'forced', 'chosen', 'cpu_info', 'attend', 'avg_pool', 'conv2d', 'group_normalize',
-    'layer_normalize', 'norm_linear_act', 'norm_mlp_residual', 'norm_pool_residual', 'to_nchw'
+    'layer_normalize', 'norm_linear_act', 'norm_mlp_residual', 'norm_pool_residual',
+    'sep_conv_residual', 'to_nchw'
 ]

@@ -579,15 +579,19 @@ def _thread_rows(hidden: int, dtype: torch.dtype) -> int:
     return max(16, THREAD_CHUNK_BYTES // (hidden * dtype.itemsize))
 
 
-def _threads_plan(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> List[Plan]:
+def _threads_plan(x: torch.Tensor, norm: nn.Module, act: nn.Module,
+                  bf16_map: bool = False) -> List[Plan]:
     """The :data:`THREADS` plans where the compiled chunk loop computes this branch: on a CPU with the
     compiled kernels and several threads, a GroupNorm or channel LayerNorm, the exact GELU or
     StarReLU, an fp32 or fp64 map; products in its dtype, and under bf16 autocast in bf16 where the
-    CPU multiplies it natively."""
+    CPU multiplies it natively. ``bf16_map``: also a bf16 map under bf16 autocast (the residual
+    stream where no fp32 factor has met it), with bf16 products."""
     from ..models.layers import StarReLU  # (the architecture's; the models import the kernels)
+    maps = (torch.float32, torch.float64) + (
+        (torch.bfloat16, ) if bf16_map and dispatch.autocast_dtype(x.device) == torch.bfloat16 else ())
     if not (x.device.type == 'cpu' and torch.get_num_threads() > 1 and norm_rows(norm) is not None
             and (type(act) is StarReLU or type(act) is nn.GELU and act.approximate == 'none')
-            and x.dtype in (torch.float32, torch.float64) and native.ops() is not None):
+            and x.dtype in maps and native.ops() is not None):
         return []
     return [Plan(backend=THREADS, dtype=dtype) for dtype in dispatch.product_dtypes(x.device, x.dtype)
             if dtype == x.dtype or (dtype == torch.bfloat16

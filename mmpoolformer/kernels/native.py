@@ -33,7 +33,7 @@ step 5.1% faster (paired runs, 2 threads, 2x512x512, fp32), under bf16 autocast 
 
 The MLP kernel's chunk loop (``csrc/mlp.cpp``: GroupNorm or channel LayerNorm, GELU or StarReLU), its
 chunks shared out among the threads, each computing its own from the normalisation to the output and
-back.
+back; and ConvFormer's SepConv branch in inference, band by band of image rows (``sep_conv.py``).
 
 The kernels are built on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about
 15 s on two cores), for the instruction set PyTorch's own CPU kernels use here (AVX2 or AVX-512), into
@@ -304,6 +304,31 @@ def _check_mlp(namespace) -> Optional[str]:
     if not all(torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
                for got, want in zip([grad_normed] + weights, expected)):
         return "their MLP's backward disagrees with PyTorch's"
+    return _check_sep_conv(namespace)
+
+
+def _check_sep_conv(namespace) -> Optional[str]:
+    # 2 samples of 7x5 tokens in bands of 2 rows (the filter's window carried from band to band), a 3x3
+    # filter, channel LayerNorm, GELU, a residual factor
+    c, hidden, height, width = 5, 12, 7, 5
+    draw = torch.Generator().manual_seed(0)
+    x, weight, bias, w1, dw, w2, res = (
+        torch.randn(shape, generator=draw) for shape in ((2, c, height, width), (c, ), (c, ),
+                                                         (hidden, c), (hidden, 1, 3, 3), (c, hidden),
+                                                         (c, )))
+    xd = x.double()
+    normed = torch.nn.functional.layer_norm(xd.permute(0, 2, 3, 1), (c, ), weight.double(),
+                                            bias.double(), 1e-6).permute(0, 3, 1, 2)
+    expanded = torch.nn.functional.gelu(torch.einsum('nchw,dc->ndhw', normed, w1.double()))
+    filtered = torch.nn.functional.conv2d(expanded, dw.double(), padding=1, groups=hidden)
+    reference = (res.double()[:, None, None] * xd + torch.einsum('nchw,dc->ndhw', filtered, w2.double())
+                 ).permute(0, 2, 3, 1).reshape(-1, c)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, c)
+    out = torch.empty_like(rows)
+    namespace.sep_conv_forward(rows, weight, bias, True, 1e-6, w1, None, dw, None, w2, None, res, None,
+                               None, 1., height, width, 2, out)
+    if not torch.allclose(out.double(), reference, rtol=1e-5, atol=1e-5):
+        return "their SepConv disagrees with PyTorch's"
     return None
 
 

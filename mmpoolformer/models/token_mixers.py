@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import attend, avg_pool, conv2d, norm_linear_act, norm_pool_residual
+from ..kernels import attend, avg_pool, conv2d, norm_linear_act, norm_pool_residual, sep_conv_residual
 from ..registry import TOKEN_MIXERS
 from .layers import add_residual, build_act
 
@@ -152,13 +152,18 @@ class SepConv(nn.Module):
         return self.pwconv2(conv2d(self.dwconv, self.act1(self.pwconv1(x))))
 
     def fused_residual(self, x, norm, layer_scale, res_scale, factors, plain):
-        """See :meth:`MetaFormerBlock.residual`: the norm, the expansion and its activation in token
-        chunks (the MLP kernel's first half: the expanded map is written once, not once per
+        """See :meth:`MetaFormerBlock.residual`: in inference on CPUs the whole branch band by band of
+        image rows (``kernels.sep_conv_residual``); else the norm, the expansion and its activation in
+        token chunks (the MLP kernel's first half: the expanded map is written once, not once per
         operation), then the depthwise convolution and the projection."""
-        expanded = norm_linear_act(x, norm, self.pwconv1, self.act1,
-                                   plain=lambda x: self.act1(self.pwconv1(norm(x))))
-        return add_residual(x, self.pwconv2(conv2d(self.dwconv, expanded)), layer_scale, res_scale,
-                            factors)
+        def composed(x):
+            expanded = norm_linear_act(x, norm, self.pwconv1, self.act1,
+                                       plain=lambda x: self.act1(self.pwconv1(norm(x))))
+            return add_residual(x, self.pwconv2(conv2d(self.dwconv, expanded)), layer_scale,
+                                res_scale, factors)
+
+        return sep_conv_residual(x, norm, self.pwconv1, self.act1, self.dwconv, self.pwconv2,
+                                 layer_scale, res_scale, factors, composed)
 
 
 @TOKEN_MIXERS.register_module()

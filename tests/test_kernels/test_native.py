@@ -994,7 +994,8 @@ class _Off:
             out = args[{'gelu': 1, 'gelu_value_and_grad': 1, 'star_relu': 1, 'star_relu_backward': 1,
                         'pool_mix': 3, 'pool_mix_adjoint': 2, 'pool_mix_input_grad': 0,
                         'mlp_forward': 15, 'mlp_backward': 15, 'transpose_affine': 3,
-                        'attention': 4, 'bias_gelu': 2, 'affine_rows': 3}[name]]
+                        'attention': 4, 'bias_gelu': 2, 'affine_rows': 3,
+                        'sep_conv_forward': 18}[name]]
             out[(0, ) * out.dim()] += 1e-3
             return result
         return wrong
@@ -1003,7 +1004,8 @@ class _Off:
 @pytest.mark.parametrize('kernel', ['gelu', 'gelu_value_and_grad', 'star_relu', 'star_relu_backward',
                                     'pool_mix', 'pool_mix_adjoint', 'pool_mix_input_grad',
                                     'row_stats', 'transpose_affine', 'mlp_forward',
-                                    'mlp_backward', 'attention', 'bias_gelu', 'affine_rows'])
+                                    'mlp_backward', 'attention', 'bias_gelu', 'affine_rows',
+                                    'sep_conv_forward'])
 def test_the_load_check_refuses_a_wrong_kernel(compiled, kernel):
     """Each kernel is checked against PyTorch's operators when loaded: one off by a small error
     is refused (and PyTorch's operators then do its work)."""
@@ -1027,8 +1029,8 @@ def test_compiled_affine_rows_is_addcmul_in_fp32_and_bf16(compiled, width, threa
 @pytest.mark.parametrize('width', [256, 1280, 19], ids=['vectors', 'wide', 'tail'])
 def test_compiled_bias_gelu_adds_fc1s_bias_and_activates(compiled, width, threads):
     """fc1's output plus its bias kept in place (what backward reads), GELU of it into the output
-    (which may be fc1's output itself): the same numbers as adding the bias and then the compiled GELU where rows are whole vectors,
-    and as close to float64 as PyTorch's GELU everywhere."""
+    (which may be fc1's output itself): the same numbers as adding the bias and then the compiled
+    GELU where rows are whole vectors, and as close to float64 as PyTorch's GELU everywhere."""
     draw = torch.Generator().manual_seed(width)
     h, bias = torch.randn(37, width, generator=draw) * 3, torch.randn(width, generator=draw)
     ours, out = h.clone(), torch.full((37, width), float('nan'))

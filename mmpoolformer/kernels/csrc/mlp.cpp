@@ -26,7 +26,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <initializer_list>
+#include <numeric>
 #include <optional>
 #include <vector>
 
@@ -500,6 +502,102 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
   }
 }
 
+// ConvFormer's SepConv as a residual branch, in inference (sep_conv.py):
+//   out = res_scale * x + scale * pw2(dw(act(pw1(norm(x))))),
+// x and out (N * height * width, C) channels-last rows, w1 (hidden, C), dw (hidden, 1, k, k) of odd k
+// with zero padding k / 2, w2 (C, hidden) with the LayerScale folded in, b2 joining the residual.
+// Band by band of `band` image rows: the band's rows are expanded (norm, pw1, act) into a window that
+// also holds the k - 1 expanded rows around them which the depthwise filter reads (carried over from
+// the band above, not recomputed), the filter runs over the window, and the projection adds the band's
+// output to its residual. Neither the expanded map nor the filtered one (each twice the block's width)
+// is written whole: a band's stay in cache, and no map of the whole image is allocated (at stage 0 of
+// ConvFormer-S18 at 2x512x512 each was 16 MB, freshly faulted in on every call). Each thread takes
+// runs of rows of one sample (a sample split in as many runs as make the threads' shares equal; each
+// run expands the k / 2 rows above and below it again).
+void sep_conv_forward(const Tensor& x, const std::optional<Tensor>& a, const std::optional<Tensor>& b,
+                      bool per_row, double eps, const Tensor& w1, const std::optional<Tensor>& b1,
+                      const Tensor& dw, const std::optional<Tensor>& dw_bias, const Tensor& w2,
+                      const std::optional<Tensor>& b2, const std::optional<Tensor>& res_scale,
+                      const std::optional<Tensor>& act_scale, const std::optional<Tensor>& act_bias,
+                      double scale, int64_t height, int64_t width, int64_t band, const Tensor& out) {
+  const int64_t per_sample = height * width;
+  const Activation activation{act_scale, act_bias};
+  const Norm norm{a, b, per_row, eps, per_sample};
+  const int64_t channels = x.size(1), hidden = w1.size(0), kernel = dw.size(-1), pad = kernel / 2;
+  const bool low = w1.scalar_type() != x.scalar_type();  // (bfloat16 products)
+  check_arguments(x, {&x, &out}, std::nullopt, w1, "sep_conv_forward");
+  TORCH_CHECK(height > 0 && width > 0 && band > 0 && x.size(0) % per_sample == 0,
+              "sep_conv_forward: ", x.size(0), " rows are not whole samples of ", height, " x ", width,
+              " tokens (band ", band, ")");
+  TORCH_CHECK(dw.dim() == 4 && dw.size(0) == hidden && dw.size(1) == 1 && dw.size(2) == kernel &&
+                  kernel % 2 == 1 && dw.scalar_type() == w1.scalar_type(),
+              "sep_conv_forward takes a (", hidden, ", 1, k, k) depthwise filter of odd k in ",
+              w1.scalar_type(), ", got ", dw.sizes(), " ", dw.scalar_type());
+  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == channels && w2.size(1) == hidden &&
+                  w2.scalar_type() == w1.scalar_type(),
+              "sep_conv_forward takes a (", channels, ", ", hidden, ") projection, got ", w2.sizes());
+  const int64_t samples = x.size(0) / per_sample, threads = at::get_num_threads();
+  const int64_t runs = std::min(height, threads / std::gcd(samples, threads));  // per sample
+  const int64_t rows = std::min(band, height);  // image rows per band
+  at::parallel_for(0, samples * runs, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tensor window = at::empty({(rows + 2 * pad) * width, hidden}, w1.options());
+    Tensor normed = at::empty({rows * width, channels}, w1.options()), branch;
+    const int64_t row_bytes = width * hidden * window.element_size();
+    // image rows [first, last) of sample s expanded into the window from its row `into`; rows outside
+    // the image are the filter's zero padding
+    auto expand = [&](int64_t s, int64_t first, int64_t last, int64_t into) {
+      for (int64_t q = first; q < last;) {
+        Tensor dest = window.narrow(0, (into + q - first) * width, width);
+        if (q < 0 || q >= height) {
+          dest.zero_();
+          ++q;
+          continue;
+        }
+        const int64_t next = std::min({last, height, q + rows}), k = (next - q) * width;
+        Tensor nr = normed.narrow(0, 0, k), h = window.narrow(0, (into + q - first) * width, k);
+        norm.apply(x, (s * height + q) * width, k, nr);
+        const bool bias_later = Activation::takes_bias(act_scale, h, b1);
+        product_out(h, nr, w1.t(), bias_later ? std::nullopt : b1);
+        activation.forward(h, bias_later ? b1 : std::nullopt, h);  // (in place)
+        q = next;
+      }
+    };
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t s = unit / runs, run = unit % runs;
+      const int64_t first = height * run / runs, last = height * (run + 1) / runs;
+      expand(s, first - pad, first + pad, 0);  // the rows the first band's filter reads first
+      for (int64_t top = first; top < last; top += rows) {
+        const int64_t r = std::min(rows, last - top);
+        expand(s, top + pad, top + r + pad, 2 * pad);
+        // the window as a channels-last (1, hidden, r + 2 pad, width) map: padded across, not down
+        const Tensor input = window.narrow(0, 0, (r + 2 * pad) * width)
+                                 .view({1, r + 2 * pad, width, hidden})
+                                 .permute({0, 3, 1, 2});
+        const Tensor filtered = at::conv2d(input, dw, dw_bias, at::IntArrayRef{1, 1},
+                                                at::IntArrayRef{0, pad}, at::IntArrayRef{1, 1}, hidden)
+                                    .permute({0, 2, 3, 1})
+                                    .reshape({r * width, hidden});
+        const int64_t at_row = (s * height + top) * width;
+        Tensor oc = out.narrow(0, at_row, r * width);
+        residual(oc, x.narrow(0, at_row, r * width), res_scale, b2, scale);
+        if (low) {  // (the projection in the products' dtype, then added)
+          if (!branch.defined()) branch = at::empty({rows * width, channels}, w1.options());
+          Tensor part = branch.narrow(0, 0, r * width);
+          at::mm_out(part, filtered, w2.t());
+          oc.add_(part, scale);
+        } else {
+          oc.addmm_(filtered, w2.t(), 1., scale);
+        }
+        if (top + r < last) {  // the window's last 2 pad rows are the next band's first
+          char* base = static_cast<char*>(window.data_ptr());
+          std::memmove(base, base + r * row_bytes, 2 * pad * row_bytes);
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmpoolformer, m) {
@@ -511,6 +609,11 @@ TORCH_LIBRARY_FRAGMENT(mmpoolformer, m) {
         "int per_sample, int rows, Tensor(a!) grad_rows, Tensor(b!)? grad_w1, Tensor(c!)? grad_b1, "
         "Tensor(d!)? grad_w2, Tensor(e!)? grad_b2, Tensor(f!)? grad_act_scale, "
         "Tensor(g!)? grad_act_bias, Tensor(h!)? grad_norm_weight, Tensor(i!)? grad_norm_bias) -> ()");
+  m.def("sep_conv_forward(Tensor x, Tensor? a, Tensor? b, bool per_row, float eps, Tensor w1, "
+        "Tensor? b1, Tensor dw, Tensor? dw_bias, Tensor w2, Tensor? b2, Tensor? res_scale, "
+        "Tensor? act_scale, Tensor? act_bias, float scale, int height, int width, int band, "
+        "Tensor(a!) out) -> ()");
   m.impl("mlp_forward", c10::DispatchKey::CPU, TORCH_FN(mlp_forward));
   m.impl("mlp_backward", c10::DispatchKey::CPU, TORCH_FN(mlp_backward));
+  m.impl("sep_conv_forward", c10::DispatchKey::CPU, TORCH_FN(sep_conv_forward));
 }
