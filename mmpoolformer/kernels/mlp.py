@@ -6,7 +6,9 @@ add reads ``x`` again. Here each sample's tokens go through in chunks of a few m
 activations: a chunk is normalised, multiplied, activated, multiplied and added to its residual while
 it is still in cache, and only the output is written. The products are the same matrix products as in
 the plain formulation, over the channels-last token view; with oneDNN in inference, the activation is
-applied by the first product as it writes. The norm is GroupNorm (PoolFormer, PoolFormerV2) or
+applied by the first product as it writes, and elsewhere, where fc1's output is not kept for backward,
+written over it (one hidden-width buffer in cache instead of two: S12's and CAFormer-S18's forward
+passes 0.98 of the time on the Xeon of 2026-12-05). The norm is GroupNorm (PoolFormer, PoolFormerV2) or
 channel LayerNorm (ConvFormer, CAFormer): :class:`GroupNormRows` and :class:`LayerNormRows` say how
 each normalises a chunk of token rows and carries its gradient back.
 
@@ -36,7 +38,8 @@ otherwise); ``r`` is ResScale's per-channel factor on the residual, or none.
 
 Without fc2 the kernel computes the first half alone, ``act(fc1(norm(x)))``, and writes the hidden
 map: the expansion of a mixer whose spatial operation needs the whole map (ConvFormer's SepConv, before
-its depthwise convolution), which otherwise writes and reads that wide map once per operation of its
+its depthwise convolution, in training; in inference on CPUs ``sep_conv.py`` takes the whole branch
+band by band), which otherwise writes and reads that wide map once per operation of its
 activation. Its compiled loop made ConvFormer-S18's forward 2.0% and its training step 1.4% faster
 than the Python loop's (the Xeon of 2026-12-04, 2 threads, 2x512x512, fp32, paired runs; under bf16
 autocast as fast: the run-time choice keeps what pays).
@@ -579,23 +582,29 @@ def _thread_rows(hidden: int, dtype: torch.dtype) -> int:
     return max(16, THREAD_CHUNK_BYTES // (hidden * dtype.itemsize))
 
 
-def _threads_plan(x: torch.Tensor, norm: nn.Module, act: nn.Module,
-                  bf16_map: bool = False) -> List[Plan]:
-    """The :data:`THREADS` plans where the compiled chunk loop computes this branch: on a CPU with the
-    compiled kernels and several threads, a GroupNorm or channel LayerNorm, the exact GELU or
-    StarReLU, an fp32 or fp64 map; products in its dtype, and under bf16 autocast in bf16 where the
-    CPU multiplies it natively. ``bf16_map``: also a bf16 map under bf16 autocast (the residual
-    stream where no fp32 factor has met it), with bf16 products."""
+def compiled_plans(x: torch.Tensor, norm: nn.Module, act: nn.Module,
+                   bf16_map: bool = False) -> List[Plan]:
+    """The :data:`THREADS` plans where a compiled loop of ``csrc/mlp.cpp`` computes this branch: on a
+    CPU with the compiled kernels, a GroupNorm or channel LayerNorm, the exact GELU or StarReLU, an
+    fp32 or fp64 map; products in its dtype, and under bf16 autocast in bf16 where the CPU multiplies
+    it natively. ``bf16_map``: also a bf16 map under bf16 autocast (the residual stream where no fp32
+    factor has met it), with bf16 products."""
     from ..models.layers import StarReLU  # (the architecture's; the models import the kernels)
     maps = (torch.float32, torch.float64) + (
         (torch.bfloat16, ) if bf16_map and dispatch.autocast_dtype(x.device) == torch.bfloat16 else ())
-    if not (x.device.type == 'cpu' and torch.get_num_threads() > 1 and norm_rows(norm) is not None
+    if not (x.device.type == 'cpu' and norm_rows(norm) is not None
             and (type(act) is StarReLU or type(act) is nn.GELU and act.approximate == 'none')
             and x.dtype in maps and native.ops() is not None):
         return []
     return [Plan(backend=THREADS, dtype=dtype) for dtype in dispatch.product_dtypes(x.device, x.dtype)
             if dtype == x.dtype or (dtype == torch.bfloat16
                                     and dispatch.native_low_precision(x.device, dtype))]
+
+
+def _threads_plan(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> List[Plan]:
+    """The compiled chunk loop's plans (:func:`compiled_plans`), offered where several threads share
+    its chunks."""
+    return compiled_plans(x, norm, act) if torch.get_num_threads() > 1 else []
 
 
 def _chunks(tx: torch.Tensor, rows: int, scales: List[float], on_dropped):

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from . import dispatch, native
 from .layout import tokens
-from .mlp import Activation, _norm_params, _threads_plan, norm_rows
+from .mlp import Activation, _norm_params, compiled_plans, norm_rows
 
 # image rows per band: about this many tokens (fewer made the products and the filter slower at
 # ConvFormer-S18's stages 0 and 2; more gained nothing)
@@ -52,8 +52,9 @@ def sep_conv_residual(x: torch.Tensor, norm: nn.Module, pwconv1: nn.Conv2d, act:
     if (dispatch.tracing() or factors is not None or dispatch.records(x, params) or x.dim() != 4
             or not _filters_each_channel(dwconv)):
         return composed(x)
-    # (a bf16 map, under bf16 autocast, stays bf16 only where no fp32 factor meets it here either)
-    plans = _threads_plan(x, norm, act, bf16_map=layer_scale is None and res_scale is None)
+    # (on any number of threads: on one, the bands spare the faults all the same; a bf16 map, under
+    # bf16 autocast, stays bf16 only where no fp32 factor meets it here either)
+    plans = compiled_plans(x, norm, act, bf16_map=layer_scale is None and res_scale is None)
     if not plans:
         return composed(x)
     rows, kernel_act = norm_rows(norm), Activation(act)
