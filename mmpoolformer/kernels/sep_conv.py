@@ -46,9 +46,9 @@ def sep_conv_residual(x: torch.Tensor, norm: nn.Module, pwconv1: nn.Conv2d, act:
     ``norm`` is a GroupNorm or channel LayerNorm, ``pwconv1`` / ``pwconv2`` 1x1 convolutions,
     ``dwconv`` a depthwise one, ``layer_scale`` / ``res_scale`` per-channel vectors or None and
     ``factors`` stochastic depth's per-sample factors (None in inference)."""
-    params = [p for p in (*_norm_params(norm), pwconv1.weight, pwconv1.bias, dwconv.weight,
-                          dwconv.bias, pwconv2.weight, pwconv2.bias, layer_scale, res_scale)
-              if p is not None]
+    params = [p for p in (*_norm_params(norm), pwconv1.weight, pwconv1.bias, *act.parameters(),
+                          dwconv.weight, dwconv.bias, pwconv2.weight, pwconv2.bias, layer_scale,
+                          res_scale) if p is not None]
     if (dispatch.tracing() or factors is not None or dispatch.records(x, params) or x.dim() != 4
             or not _filters_each_channel(dwconv)):
         return composed(x)

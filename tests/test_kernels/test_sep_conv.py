@@ -138,6 +138,13 @@ def test_the_composed_branch_where_the_bands_do_not_apply(compiled, threads):
         expected = as_written(x, norm, mixer, layer_scale, res_scale)
     y, calls = fused(x, norm, mixer, layer_scale, res_scale)  # (parameters require grad)
     assert calls == 0 and y.requires_grad and max_rel_err(y, expected) <= 1e-5
+    trained = {mixer.act1.scale}  # (StarReLU's scale alone: still training)
+    for p in (*norm.parameters(), *mixer.parameters(), layer_scale, res_scale):
+        p.requires_grad_(p in trained)
+    y, calls = fused(x, norm, mixer, layer_scale, res_scale)
+    assert calls == 0 and y.requires_grad
+    for p in (*norm.parameters(), *mixer.parameters(), layer_scale, res_scale):
+        p.requires_grad_()
     with torch.no_grad(), kernels.forced(THREADS), OpLog() as log:
         factors = torch.ones(2, 1, 1, 1)
         mixer.fused_residual(x, norm, layer_scale, res_scale, factors, plain=None)
