@@ -274,7 +274,7 @@ class LayerNormRows:
         # (statistics of bf16 rows in fp32, as PyTorch's LayerNorm keeps them)
         stats = dict(dtype=torch.promote_types(rows.dtype, torch.float32))
         mean, rstd = rows.new_empty(len(rows), 1, **stats), rows.new_empty(len(rows), 1, **stats)
-        if _compiled_rows_into(out, rows, weight, bias):
+        if _compiled_layer_norm_into(out, rows, weight, bias):
             # (straight into the products' dtype)
             native.ops().layer_norm_rows(rows, weight, bias, self.eps, out, mean, rstd)
             return out, (mean, rstd)
@@ -309,6 +309,15 @@ def _compiled_rows(rows: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
 def _compiled_rows_into(out: torch.Tensor, rows: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
     """Whether they also write ``out``: fp32, or bf16 (the products' dtype under bf16 autocast)."""
     return out.dtype in COMPILED_DTYPES and _compiled_rows(rows, *others)
+
+
+def _compiled_layer_norm_into(out: torch.Tensor, rows: torch.Tensor, weight: Optional[torch.Tensor],
+                              bias: Optional[torch.Tensor]) -> bool:
+    """Whether the compiled rows normalise these into ``out``: fp32 rows, or bf16 ones (a bf16 map
+    under bf16 autocast), fp32 parameters, into fp32 or bf16."""
+    return (rows.device.type == 'cpu' and rows.dtype in COMPILED_DTYPES and rows.is_contiguous()
+            and out.dtype in COMPILED_DTYPES
+            and all(native.takes(t) for t in (weight, bias) if t is not None) and native.ops() is not None)
 
 
 def norm_rows(module: nn.Module):

@@ -27,9 +27,10 @@ normalised as a channels-last map is turned into an NCHW one, in tiles (PyTorch'
 
 Channel LayerNorm over rows of tokens (``csrc/layer_norm.h``, ``csrc/layer_norm.cpp``), forward and
 backward, written straight where the MLP kernel's chunks read it, in their dtype (PyTorch's LayerNorm:
-its own output, then a copy). On the Xeon of 2026-12-04 (one thread, 1024 rows of 64 channels):
-forward 16 against 44 us, backward 18 against 39 us; ConvFormer-S18's forward 3.4% and its training
-step 5.1% faster (paired runs, 2 threads, 2x512x512, fp32), under bf16 autocast 3.1% and 2.3%.
+its own output, then a copy); forward also from bf16 rows (a bf16 map under bf16 autocast). On the
+Xeon of 2026-12-04 (one thread, 1024 rows of 64 channels): forward 16 against 44 us, backward 18
+against 39 us; ConvFormer-S18's forward 3.4% and its training step 5.1% faster (paired runs, 2
+threads, 2x512x512, fp32), under bf16 autocast 3.1% and 2.3%.
 
 The MLP kernel's chunk loop (``csrc/mlp.cpp``: GroupNorm or channel LayerNorm, GELU or StarReLU), its
 chunks shared out among the threads, each computing its own from the normalisation to the output and
@@ -262,6 +263,13 @@ def _check_layer_norm(namespace) -> Optional[str]:
     if not (torch.allclose(mapped, torch.addcmul(b, x, a), rtol=1e-6, atol=1e-6)
             and torch.equal(mapped16, mapped.bfloat16())):
         return "their GroupNorm's affine map of rows disagrees with PyTorch's"
+    # bf16 rows (a row of vectors and a tail): the float32 values of the bf16 ones, normalised as those
+    rows16 = (torch.sin(torch.arange(5 * 45.)).view(5, 45) * 2 + 30).bfloat16()
+    from16, widened, bias45 = torch.empty(5, 45), torch.empty(5, 45), torch.linspace(-1, 1, 45)
+    namespace.layer_norm_rows(rows16, None, bias45, 1e-6, from16, torch.empty(5), torch.empty(5))
+    namespace.layer_norm_rows(rows16.float(), None, bias45, 1e-6, widened, torch.empty(5), torch.empty(5))
+    if not torch.equal(from16, widened):
+        return "their LayerNorm of bf16 rows disagrees with their LayerNorm"
     if not (torch.allclose(out.double(), reference, rtol=1e-5, atol=1e-5)
             and torch.equal(out16, out.bfloat16())
             and torch.allclose(grad_x.double(), xd.grad, rtol=1e-4, atol=1e-4)

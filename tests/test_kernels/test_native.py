@@ -694,9 +694,10 @@ def test_transpose_affine_turns_each_sample_and_maps_its_rows(compiled, shape, t
 @pytest.mark.parametrize('width', [64, 19, 320], ids=['vectors', 'tail', 'wide'])
 def test_compiled_layer_norm_rows_match_float64(compiled, width, threads):
     """Channel LayerNorm over rows (the MLP kernel's chunks): forward into fp32, and into bf16 as the
-    fp32 result rounded to nearest even; backward with the weight's and bias's gradients added to
-    what their tensors hold; all as close to float64 as PyTorch's LayerNorm, on rows far from zero
-    too (a mean of 100, where summing squares instead of deviations loses the variance)."""
+    fp32 result rounded to nearest even, from fp32 rows and from bf16 ones; backward with the
+    weight's and bias's gradients added to what their tensors hold; all as close to float64 as
+    PyTorch's LayerNorm, on rows far from zero too (a mean of 100, where summing squares instead of
+    deviations loses the variance)."""
     draw = torch.Generator().manual_seed(width)
     rows = 203  # (several threads' shares, none a multiple of another)
     x = torch.randn(rows, width, generator=draw) * 3 + 100 * (torch.arange(rows)[:, None] % 2)
@@ -708,6 +709,14 @@ def test_compiled_layer_norm_rows_match_float64(compiled, width, threads):
     grad_x, grad_weight, grad_bias = torch.full_like(x, float('nan')), torch.ones(width), torch.ones(width)
     compiled.layer_norm_rows_backward(grad, x, mean, rstd, weight, grad_x, grad_weight, grad_bias)
     assert torch.equal(out16, out.bfloat16())
+    # bf16 rows (a bf16 map under autocast): exactly the float32 rows of their values, either output
+    widened = x.bfloat16().float()
+    for into in (torch.empty_like(x), torch.empty_like(out16)):
+        expected, from_bf16 = torch.empty_like(into), torch.full_like(into, float('nan'))
+        stats = torch.empty(rows, 1), torch.empty(rows, 1)
+        compiled.layer_norm_rows(widened, weight, bias, 1e-6, expected, *stats)
+        compiled.layer_norm_rows(x.bfloat16(), weight, bias, 1e-6, from_bf16, mean, rstd)
+        assert torch.equal(from_bf16, expected) and torch.equal(torch.cat([mean, rstd]), torch.cat(stats))
 
     def layer_norm(dtype):
         inputs = [t.to(dtype).requires_grad_() for t in (x, weight, bias)]
@@ -789,6 +798,30 @@ def test_the_mlp_kernel_normalises_its_layer_norm_chunks_with_the_compiled_rows(
     exact = plain(x.double(), [None if m is None else copy.deepcopy(m).double() for m in modules])
     for a, b, reference in zip(ours, plain(x, modules), exact):
         assert max_rel_err(a, reference) <= max(2 * max_rel_err(b, reference), 1e-6)
+
+
+@pytest.mark.skipif(not kernels.dispatch.native_low_precision(torch.device('cpu'), torch.bfloat16),
+                    reason='bf16 products are emulated on this CPU')
+def test_a_bf16_maps_chunks_are_normalised_by_the_compiled_rows(compiled):
+    """Under bf16 autocast, a bf16 map (the residual stream where no fp32 factor has met it:
+    ConvFormer's stages 0-1) in the MLP kernel's chunks: normalised from its bf16 values by the
+    compiled rows (not PyTorch's bf16 LayerNorm and a copy), as close to float64 as the branch as
+    written."""
+    norm, fc1, act, fc2, _, _ = threads_branch(layer_norm=True, act=StarReLU(0.8, -0.1))
+    x = (torch.randn(2, 12, 9, 7) * 2 + 1).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        with kernels.forced(kernels.Plan(backend='blas', dtype=torch.bfloat16)), OpLog() as log:
+            ours = kernels.norm_mlp_residual(x, norm, fc1, act, fc2, None, None, None,
+                                             plain=lambda x: pytest.fail('plain'))
+        as_written = x + fc2(act(fc1(norm(x))))
+    with torch.no_grad():
+        exact = x.double() + nn.Sequential(*(copy.deepcopy(m).double() for m in (norm, fc1, act, fc2)))(
+            x.double())
+    names = [name for name, _ in log.ops]
+    assert 'mmpoolformer.layer_norm_rows' in names
+    assert not any('native_layer_norm' in name for name in names)
+    assert ours.dtype == as_written.dtype == torch.bfloat16
+    assert max_rel_err(ours, exact) <= 1.5 * max_rel_err(as_written, exact)
 
 
 @pytest.mark.parametrize('shape', [(2, 64, 32, 32), (2, 19, 5, 7), (1, 3, 1, 2)],

@@ -22,12 +22,12 @@ const float* pointer(const std::optional<Tensor>& t, const Tensor& like, const c
   return t->const_data_ptr<float>();
 }
 
-// rows of x (float32, (rows, C)) normalised into `out` (float32 or bfloat16), with each row's mean and
-// 1 / sqrt(var + eps) into `mean` and `rstd` (float32, (rows, ) or (rows, 1))
+// rows of x (float32 or bfloat16, (rows, C)) normalised into `out` (float32 or bfloat16), with each
+// row's mean and 1 / sqrt(var + eps) into `mean` and `rstd` (float32, (rows, ) or (rows, 1))
 void layer_norm_rows(const Tensor& x, const std::optional<Tensor>& weight,
                      const std::optional<Tensor>& bias, double eps, const Tensor& out,
                      const Tensor& mean, const Tensor& rstd) {
-  check(x, x, "layer_norm_rows");
+  mmpoolformer::check_float_or_bf16({&x}, "layer_norm_rows");
   TORCH_CHECK(x.dim() == 2, "layer_norm_rows takes (rows, C) tensors, got ", x.sizes());
   TORCH_CHECK(out.sizes() == x.sizes() && out.is_contiguous() &&
                   (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
@@ -36,14 +36,15 @@ void layer_norm_rows(const Tensor& x, const std::optional<Tensor>& weight,
   for (const Tensor* stat : {&mean, &rstd})
     TORCH_CHECK(stat->scalar_type() == at::kFloat && stat->is_contiguous() && stat->numel() == rows,
                 "layer_norm_rows writes float32 statistics, one per row");
-  const Tensor row_like = at::empty({width}, x.options());
+  const Tensor row_like = at::empty({width}, x.options().dtype(at::kFloat));
   const float *w = pointer(weight, row_like, "layer_norm_rows"),
               *b = pointer(bias, row_like, "layer_norm_rows");
-  const float* xp = x.const_data_ptr<float>();
   float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    mmpoolformer::layer_norm_rows_into(xp + begin * width, end - begin, width, w, b,
-                                       static_cast<float>(eps), out, begin, mp + begin, rp + begin);
+  mmpoolformer::with_values(x, [&](const auto* xp) {
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      mmpoolformer::layer_norm_rows_into(xp + begin * width, end - begin, width, w, b,
+                                         static_cast<float>(eps), out, begin, mp + begin, rp + begin);
+    });
   });
 }
 

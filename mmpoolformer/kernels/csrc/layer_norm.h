@@ -7,11 +7,15 @@
 // S18's stage 0 on the Xeon of 2026-12-04, one thread, 1024 rows: 68 us, and 28 us to copy, for
 // 256 KiB). Here each row is summed, then its squared deviations from the mean (two reads from L1,
 // as exact as PyTorch's running moments), then normalised straight into the output, float32 or
-// bfloat16 (rounded to nearest even, as PyTorch's casts round).
+// bfloat16 (rounded to nearest even, as PyTorch's casts round). The rows themselves may be bfloat16
+// (a bf16 map under bf16 autocast): each row is widened once, then normalised as float32 (PyTorch's
+// bf16 LayerNorm computes in float32 too, then allocates its output, which the chunk copies: 63
+// against 28 us for 1024 rows of 64 channels, one thread, on the Xeon of 2026-12-05).
 #pragma once
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
 
@@ -50,6 +54,33 @@ inline void with_row_pointer(const at::Tensor& out, int64_t first, int64_t width
   }
 }
 
+// fn(pointer to the values of `x`), a contiguous float32 or bfloat16 tensor (the callers check its
+// dtype), the pointer of its type
+template <typename Fn>
+inline void with_values(const at::Tensor& x, const Fn& fn) {
+  if (x.scalar_type() == at::kBFloat16) {
+    fn(x.const_data_ptr<at::BFloat16>());
+  } else {
+    fn(x.const_data_ptr<float>());
+  }
+}
+
+// row r of x, `width` values, as float32: the row itself, or bfloat16 values widened into `buffer`
+inline const float* float_row(const float* x, int64_t r, int64_t width, float*) { return x + r * width; }
+inline const float* float_row(const at::BFloat16* x, int64_t r, int64_t width, float* buffer) {
+  constexpr int64_t V = Vec::size();
+  const at::BFloat16* row = x + r * width;
+  int64_t i = 0;
+  for (; i + 2 * V <= width; i += 2 * V) {
+    const auto [low, high] =
+        at::vec::convert_to_float<at::BFloat16>(at::vec::Vectorized<at::BFloat16>::loadu(row + i));
+    low.store(buffer + i);
+    high.store(buffer + i + V);
+  }
+  for (; i < width; ++i) buffer[i] = static_cast<float>(row[i]);
+  return buffer;
+}
+
 inline float vec_sum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
 }
@@ -75,13 +106,15 @@ inline void row_moments(const float* row, int64_t width, float eps, float& mean,
   rstd = 1.f / std::sqrt(variance / static_cast<float>(width) + eps);
 }
 
-// rows [0, rows) of x, `width` values each, normalised into `out`: (x - mean) * rstd * weight + bias
-// (weight and bias: one value per column, or null), each row's mean and rstd into `mean`, `rstd`
-template <typename Out>
-void layer_norm_rows(const float* x, int64_t rows, int64_t width, const float* weight,
+// rows [0, rows) of x (float32 or bfloat16), `width` values each, normalised into `out`:
+// (x - mean) * rstd * weight + bias (weight and bias: one value per column, or null), each row's mean
+// and rstd into `mean`, `rstd`
+template <typename In, typename Out>
+void layer_norm_rows(const In* x, int64_t rows, int64_t width, const float* weight,
                      const float* bias, float eps, Out* out, float* mean, float* rstd) {
+  std::vector<float> widened(std::is_same_v<In, float> ? 0 : width);
   for (int64_t r = 0; r < rows; ++r) {
-    const float* row = x + r * width;
+    const float* row = float_row(x, r, width, widened.data());
     Out* to = out + r * width;
     row_moments(row, width, eps, mean[r], rstd[r]);
     const Vec vm(mean[r]), vr(rstd[r]);
@@ -98,7 +131,8 @@ void layer_norm_rows(const float* x, int64_t rows, int64_t width, const float* w
 
 // layer_norm_rows into rows [first, first + rows) of `out`, a contiguous float32 or bfloat16 tensor
 // of `width` columns (the callers check its dtype)
-inline void layer_norm_rows_into(const float* x, int64_t rows, int64_t width, const float* weight,
+template <typename In>
+inline void layer_norm_rows_into(const In* x, int64_t rows, int64_t width, const float* weight,
                                  const float* bias, float eps, const at::Tensor& out, int64_t first,
                                  float* mean, float* rstd) {
   with_row_pointer(out, first, width, [&](auto* to) {

@@ -84,9 +84,12 @@ struct Norm {
   int64_t per_sample;
 
   // whether layer_norm.h's loops take these rows (float32, as the weight and bias or GroupNorm's
-  // per-sample coefficients), else ATen's
-  bool compiled(const Tensor& rows) const {
-    return rows.scalar_type() == at::kFloat && rows.is_contiguous() &&
+  // per-sample coefficients; `bf16_rows`: bfloat16 rows too, as LayerNorm's forward takes them),
+  // else ATen's
+  bool compiled(const Tensor& rows, bool bf16_rows = false) const {
+    const bool takes = rows.scalar_type() == at::kFloat ||
+                       (bf16_rows && rows.scalar_type() == at::kBFloat16);
+    return takes && rows.is_contiguous() &&
            (!a.has_value() || (a->scalar_type() == at::kFloat && a->is_contiguous())) &&
            (!b.has_value() || (b->scalar_type() == at::kFloat && b->is_contiguous()));
   }
@@ -99,11 +102,13 @@ struct Norm {
     if (per_row) {
       const Tensor rows = x.narrow(0, first, k);
       const bool into = out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16;
-      if (compiled(rows) && into) {  // (layer_norm.h: straight into the products' dtype)
-        Tensor mean = at::empty({k}, rows.options()), rstd = at::empty({k}, rows.options());
-        mmpoolformer::layer_norm_rows_into(rows.const_data_ptr<float>(), k, rows.size(1), pointer(a),
-                                           pointer(b), eps, out, 0, mean.data_ptr<float>(),
-                                           rstd.data_ptr<float>());
+      if (compiled(rows, true) && into) {  // (layer_norm.h: straight into the products' dtype)
+        const auto stats = rows.options().dtype(at::kFloat);
+        Tensor mean = at::empty({k}, stats), rstd = at::empty({k}, stats);
+        mmpoolformer::with_values(rows, [&](const auto* values) {
+          mmpoolformer::layer_norm_rows_into(values, k, rows.size(1), pointer(a), pointer(b), eps, out,
+                                             0, mean.data_ptr<float>(), rstd.data_ptr<float>());
+        });
         return {mean, rstd};
       }
       auto [normed, mean, rstd] = at::native_layer_norm(rows, {rows.size(1)}, a, b, eps);
