@@ -174,3 +174,23 @@ def test_every_sepconv_block_takes_the_bands_in_inference(compiled, cls, blocks,
     assert [name for name, _ in log.ops].count(OP) == blocks
     for a, b in zip(outs, plain):
         assert max_rel_err(a, b) <= 1e-10
+
+
+def test_the_kernel_refuses_what_it_does_not_compute(compiled):
+    """Its output over its input (a band's filter reads rows below it), rows that are not whole
+    samples, an even filter, a projection of another shape: a clear error, nothing written."""
+    x, w1, dw, w2 = torch.randn(2 * 4 * 3, 5), torch.randn(8, 5), torch.randn(8, 1, 3, 3), torch.randn(5, 8)
+
+    def call(x=x, dw=dw, w2=w2, out=None, height=4):
+        compiled.sep_conv_forward(x, None, None, True, 1e-6, w1, None, dw, None, w2, None, None, None,
+                                  None, 1., height, 3, 2, torch.empty_like(x) if out is None else out)
+
+    for kwargs, message in ((dict(out=x), 'writes a map of its own'),
+                            (dict(out=x[:, :]), 'writes a map of its own'),
+                            (dict(height=5), 'not whole samples'),
+                            (dict(dw=torch.randn(8, 1, 2, 2)), 'filter of odd k'),
+                            (dict(w2=torch.randn(5, 7)), 'projection')):
+        before = x.clone()
+        with pytest.raises(RuntimeError, match=message):
+            call(**kwargs)
+        assert torch.equal(x, before)

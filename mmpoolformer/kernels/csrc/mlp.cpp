@@ -21,6 +21,7 @@
 // bfloat16 and the sums they feed (the output, the weights' gradients) stay in the rows' precision,
 // as in mlp.py.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -531,6 +532,9 @@ void sep_conv_forward(const Tensor& x, const std::optional<Tensor>& a, const std
   const int64_t channels = x.size(1), hidden = w1.size(0), kernel = dw.size(-1), pad = kernel / 2;
   const bool low = w1.scalar_type() != x.scalar_type();  // (bfloat16 products)
   check_arguments(x, {&x, &out}, std::nullopt, w1, "sep_conv_forward");
+  TORCH_CHECK(at::get_overlap_status(out, x) == at::MemOverlapStatus::No,
+              "sep_conv_forward writes a map of its own: a band's filter reads the rows below it, "
+              "which writing over x would have replaced");
   TORCH_CHECK(height > 0 && width > 0 && band > 0 && x.size(0) % per_sample == 0,
               "sep_conv_forward: ", x.size(0), " rows are not whole samples of ", height, " x ", width,
               " tokens (band ", band, ")");
@@ -553,9 +557,8 @@ void sep_conv_forward(const Tensor& x, const std::optional<Tensor>& a, const std
     // the image are the filter's zero padding
     auto expand = [&](int64_t s, int64_t first, int64_t last, int64_t into) {
       for (int64_t q = first; q < last;) {
-        Tensor dest = window.narrow(0, (into + q - first) * width, width);
         if (q < 0 || q >= height) {
-          dest.zero_();
+          window.narrow(0, (into + q - first) * width, width).zero_();
           ++q;
           continue;
         }
@@ -579,10 +582,11 @@ void sep_conv_forward(const Tensor& x, const std::optional<Tensor>& a, const std
         const Tensor input = window.narrow(0, 0, (r + 2 * pad) * width)
                                  .view({1, r + 2 * pad, width, hidden})
                                  .permute({0, 3, 1, 2});
-        const Tensor filtered = at::conv2d(input, dw, dw_bias, at::IntArrayRef{1, 1},
-                                                at::IntArrayRef{0, pad}, at::IntArrayRef{1, 1}, hidden)
-                                    .permute({0, 2, 3, 1})
-                                    .reshape({r * width, hidden});
+        const Tensor filtered =
+            at::conv2d(input, dw, dw_bias, at::IntArrayRef{1, 1}, at::IntArrayRef{0, pad},
+                       at::IntArrayRef{1, 1}, hidden)
+                .permute({0, 2, 3, 1})
+                .reshape({r * width, hidden});
         const int64_t at_row = (s * height + top) * width;
         Tensor oc = out.narrow(0, at_row, r * width);
         residual(oc, x.narrow(0, at_row, r * width), res_scale, b2, scale);
