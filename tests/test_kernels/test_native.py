@@ -760,6 +760,31 @@ def test_channel_layer_norm_alone_takes_the_compiled_rows(compiled, bias, thread
         assert max_rel_err(ours, reference) <= max(2 * max_rel_err(pytorchs, reference), 1e-6)
 
 
+def test_channel_layer_norm_alone_on_a_bf16_map_in_inference(compiled, threads):
+    """``LayerNorm2d`` on a channels-last bf16 map under bf16 autocast (the Baselines' stages 0-1,
+    ahead of a downsampling or an output): in inference by the compiled rows from its bf16 values, a
+    bf16 channels-last output as close to float64 as PyTorch's; where autograd records, PyTorch's."""
+    torch.manual_seed(0)
+    norm = LayerNorm2d(40, eps=1e-6)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = (torch.randn(2, 40, 7, 5) * 3 + 10).bfloat16().contiguous(memory_format=torch.channels_last)
+    results = {}
+    for plan in (kernels.Plan(), kernels.PLAIN):
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), kernels.forced(plan), \
+                OpLog() as log:
+            results[plan.fused] = norm(x)
+        assert [name for name, _ in log.ops].count('mmpoolformer.layer_norm_rows') == int(plan.fused)
+    with torch.no_grad():
+        exact = copy.deepcopy(norm).double()(x.double())
+    assert results[True].dtype == results[False].dtype == torch.bfloat16
+    assert results[True].is_contiguous(memory_format=torch.channels_last)
+    assert max_rel_err(results[True], exact) <= 1.5 * max_rel_err(results[False], exact)
+    with torch.autocast('cpu', dtype=torch.bfloat16), kernels.forced(kernels.Plan()), OpLog() as log:
+        norm(x)  # (parameters that require grad: training)
+    assert 'mmpoolformer.layer_norm_rows' not in [name for name, _ in log.ops]
+
+
 def test_compiled_layer_norm_rows_refuse_what_they_do_not_compute(compiled):
     x, stats = torch.randn(4, 8), torch.empty(4)
     with pytest.raises(RuntimeError, match='float32 or bfloat16'):
