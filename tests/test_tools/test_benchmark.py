@@ -39,6 +39,8 @@ def test_reports_every_implementation_the_floor_and_the_machine(benchmark, famil
         # busy machine a forward pass can take longer than a training step, so no order is asserted)
         assert rows[impl]['max_rel_err'] <= 1e-4 and rows[impl]['train_s'] > 0 < rows[impl]['forward_s']
     assert 0 < rows['floor']['forward_s'] < rows['floor']['train_s']  # (train: forward + backward)
+    # the same products one after another
+    assert 0 < rows['floor']['forward_in_sequence_s'] < rows['floor']['train_in_sequence_s']
     assert result['kernel_timings']  # the plans were timed, and each input kept the preferred one
     for key, times in result['kernel_timings'].items():
         assert result['kernel_plans'][key] == kernels.dispatch.preferred(times)
