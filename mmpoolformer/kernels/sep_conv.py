@@ -46,7 +46,8 @@ def sep_conv_residual(x: torch.Tensor, norm: nn.Module, pwconv1: nn.Conv2d, act:
     ``norm`` is a GroupNorm or channel LayerNorm, ``pwconv1`` / ``pwconv2`` 1x1 convolutions,
     ``dwconv`` a depthwise one, ``layer_scale`` / ``res_scale`` per-channel vectors or None and
     ``factors`` stochastic depth's per-sample factors (None in inference)."""
-    params = [p for p in (*_norm_params(norm), pwconv1.weight, pwconv1.bias, *act.parameters(),
+    norm_weight, norm_bias = _norm_params(norm)
+    params = [p for p in (norm_weight, norm_bias, pwconv1.weight, pwconv1.bias, *act.parameters(),
                           dwconv.weight, dwconv.bias, pwconv2.weight, pwconv2.bias, layer_scale,
                           res_scale) if p is not None]
     if (dispatch.tracing() or factors is not None or dispatch.records(x, params) or x.dim() != 4
@@ -58,7 +59,6 @@ def sep_conv_residual(x: torch.Tensor, norm: nn.Module, pwconv1: nn.Conv2d, act:
     if not plans:
         return composed(x)
     rows, kernel_act = norm_rows(norm), Activation(act)
-    norm_weight, norm_bias = _norm_params(norm)
 
     def compute(plan, x):
         if not plan.fused:
