@@ -46,8 +46,9 @@ class Plan:
             ``dtype``), or the plain formulation (the modules as written).
         backend (str): Who multiplies in the fused kernel: ``'blas'`` (``torch.addmm``: MKL or
             OpenBLAS) or ``'onednn'``; for a convolution's weight gradient, ``'blas'`` (over patches)
-            or ``'correlation'`` (depthwise; ``kernels/conv.py``); for the pooling branch on CUDA,
-            ``'triton'`` (``kernels/triton_ops.py``) or ``'blas'`` (PyTorch's operators).
+            or ``'correlation'`` / ``'compiled'`` (depthwise; ``kernels/conv.py``); for the pooling
+            branch on CUDA, ``'triton'`` (``kernels/triton_ops.py``) or ``'blas'`` (PyTorch's
+            operators).
         dtype (torch.dtype, optional): The fused kernel's product dtype; None: the input's. Under
             autocast a low-precision candidate and an fp32 one compete.
     """

@@ -15,6 +15,9 @@ The pooling branch (``csrc/pooling.cpp``), on channels-last maps: pooling and in
 forward, two passes backward (PyTorch's operators: two and six). On the Zen 4 machine (AVX-512, 2
 threads): S12's stage-0 branch, forward and backward, 7.0 against 12.0 ms.
 
+The weight gradient of a depthwise convolution (``csrc/depthwise.cpp``; ConvFormer's 7x7), straight over
+the channels-last maps (oneDNN's over NCHW copies of both: 3-10 times as long).
+
 Multi-head attention's forward pass (``csrc/attention.cpp``): scores, softmax and weighted values a
 block of queries at a time, with the products' tiles in registers (PyTorch's flash attention for CPUs:
 BLAS calls on blocks and an online softmax).
@@ -56,7 +59,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 CSRC = osp.join(osp.dirname(__file__), 'csrc')
 SOURCES = tuple(osp.join(CSRC, name)
                 for name in ('activations.cpp', 'pooling.cpp', 'group_norm.cpp', 'layer_norm.cpp',
-                             'mlp.cpp', 'attention.cpp'))
+                             'mlp.cpp', 'attention.cpp', 'depthwise.cpp'))
 HEADERS = tuple(osp.join(CSRC, name) for name in ('common.h', 'layer_norm.h'))
 # at::vec selects its instructions by these defines; the compiler needs the matching flags
 CAPABILITY_FLAGS = {
@@ -196,7 +199,7 @@ def _check(namespace) -> Optional[str]:
                                atol=1e-6)):
         return "their bf16 StarReLU disagrees with PyTorch's"
     return (_check_pooling(namespace) or _check_statistics(namespace) or _check_layer_norm(namespace)
-            or _check_mlp(namespace) or _check_attention(namespace))
+            or _check_mlp(namespace) or _check_attention(namespace) or _check_depthwise(namespace))
 
 
 def _check_pooling(namespace) -> Optional[str]:
@@ -351,6 +354,22 @@ def _check_attention(namespace) -> Optional[str]:
     reference = (scores.softmax(-1) @ v.double()).transpose(1, 2)
     if not torch.allclose(out.double(), reference, rtol=1e-5, atol=1e-5):
         return "their attention disagrees with PyTorch's"
+    return None
+
+
+def _check_depthwise(namespace) -> Optional[str]:
+    # a vector of channels and a tail, a map narrower than the 7x7 filter, and a 3x3 one
+    draw = torch.Generator().manual_seed(0)
+    for shape, k in (((2, 19, 6, 5), 7), ((1, 3, 4, 9), 3)):
+        x, grad = (torch.randn(shape, generator=draw).contiguous(memory_format=torch.channels_last)
+                   for _ in '12')
+        out = torch.empty(shape[1], 1, k, k)
+        namespace.depthwise_weight_grad(x, grad, out)
+        reference = torch.ops.aten.convolution_backward(
+            grad.double(), x.double(), torch.zeros(out.shape, dtype=torch.double), None, [1, 1],
+            [k // 2] * 2, [1, 1], False, [0, 0], shape[1], [False, True, False])[1]
+        if not torch.allclose(out.double(), reference, rtol=1e-5, atol=1e-5):
+            return "their depthwise convolution's weight gradient disagrees with PyTorch's"
     return None
 
 

@@ -140,6 +140,42 @@ def test_conv2d_offers_our_weight_gradient_only_for_a_dense_or_a_depthwise_convo
         ['fused/blas', 'plain'], ['fused/correlation', 'plain']]
 
 
+def test_conv2d_offers_the_compiled_depthwise_weight_gradient_on_channels_last_fp32_maps(timed_choices):
+    """Where the compiled kernels take the map (channels-last, fp32) and the filter (square, odd, the
+    padding that keeps the size): the compiled weight gradient first, then the correlation; on an
+    NCHW or float64 map, or an unpadded filter, the correlation alone."""
+    from mmpoolformer.kernels import native
+    compiled = ['fused/compiled'] if native.ops() is not None else []
+    x = torch.randn(1, 8, 9, 9)
+    cases = [(depthwise(), x.contiguous(memory_format=torch.channels_last), compiled),
+             (depthwise(), x, []), (depthwise().double(), x.double().contiguous(
+                 memory_format=torch.channels_last), []),
+             (nn.Conv2d(8, 8, 5, groups=8), x.contiguous(memory_format=torch.channels_last), [])]
+    for conv, xi, offered in cases:
+        kernels.dispatch.reset()
+        conv_kernel.conv2d(conv, xi)
+        [names] = [list(t) for t in kernels.dispatch.timings().values()]
+        assert names == offered + ['fused/correlation', 'plain']
+
+
+def test_conv2d_with_the_compiled_depthwise_weight_gradient_computes_as_written():
+    """Forced: computed by our backward, every gradient as PyTorch's to fp32's error."""
+    from mmpoolformer.kernels import native
+    if native.ops() is None:
+        pytest.skip('no compiled kernels here')
+    conv = depthwise()
+    x = torch.randn(2, 8, 15, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with kernels.forced(kernels.Plan(backend='compiled')), OpLog() as log:
+        y = conv_kernel.conv2d(conv, x)
+        grads = torch.autograd.grad(y.square().sum(), [x, *conv.parameters()])
+    assert computed_by(y) == '_OwnWeightGradConvBackward'
+    assert [name for name, _ in log.ops].count('mmpoolformer.depthwise_weight_grad') == 1
+    y_plain = conv(x)
+    expected = torch.autograd.grad(y_plain.square().sum(), [x, *conv.parameters()])
+    assert torch.equal(y, y_plain)
+    assert all(max_rel_err(a, b) <= 1e-5 for a, b in zip(grads, expected))
+
+
 @pytest.mark.parametrize('make, method', [(downsampling, 'blas'), (depthwise, 'correlation')])
 def test_conv2d_under_autocast_offers_fp32_with_either_weight_gradient(make, method, timed_choices,
                                                                        monkeypatch):

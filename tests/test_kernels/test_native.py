@@ -1053,7 +1053,7 @@ class _Off:
                         'pool_mix': 3, 'pool_mix_adjoint': 2, 'pool_mix_input_grad': 0,
                         'mlp_forward': 15, 'mlp_backward': 15, 'transpose_affine': 3,
                         'attention': 4, 'bias_gelu': 2, 'affine_rows': 3,
-                        'sep_conv_forward': 18}[name]]
+                        'sep_conv_forward': 18, 'depthwise_weight_grad': 2}[name]]
             out[(0, ) * out.dim()] += 1e-3
             return result
         return wrong
@@ -1063,7 +1063,7 @@ class _Off:
                                     'pool_mix', 'pool_mix_adjoint', 'pool_mix_input_grad',
                                     'row_stats', 'transpose_affine', 'mlp_forward',
                                     'mlp_backward', 'attention', 'bias_gelu', 'affine_rows',
-                                    'sep_conv_forward'])
+                                    'sep_conv_forward', 'depthwise_weight_grad'])
 def test_the_load_check_refuses_a_wrong_kernel(compiled, kernel):
     """Each kernel is checked against PyTorch's operators when loaded: one off by a small error
     is refused (and PyTorch's operators then do its work)."""
@@ -1170,3 +1170,45 @@ def test_attention_in_inference_takes_the_compiled_kernel(compiled, sr_ratio):
     with kernels.forced(kernels.Plan()), OpLog() as log:
         y = mixer(x)
     assert 'mmpoolformer.attention' not in [name for name, _ in log.ops] and y.requires_grad
+
+
+# (samples, channels, height, width, filter side): ConvFormer's 7x7 over vectors of channels, a tail
+# of channels, a map narrower and one smaller than the filter, 3x3 / 5x5, a 9x9 (any side)
+DEPTHWISE_GEOMETRIES = dict(vectors=(2, 32, 9, 11, 7), tail=(2, 35, 9, 4, 7), small=(1, 19, 3, 3, 7),
+                            three=(3, 40, 6, 7, 3), five=(2, 24, 5, 13, 5), nine=(2, 21, 6, 12, 9))
+
+
+@pytest.mark.parametrize('geometry', DEPTHWISE_GEOMETRIES.values(), ids=DEPTHWISE_GEOMETRIES.keys())
+def test_compiled_depthwise_weight_gradient_matches_float64_on_any_threads(compiled, geometry):
+    """The weight gradient of a depthwise convolution (stride 1, the padding that keeps the size) over
+    channels-last fp32 maps: within fp32's error of float64 PyTorch on every geometry, and bit for bit
+    the same on 1, 2 or 3 threads (the threads share out the channels)."""
+    n, c, h, w, k = geometry
+    torch.manual_seed(0)
+    x, grad = (torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last) for _ in '12')
+    expected = torch.ops.aten.convolution_backward(
+        grad.double(), x.double(), torch.zeros(c, 1, k, k, dtype=torch.float64), None, (1, 1),
+        (k // 2, k // 2), (1, 1), False, (0, 0), c, [False, True, False])[1]
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = torch.full((c, 1, k, k), float('nan'))
+            compiled.depthwise_weight_grad(x, grad, out)
+            results.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert max_rel_err(results[0], expected) <= 2e-6
+    assert all(torch.equal(out, results[0]) for out in results[1:])
+
+
+def test_compiled_depthwise_weight_gradient_refuses_what_it_does_not_compute(compiled):
+    x = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match='in channels-last'):
+        compiled.depthwise_weight_grad(x.contiguous(), x, torch.empty(8, 1, 3, 3))
+    with pytest.raises(RuntimeError, match='tensors of one shape'):
+        compiled.depthwise_weight_grad(x, x[:1], torch.empty(8, 1, 3, 3))
+    for out in (torch.empty(8, 1, 4, 4), torch.empty(7, 1, 3, 3), torch.empty(8, 3, 3)):
+        with pytest.raises(RuntimeError, match=r'a contiguous float32 \(C, 1, k, k\) weight'):
+            compiled.depthwise_weight_grad(x, x, out)

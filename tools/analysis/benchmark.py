@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmpoolformer import kernels
-from mmpoolformer.kernels.conv import backward_own, own_weight_grad
+from mmpoolformer.kernels.conv import backward_own, own_weight_grads
 from mmpoolformer.models import CAFormer, ConvFormer, PoolFormer, PoolFormerV2
 from mmpoolformer.models.weights import convert_backbone_state_dict
 from mmpoolformer.testing import randomize_weights
@@ -481,10 +481,10 @@ def conv_times(conv, shape, dtype, input_grad, device, repeats=5, functions=Fals
     forward = {'conv': lambda: F.conv2d(x, w, b, *geometry)}
     backward = {'conv': lambda: torch.ops.aten.convolution_backward(
         g, x, w, None if b is None else [w.shape[0]], *args, [input_grad, True, b is not None])}
-    method = own_weight_grad(conv, x) if x.dtype == conv.weight.dtype else None
-    if method:  # where ours offers it too
-        backward[method] = lambda: backward_own(g, x, w, conv.stride, conv.padding, conv.groups,
-                                                method, [input_grad, True, b is not None])
+    for method in own_weight_grads(conv, x) if x.dtype == conv.weight.dtype else []:  # where ours
+        backward[method] = functools.partial(  # offers them too
+            backward_own, g, x, w, conv.stride, conv.padding, conv.groups, method,
+            [input_grad, True, b is not None])
     if conv.kernel_size == (1, 1) and conv.groups == 1:
         tokens, grads = (t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in (x, g))
         w2 = w.flatten(1)
