@@ -4,11 +4,11 @@
 // weight[c, i, j] takes sum over samples and positions (h, w) of grad[c, h, w] * x[c, h + i - k/2,
 // w + j - k/2]. A token row holds its channels side by side, so the channels are the vector lanes: for
 // a vector of channels, an output row and a filter row i, the k sums of j stay in registers while the
-// row's gradient streams past the input row it meets, each input vector one load for one multiply-add.
-// Neither map is copied (PyTorch's backward-weights kernel over channels-last maps, and its correlation
-// over NCHW copies of both maps, conv.py, take several times as long). Each output row's sums are
-// added to float64 totals; the threads share the channels out, so the totals do not depend on how
-// many threads there are.
+// row's gradient streams past the input row it meets (kStep outputs at a time, each input loaded once).
+// Neither map is copied (PyTorch's backward-weights kernel over channels-last maps, and the correlation
+// over NCHW copies of both maps, conv.py, take several times as long). The float sums of every
+// kRowsInFloat output rows are added to float64 totals; the threads share the channels out, so the
+// totals do not depend on how many threads there are.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
