@@ -20,7 +20,11 @@ gradient that are faster on the device at hand.
   - the same sums by a compiled kernel (``csrc/depthwise.cpp``) straight over the channels-last fp32
     maps, for a square odd filter padded to keep the size (ConvFormer's): no copy of either map, the
     channels as vector lanes; on the Xeon of 2026-12-05 (2 threads), ConvFormer-S18's four stages at
-    2x512x512 took 2.4 / 1.2 / 0.78 / 0.31 ms against the correlation's 23 / 4.2 / 2.2 / 0.94.
+    2x512x512 took 2.4 / 1.2 / 0.78 / 0.31 ms against the correlation's 23 / 4.2 / 2.2 / 0.94. Under
+    bf16 autocast it also reads bf16 maps, so the convolution can stay in bf16 (oneDNN's bf16 weight
+    gradient took 128 ms at stage 0, and its bf16 backward-data kernel 2.5 times its fp32 one, so the
+    input's gradient is its forward kernel's, with the filter turned): no conversions to fp32 and back
+    around it; ConvFormer-S18's bf16 training step 0.938 of the time of the fp32 plan's.
 
 Each is a candidate plan, timed like every other choice (``dispatch``): ``backend='onednn'`` is the
 convolution as PyTorch computes it, ``'blas'`` / ``'correlation'`` / ``'compiled'`` the one with our
@@ -87,10 +91,10 @@ def weight_grad_by_correlation(grad: torch.Tensor, x: torch.Tensor, kernel_size:
 
 def weight_grad_compiled(grad: torch.Tensor, x: torch.Tensor, kernel_size: Tuple[int, int],
                          stride: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
-    """:func:`weight_grad_by_correlation`'s gradient, by the compiled kernel over the channels-last
-    fp32 maps themselves (a square odd filter, stride 1, padding that keeps the size:
-    :func:`_compiled_depthwise`)."""
-    out = x.new_empty(x.shape[1], 1, *kernel_size)
+    """:func:`weight_grad_by_correlation`'s gradient, in fp32, by the compiled kernel over the
+    channels-last maps themselves, fp32 or bf16 (a square odd filter, stride 1, padding that keeps the
+    size: :func:`_compiled_depthwise`)."""
+    out = x.new_empty(x.shape[1], 1, *kernel_size, dtype=torch.float32)
     native.ops().depthwise_weight_grad(layout.channels_last(x), grad, out)
     return out
 
@@ -132,33 +136,46 @@ def own_weight_grads(conv: nn.Conv2d, x: torch.Tensor) -> List[str]:
 def backward_own(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int],
                  padding: Tuple[int, int], groups: int, method: str, needs: Sequence[bool]):
     """The gradients of a convolution's input, weight and bias (each where ``needs`` says, else
-    None): the input's by PyTorch (oneDNN), the weight's by ``WEIGHT_GRADS[method]``."""
+    None): the input's by PyTorch (oneDNN), the weight's by ``WEIGHT_GRADS[method]``.
+
+    With the compiled depthwise gradient, the input's is the forward convolution of ``grad`` with
+    the filter turned by 180 degrees (stride 1, the padding that keeps the size): in bf16 oneDNN's
+    forward kernel takes 0.4 of the time of its backward-data one (the Xeon of 2026-12-05), in fp32
+    about as long."""
     grad = layout.channels_last(grad)
     grad_x = grad_weight = grad_bias = None
-    if needs[0]:
+    if needs[0] and method == 'compiled':
+        grad_x = F.conv2d(grad, weight.flip(-1, -2), None, 1, padding, 1, groups)
+    elif needs[0]:
         grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, (1, 1),
                                                      False, (0, 0), groups, [True, False, False])[0]
     if needs[1]:
         grad_weight = WEIGHT_GRADS[method](grad, x, weight.shape[2:], stride, padding)
     if needs[2]:
-        grad_bias = grad.sum((0, 2, 3))
+        grad_bias = grad.sum((0, 2, 3), dtype=torch.promote_types(grad.dtype, torch.float32))
     return grad_x, grad_weight, grad_bias
 
 
 class _OwnWeightGradConv(torch.autograd.Function):
-    """``F.conv2d(x, weight, bias, stride, padding, 1, groups)`` with :func:`backward_own`."""
+    """``F.conv2d(x, weight, bias, stride, padding, 1, groups)`` with :func:`backward_own`, in
+    ``x``'s dtype (a bf16 ``x`` under autocast: the fp32 weight and bias rounded to it, their
+    gradients fp32)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, groups, method):
-        ctx.save_for_backward(x, weight)
+        w, b = (None if t is None else t.to(x.dtype) for t in (weight, bias))
+        ctx.save_for_backward(x, w)
         ctx.stride, ctx.padding, ctx.groups, ctx.method = stride, padding, groups, method
-        return F.conv2d(x, weight, bias, stride, padding, 1, groups)
+        ctx.dtype = weight.dtype
+        return F.conv2d(x, w, b, stride, padding, 1, groups)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        return (*backward_own(grad, x, weight, ctx.stride, ctx.padding, ctx.groups, ctx.method,
-                              ctx.needs_input_grad[:3]), None, None, None, None)
+        grads = backward_own(grad, x, weight, ctx.stride, ctx.padding, ctx.groups, ctx.method,
+                             ctx.needs_input_grad[:3])
+        return (grads[0], *(None if g is None else g.to(ctx.dtype) for g in grads[1:]), None, None,
+                None, None)
 
 
 def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +190,11 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if mixed:
         candidates += [dispatch.Plan(backend='onednn', dtype=dtype), dispatch.PLAIN]
         if dispatch.native_low_precision(x.device, low):
-            candidates = candidates[-1:] + candidates[:-1]
+            # autocast's own first; then, in bf16, the compiled depthwise gradient (whose input
+            # gradient is oneDNN's fast forward kernel: its bf16 backward kernels are slow)
+            low_own = [dispatch.Plan(backend='compiled', dtype=low)] if (
+                'compiled' in methods and low == torch.bfloat16) else []
+            candidates = candidates[-1:] + low_own + candidates[:-1]
     else:
         candidates.append(dispatch.PLAIN)
 
@@ -182,7 +203,7 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             return conv(x)
         with torch.autocast(x.device.type, enabled=False) if mixed else contextlib.nullcontext():
             if mixed:
-                x = x.to(conv.weight.dtype)
+                x = x.to(plan.dtype)
             if plan.backend == 'onednn':
                 return conv(x)
             return _OwnWeightGradConv.apply(x, conv.weight, conv.bias, conv.stride, conv.padding,

@@ -16,7 +16,7 @@ forward, two passes backward (PyTorch's operators: two and six). On the Zen 4 ma
 threads): S12's stage-0 branch, forward and backward, 7.0 against 12.0 ms.
 
 The weight gradient of a depthwise convolution (``csrc/depthwise.cpp``; ConvFormer's 7x7), straight over
-the channels-last maps (oneDNN's over NCHW copies of both: 3-10 times as long).
+the channels-last maps, fp32 or bf16 (oneDNN's over NCHW copies of both: 3-10 times as long).
 
 Multi-head attention's forward pass (``csrc/attention.cpp``): scores, softmax and weighted values a
 block of queries at a time, with the products' tiles in registers (PyTorch's flash attention for CPUs:
@@ -370,6 +370,13 @@ def _check_depthwise(namespace) -> Optional[str]:
             [k // 2] * 2, [1, 1], False, [0, 0], shape[1], [False, True, False])[1]
         if not torch.allclose(out.double(), reference, rtol=1e-5, atol=1e-5):
             return "their depthwise convolution's weight gradient disagrees with PyTorch's"
+    # bf16 maps: widened as read, the fp32 gradient of their values
+    x16, grad16 = x.bfloat16(), grad.bfloat16()
+    out16, widened = torch.empty_like(out), torch.empty_like(out)
+    namespace.depthwise_weight_grad(x16, grad16, out16)
+    namespace.depthwise_weight_grad(x16.float(), grad16.float(), widened)
+    if not torch.equal(out16, widened):
+        return "their depthwise convolution's weight gradient of bf16 maps disagrees with their fp32 one"
     return None
 
 

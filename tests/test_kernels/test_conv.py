@@ -176,6 +176,43 @@ def test_conv2d_with_the_compiled_depthwise_weight_gradient_computes_as_written(
     assert all(max_rel_err(a, b) <= 1e-5 for a, b in zip(grads, expected))
 
 
+def test_conv2d_under_bf16_autocast_offers_the_compiled_depthwise_gradient_in_bf16(timed_choices,
+                                                                                   monkeypatch):
+    """On a CPU with bf16 instructions, a bf16 channels-last map: autocast's convolution, then ours in
+    bf16 (oneDNN's bf16 forward kernel, also for the input's gradient with the filter turned; the
+    compiled weight gradient), then the fp32 ones. Forced, ours in bf16 computes autocast's output
+    exactly, the input's gradient in bf16 and the weight's and bias's in fp32 as fp32 does from the
+    same bf16 values."""
+    from mmpoolformer.kernels import native
+    if native.ops() is None:
+        pytest.skip('no compiled kernels here')
+    monkeypatch.setattr(kernels.dispatch, 'cpu_info',
+                        lambda: dict(model='x', flags=['avx2', 'avx512f', 'avx512_bf16']))
+    conv = depthwise(bias=True)
+    x = torch.randn(2, 8, 15, 14).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        conv_kernel.conv2d(conv, x.requires_grad_())
+    assert list(list(kernels.dispatch.timings().values())[0]) == [
+        'plain', 'fused/compiled/bfloat16', 'fused/compiled/float32', 'fused/correlation/float32',
+        'fused/onednn/float32']
+    with torch.autocast('cpu', dtype=torch.bfloat16), kernels.forced(
+            kernels.Plan(backend='compiled', dtype=torch.bfloat16)):
+        y = conv_kernel.conv2d(conv, x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y_autocast = conv(x)
+    assert computed_by(y) == '_OwnWeightGradConvBackward' and torch.equal(y, y_autocast)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *conv.parameters()], g)
+    assert grads[0].dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in grads[1:])
+    # against fp32 (and float64) from the same bf16 values: the input's gradient rounded to bf16 once
+    reference = [t.detach().double().requires_grad_() for t in (x, conv.weight, conv.bias)]
+    rounded = [t + (t.bfloat16().double() - t).detach() for t in reference[1:]]  # (gradient unrounded)
+    y64 = torch.nn.functional.conv2d(reference[0], *rounded, padding=3, groups=8)
+    expected = torch.autograd.grad(y64, reference, g.double())
+    assert max_rel_err(grads[0], expected[0]) <= 2 ** -8
+    assert all(max_rel_err(a, b) <= 1e-5 for a, b in zip(grads[1:], expected[1:]))
+
+
 @pytest.mark.parametrize('make, method', [(downsampling, 'blas'), (depthwise, 'correlation')])
 def test_conv2d_under_autocast_offers_fp32_with_either_weight_gradient(make, method, timed_choices,
                                                                        monkeypatch):

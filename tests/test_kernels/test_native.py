@@ -1203,12 +1203,35 @@ def test_compiled_depthwise_weight_gradient_matches_float64_on_any_threads(compi
     assert all(torch.equal(out, results[0]) for out in results[1:])
 
 
+@pytest.mark.parametrize('geometry', [DEPTHWISE_GEOMETRIES[name] for name in ('vectors', 'tail', 'nine')],
+                         ids=['vectors', 'tail', 'nine'])
+def test_compiled_depthwise_weight_gradient_of_bf16_maps_is_the_fp32_one_of_their_values(compiled, geometry):
+    """bf16 maps (under bf16 autocast) are widened exactly as they are read: the fp32 gradient of
+    their values, bit for bit, and so as close to float64."""
+    n, c, h, w, k = geometry
+    torch.manual_seed(0)
+    x, grad = (torch.randn(n, c, h, w).bfloat16().contiguous(memory_format=torch.channels_last)
+               for _ in '12')
+    out, out32 = torch.full((c, 1, k, k), float('nan')), torch.full((c, 1, k, k), float('nan'))
+    compiled.depthwise_weight_grad(x, grad, out)
+    compiled.depthwise_weight_grad(x.float(), grad.float(), out32)
+    assert torch.equal(out, out32)
+    expected = torch.ops.aten.convolution_backward(
+        grad.double(), x.double(), torch.zeros(c, 1, k, k, dtype=torch.float64), None, (1, 1),
+        (k // 2, k // 2), (1, 1), False, (0, 0), c, [False, True, False])[1]
+    assert max_rel_err(out, expected) <= 2e-6
+
+
 def test_compiled_depthwise_weight_gradient_refuses_what_it_does_not_compute(compiled):
     x = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last)
     with pytest.raises(RuntimeError, match='in channels-last'):
         compiled.depthwise_weight_grad(x.contiguous(), x, torch.empty(8, 1, 3, 3))
     with pytest.raises(RuntimeError, match='tensors of one shape'):
         compiled.depthwise_weight_grad(x, x[:1], torch.empty(8, 1, 3, 3))
+    with pytest.raises(RuntimeError, match='both of one dtype'):
+        compiled.depthwise_weight_grad(x, x.bfloat16(), torch.empty(8, 1, 3, 3))
+    with pytest.raises(RuntimeError, match='float32 or bfloat16'):
+        compiled.depthwise_weight_grad(x.double(), x.double(), torch.empty(8, 1, 3, 3))
     for out in (torch.empty(8, 1, 4, 4), torch.empty(7, 1, 3, 3), torch.empty(8, 3, 3)):
         with pytest.raises(RuntimeError, match=r'a contiguous float32 \(C, 1, k, k\) weight'):
             compiled.depthwise_weight_grad(x, x, out)
