@@ -106,7 +106,7 @@ WEIGHT_GRADS = {'blas': weight_grad_by_patches, 'correlation': weight_grad_by_co
 def _compiled_depthwise(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether the compiled kernel takes this depthwise convolution's weight gradient: a square odd
     filter with the padding that keeps the size, an fp32 weight and a channels-last map (fp32, or
-    bf16 under autocast, which the fp32 plan widens)."""
+    bf16 under autocast: read by the bf16 plan, widened by the fp32 one)."""
     k = conv.kernel_size[0]
     return (conv.kernel_size == (k, k) and k % 2 == 1 and tuple(conv.padding) == (k // 2, k // 2)
             and conv.weight.dtype == torch.float32

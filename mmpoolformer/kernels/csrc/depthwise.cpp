@@ -23,10 +23,6 @@ namespace {
 using mmpoolformer::Vec;
 constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
 
-// the k filter columns' sums of one output row against one input row, for one vector of channels
-// (`lanes` of them: a whole vector, or the tail of the channels): sums[j] += sum over w of g[w] *
-// x[w + j - pad], where g and x step by `stride` floats from token to token. K: the filter's side,
-// known at compile time (0: `k` at run time).
 // outputs of a row taken together (AVX-512's 32 vector registers hold their inputs and the sums;
 // AVX2's 16 do not)
 #if defined(CPU_CAPABILITY_AVX512)
@@ -39,14 +35,18 @@ constexpr int kStep = 1;
 inline Vec load(const float* p) { return Vec::loadu(p); }
 inline Vec load(const at::BFloat16* p) {
 #if defined(CPU_CAPABILITY_AVX512)
-  return Vec(_mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16)));
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
 #else
-  return Vec(_mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16)));
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)));
 #endif
 }
 
+// the k filter columns' sums of one output row against one input row, for one vector of channels
+// (`lanes` of them: a whole vector, or the tail of the channels): sums[j] += sum over w of g[w] *
+// x[w + j - pad], where g and x step by `stride` values from token to token. K: the filter's side,
+// known at compile time (0: `k` at run time).
 template <int K, typename T>
 inline void filter_row(const T* g, const T* x, int64_t width, int64_t stride, int64_t k,
                        int64_t lanes, Vec* sums_out) {
@@ -75,7 +75,8 @@ inline void filter_row(const T* g, const T* x, int64_t width, int64_t stride, in
     Vec sums[kMax];
     for (int j = 0; j < K; ++j) sums[j] = sums_out[j];
     // the edges, where some of the window lies outside the row, with bounds; the middle without
-    const int64_t middle_first = std::min<int64_t>(pad, width), middle_last = std::max(width - pad, middle_first);
+    const int64_t middle_first = std::min<int64_t>(pad, width);
+    const int64_t middle_last = std::max(width - pad, middle_first);
     auto edge = [&](int64_t w) {
       const Vec gv = load(g + w * stride);
       for (int j = 0; j < K; ++j) {
@@ -168,9 +169,11 @@ void weight_grad_of(const at::Tensor& x, const at::Tensor& grad, const at::Tenso
 void depthwise_weight_grad(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& out) {
   const char* name = "depthwise_weight_grad";
   TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
-                  grad.scalar_type() == x.scalar_type() && x.device().is_cpu() && grad.device().is_cpu() &&
-                  x.is_contiguous(kChannelsLast) && grad.is_contiguous(kChannelsLast),
-              name, " takes float32 or bfloat16 CPU maps, both of one dtype, contiguous in channels-last");
+                  grad.scalar_type() == x.scalar_type() && x.device().is_cpu() &&
+                  grad.device().is_cpu() && x.is_contiguous(kChannelsLast) &&
+                  grad.is_contiguous(kChannelsLast),
+              name, " takes float32 or bfloat16 CPU maps, both of one dtype, contiguous in ",
+              "channels-last");
   TORCH_CHECK(grad.sizes() == x.sizes(), name, " takes tensors of one shape");
   TORCH_CHECK(x.dim() == 4, name, " takes (N, C, H, W) maps, got ", x.dim(), " dimensions");
   const int64_t channels = x.size(1), k = out.size(-1);
