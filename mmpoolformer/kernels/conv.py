@@ -101,6 +101,8 @@ def weight_grad_compiled(grad: torch.Tensor, x: torch.Tensor, kernel_size: Tuple
 
 WEIGHT_GRADS = {'blas': weight_grad_by_patches, 'correlation': weight_grad_by_correlation,
                 'compiled': weight_grad_compiled}
+# those that also take the low-precision maps of autocast, and which: there the convolution stays in it
+LOW_PRECISION = {'compiled': (torch.bfloat16, )}
 
 
 def _compiled_depthwise(conv: nn.Conv2d, x: torch.Tensor) -> bool:
@@ -190,10 +192,9 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if mixed:
         candidates += [dispatch.Plan(backend='onednn', dtype=dtype), dispatch.PLAIN]
         if dispatch.native_low_precision(x.device, low):
-            # autocast's own first; then, in bf16, the compiled depthwise gradient (whose input
-            # gradient is oneDNN's fast forward kernel: its bf16 backward kernels are slow)
-            low_own = [dispatch.Plan(backend='compiled', dtype=low)] if (
-                'compiled' in methods and low == torch.bfloat16) else []
+            # autocast's own first, then ours in its dtype where they take it
+            low_own = [dispatch.Plan(backend=method, dtype=low) for method in methods
+                       if low in LOW_PRECISION.get(method, ())]
             candidates = candidates[-1:] + low_own + candidates[:-1]
     else:
         candidates.append(dispatch.PLAIN)
