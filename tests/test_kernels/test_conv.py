@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from mmpoolformer import kernels
 from mmpoolformer.kernels import conv as conv_kernel
+from mmpoolformer.kernels import native
 from mmpoolformer.kernels.conv import (_OwnWeightGradConv, weight_grad_by_correlation,
                                        weight_grad_by_patches)
 from mmpoolformer.models.metaformer import PatchEmbed
@@ -75,7 +76,6 @@ def test_depthwise_weight_gradient_by_correlation_is_exact(geometry, channels_la
 def test_depthwise_correlation_turns_fp32_channels_last_maps_by_the_compiled_transposition():
     """In fp32 on channels-last maps (the backbone's), the input and the gradient go NCHW through
     the compiled transposition (``layout.nchw``), not PyTorch's copy: the same weight gradient."""
-    from mmpoolformer.kernels import native
     c, kernel, padding = 16, (7, 7), (3, 3)
     x, grad = (torch.randn(2, c, 9, 11).contiguous(memory_format=torch.channels_last) for _ in '12')
     with OpLog() as log:
@@ -144,7 +144,6 @@ def test_conv2d_offers_the_compiled_depthwise_weight_gradient_on_channels_last_f
     """Where the compiled kernels take the map (channels-last, fp32) and the filter (square, odd, the
     padding that keeps the size): the compiled weight gradient first, then the correlation; on an
     NCHW or float64 map, or an unpadded filter, the correlation alone."""
-    from mmpoolformer.kernels import native
     compiled = ['fused/compiled'] if native.ops() is not None else []
     x = torch.randn(1, 8, 9, 9)
     cases = [(depthwise(), x.contiguous(memory_format=torch.channels_last), compiled),
@@ -160,7 +159,6 @@ def test_conv2d_offers_the_compiled_depthwise_weight_gradient_on_channels_last_f
 
 def test_conv2d_with_the_compiled_depthwise_weight_gradient_computes_as_written():
     """Forced: computed by our backward, every gradient as PyTorch's to fp32's error."""
-    from mmpoolformer.kernels import native
     if native.ops() is None:
         pytest.skip('no compiled kernels here')
     conv = depthwise()
@@ -183,7 +181,6 @@ def test_conv2d_under_bf16_autocast_offers_the_compiled_depthwise_gradient_in_bf
     compiled weight gradient), then the fp32 ones. Forced, ours in bf16 computes autocast's output
     exactly, the input's gradient in bf16 and the weight's and bias's in fp32 as fp32 does from the
     same bf16 values."""
-    from mmpoolformer.kernels import native
     if native.ops() is None:
         pytest.skip('no compiled kernels here')
     monkeypatch.setattr(kernels.dispatch, 'cpu_info',
