@@ -3,13 +3,13 @@
 Where nothing needs its gradient (inference, evaluation), on fp32 CPU tensors the compiled forward
 pass of ``csrc/attention.cpp`` competes with PyTorch's flash attention for CPUs: it keeps the products'
 tiles in registers, makes the exponentials with a short polynomial, and reads queries, keys and values
-where the qkv projection left them. On the Xeon of 2026-12-05 (2 threads), CAFormer-S18's stage-2
-attention at 2x512x512 (2x10 heads of 1024 tokens of 32): 0.83-0.88 of the time of PyTorch's flash
-attention for CPUs (paired runs; 9.2-11.4 against 11.5-13.1 ms as the machine drifted), 0.88-0.92 with
-4200 keys, 0.94-1.03 at a head dimension of 64, 1.3 at 16; the timed choice keeps the faster. Built
-for AVX2 (there emulated: ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``, both sides AVX2)
-it took 1.1 of PyTorch's time at stage 2 and 1.0 at stage 3, so PyTorch's will mostly be kept there.
-In training, under autocast and in tracing: PyTorch's.
+where the qkv projection left them. On the Xeon of 2026-12-05 (2 threads), CAFormer-S18's attention at
+2x512x512 (2x10 heads of 1024 tokens of 32 at stage 2, 2x16 of 256 at stage 3): 0.75-0.78 and
+0.70-0.76 of the time of PyTorch's flash attention for CPUs (10.2-11.4 against 13.5-14.7 ms at stage 2
+as the machine drifted), 0.75-0.9 with 4200 keys, 0.9 at a head dimension of 64 or 16. Built for AVX2
+(there emulated: ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``, both sides AVX2): 0.92 and
+0.87 of PyTorch's time at stages 2 and 3. The timed choice keeps the faster. In training, under
+autocast and in tracing: PyTorch's.
 """
 import torch
 import torch.nn.functional as F

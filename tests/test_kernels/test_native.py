@@ -1115,15 +1115,16 @@ def projected_heads(n, heads, length, keys, dim, spread, draw, projected_heads=N
 
 @pytest.mark.parametrize('n, heads, length, keys, dim, projected', [
     (2, 3, 37, 45, 16, None), (1, 2, 64, 64, 32, None), (1, 1, 5, 300, 64, None),
-    (2, 2, 70, 7, 32, None), (2, 2, 40, 300, 32, 40)],
-    ids=['tails', 'blocks', 'one_block_many_keys', 'fewer_keys', 'rows_far_apart'])
+    (2, 2, 70, 7, 32, None), (2, 2, 40, 300, 32, 40), (1, 1, 40, 2100, 32, None)],
+    ids=['tails', 'blocks', 'one_block_many_keys', 'fewer_keys', 'rows_far_apart', 'smaller_blocks'])
 @pytest.mark.parametrize('spread', [1., 8.], ids=['even', 'peaked'])
 def test_compiled_attention_matches_float64(compiled, n, heads, length, keys, dim, projected, spread,
                                             threads):
-    """Blocks of queries with a tail, keys that leave a tail to the register tiles, every supported
-    head dimension, keys whose rows spread over more than 4 MiB (copied together per head); scores
-    far apart too (most weights then underflow to zero): as close to float64 as PyTorch's
-    attention, written (N, L, heads, head_dim)."""
+    """Blocks of queries with a tail (its scores in tiles of two vectors and of one), keys that leave
+    a tail to the register tiles and to the values' prefetching, every supported head dimension, keys
+    whose rows spread over more than 4 MiB (copied together per head), more than 2048 keys (blocks of
+    32 queries); scores far apart too (most weights then underflow to zero): as close to float64 as
+    PyTorch's attention, written (N, L, heads, head_dim)."""
     draw = torch.Generator().manual_seed(length)
     q, k, v = projected_heads(n, heads, length, keys, dim, spread, draw, projected)
     assert (keys * k.stride(2) * 4 > 4 << 20) == (projected is not None)

@@ -1,11 +1,11 @@
-// Multi-head attention's forward pass, softmax(q k^T * scale) v, for blocks of 32 queries of one head
-// at a time, the blocks shared out among the threads. Per block: the scores of every key, transposed
-// (a row per key, the block's queries along it), with each query's largest score kept as they are
-// made; the exponentials in place, summed per query; then the values weighted by them, each output
-// row divided by its sum once. Both products keep their tile in registers over the whole head
-// dimension (scores) or over all keys (values), so neither loads or stores partial sums, and the
-// transposed scores make every pass a vector one: no packing of the keys, which are read where the
-// qkv projection left them (rows of a strided view).
+// Multi-head attention's forward pass, softmax(q k^T * scale) v, for blocks of queries of one head at a
+// time (64 with AVX-512, 32 with AVX2 or where the keys are many), the blocks shared out among the
+// threads. Per block: the scores of every key, transposed (a row per key, the block's queries along
+// it), with each query's largest score kept as they are made; the exponentials in place, summed per
+// query; then the values weighted by them, each output row divided by its sum once. Both products
+// keep their tile in registers over the whole head dimension (scores) or over all keys (values), so
+// neither loads or stores partial sums, and the transposed scores make every pass a vector one: no
+// packing of the keys, which are read where the qkv projection left them (rows of a strided view).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,14 +21,30 @@ using at::Tensor;
 using mmpoolformer::horner;
 using mmpoolformer::Vec;
 
-constexpr int64_t kQueries = 32;  // a block's queries: its transposed scores, keys x 32, stay in L2
+// A scores tile: kScoreRows keys by kTileVectors vectors of queries in registers, each key's element
+// broadcast against the vectors (AVX-512: 6 x 4 of the 32 registers; AVX2: 6 x 2 of the 16). Eight
+// keys by two vectors made GCC keep one of the queries' vectors on the stack, reloaded by every
+// multiply-add: the scores took 1.6 times as long. A block's queries: one tile (AVX-512) or two
+// (AVX2); 32 where there are more than kManyKeys keys, so that the block's transposed scores (keys x
+// queries floats) keep within a quarter of a 2 MiB L2 (4200 keys: 0.91 of the time of blocks of 64).
+// A values tile: kAccumulators vectors, rows of queries by the head dimension's vectors.
+constexpr int kScoreRows = 6;
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int kRows = 8;  // rows of a register tile (8 x 2 vectors of 16: 16 of the 32 registers)
+constexpr int kTileVectors = 4, kAccumulators = 16;
+constexpr int64_t kQueries = 64;
 #else
-constexpr int kRows = 6;  // (AVX2: 6 x 2 vectors of 8, 12 of the 16 registers)
+constexpr int kTileVectors = 2, kAccumulators = 12;
+constexpr int64_t kQueries = 32;
 #endif
-constexpr int64_t kTile = 2 * Vec::size();     // a scores tile's queries: two vectors
-constexpr int64_t kVectors = kQueries / Vec::size();  // a block's queries in vectors
+constexpr int64_t kFewerQueries = 32, kManyKeys = 2048;
+constexpr int64_t kMaxVectors = kQueries / Vec::size();  // a block's vectors of queries: 4
+// the values pass asks for the value row this many keys ahead: the rows lie a projection's width
+// apart (3 x 320 floats in CAFormer's stage 2), too far for the CPU's own prefetchers
+constexpr int64_t kAhead = 16;
+// sums over the keys (the weights' and the weighted values') in chunks of this many, each from zero,
+// then added together: a float's rounding grows with the number of terms summed one after another
+// (2100 keys: 3.3 times PyTorch's error in one run of sums, as close as its in chunks)
+constexpr int64_t kKeyChunk = 256;
 
 // 2^t for t <= 0 (a score less the largest, scaled, in base 2), to 2.3e-7 relative: a degree-5
 // polynomial of the fraction fitted to 2^f on [-1/2, 1/2], the exponent put in by one instruction
@@ -54,59 +70,117 @@ inline Vec exp2_nonpositive(const Vec& t) {
 #endif
 }
 
-// scores[r, :kTile] = keys[r] . queries_t[:, :kTile] for `rows` keys, each tile column's largest
-// value into `largest`
-template <int rows>
+// scores[r, :tile vectors] = keys[r] . queries_t[:, :tile vectors] for `rows` keys, each column's
+// largest value into `largest`
+template <int rows, int tile>
 inline void scores_tile(const float* keys, int64_t key_stride, const float* queries_t, int64_t width,
                         int64_t dim, float* scores, Vec* largest) {
-  Vec acc[rows][2];
-  for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = Vec(0.f);
+  Vec acc[rows][tile];
+  for (int r = 0; r < rows; ++r)
+    for (int u = 0; u < tile; ++u) acc[r][u] = Vec(0.f);
   for (int64_t e = 0; e < dim; ++e) {
-    const Vec b0 = Vec::loadu(queries_t + e * width), b1 = Vec::loadu(queries_t + e * width + Vec::size());
+    Vec b[tile];
+    for (int u = 0; u < tile; ++u) b[u] = Vec::loadu(queries_t + e * width + u * Vec::size());
     for (int r = 0; r < rows; ++r) {
       const Vec a(keys[r * key_stride + e]);
-      acc[r][0] = at::vec::fmadd(a, b0, acc[r][0]);
-      acc[r][1] = at::vec::fmadd(a, b1, acc[r][1]);
+      for (int u = 0; u < tile; ++u) acc[r][u] = at::vec::fmadd(a, b[u], acc[r][u]);
     }
   }
   for (int r = 0; r < rows; ++r)
-    for (int u = 0; u < 2; ++u) {
+    for (int u = 0; u < tile; ++u) {
       acc[r][u].store(scores + r * width + u * Vec::size());
       largest[u] = at::vec::maximum(largest[u], acc[r][u]);
     }
 }
 
+// the scores of every key for `tile` vectors of queries (a column of the transposed scores), and
+// their largest
+template <int tile>
+inline void scores_columns(const float* keys, int64_t key_stride, int64_t count, const float* queries_t,
+                           int64_t width, int64_t dim, float* scores_t, Vec* largest) {
+  for (int u = 0; u < tile; ++u) largest[u] = Vec(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + kScoreRows <= count; j += kScoreRows)
+    scores_tile<kScoreRows, tile>(keys + j * key_stride, key_stride, queries_t, width, dim,
+                                  scores_t + j * width, largest);
+  for (; j < count; ++j)
+    scores_tile<1, tile>(keys + j * key_stride, key_stride, queries_t, width, dim, scores_t + j * width,
+                         largest);
+}
+
+// the transposed scores' exponentials in place, each less its query's largest (in base 2), and each
+// query's inverse sum of them (in chunks of keys), for `vectors` vectors of queries (the sums kept in
+// registers: as an array indexed at run time they went through memory, a store and a load a key)
+template <int vectors>
+inline void softmax_columns(float* scores_t, int64_t width, int64_t keys, const Vec* largest, float base2,
+                            float* inverse) {
+  Vec shift[vectors], sums[vectors];
+  for (int u = 0; u < vectors; ++u) {
+    shift[u] = largest[u] * Vec(-base2);
+    sums[u] = Vec(0.f);
+  }
+  const Vec scale(base2);
+  for (int64_t start = 0; start < keys; start += kKeyChunk) {
+    Vec chunk[vectors];
+    for (int u = 0; u < vectors; ++u) chunk[u] = Vec(0.f);
+    for (int64_t j = start; j < std::min(keys, start + kKeyChunk); ++j) {
+      float* row = scores_t + j * width;
+      for (int u = 0; u < vectors; ++u) {
+        const Vec e = exp2_nonpositive(at::vec::fmadd(Vec::loadu(row + u * Vec::size()), scale, shift[u]));
+        e.store(row + u * Vec::size());
+        chunk[u] = chunk[u] + e;
+      }
+    }
+    for (int u = 0; u < vectors; ++u) sums[u] = sums[u] + chunk[u];
+  }
+  for (int u = 0; u < vectors; ++u) (Vec(1.f) / sums[u]).store(inverse + u * Vec::size());
+}
+
 // out[r, :] = sum over keys j of weights_t[j, r] values[j, :], times inverse[r], for `rows` queries;
-// the head dimension `vectors` vectors
+// the head dimension `vectors` vectors. Summed in chunks of kKeyChunk keys, each chunk's sums from
+// zero in registers, then added to the totals
 template <int rows, int vectors>
 inline void values_tile(const float* weights_t, int64_t width, const float* values, int64_t value_stride,
                         int64_t keys, const float* inverse, float* out, int64_t out_stride) {
-  Vec acc[rows][vectors];
+  Vec total[rows][vectors], acc[rows][vectors];
   for (int r = 0; r < rows; ++r)
-    for (int u = 0; u < vectors; ++u) acc[r][u] = Vec(0.f);
-  for (int64_t j = 0; j < keys; ++j) {
+    for (int u = 0; u < vectors; ++u) total[r][u] = Vec(0.f);
+  const auto add_key = [&](int64_t j) {
     Vec b[vectors];
     for (int u = 0; u < vectors; ++u) b[u] = Vec::loadu(values + j * value_stride + u * Vec::size());
     for (int r = 0; r < rows; ++r) {
       const Vec a(weights_t[j * width + r]);
       for (int u = 0; u < vectors; ++u) acc[r][u] = at::vec::fmadd(a, b[u], acc[r][u]);
     }
+  };
+  for (int64_t start = 0; start < keys; start += kKeyChunk) {
+    const int64_t stop = std::min(keys, start + kKeyChunk);
+    for (int r = 0; r < rows; ++r)
+      for (int u = 0; u < vectors; ++u) acc[r][u] = Vec(0.f);
+    // (a loop of its own for the keys with a row to ask for: a condition inside the one loop took
+    // 15% more time with AVX2)
+    int64_t j = start;
+    for (; j < std::min(stop, keys - kAhead); ++j) {
+      for (int u = 0; u < vectors; u += 64 / sizeof(Vec))  // (a cache line of 64 bytes at a time)
+        __builtin_prefetch(values + (j + kAhead) * value_stride + u * Vec::size());
+      add_key(j);
+    }
+    for (; j < stop; ++j) add_key(j);
+    for (int r = 0; r < rows; ++r)
+      for (int u = 0; u < vectors; ++u) total[r][u] = total[r][u] + acc[r][u];
   }
   for (int r = 0; r < rows; ++r)
     for (int u = 0; u < vectors; ++u)
-      (acc[r][u] * Vec(inverse[r])).store(out + r * out_stride + u * Vec::size());
+      (total[r][u] * Vec(inverse[r])).store(out + r * out_stride + u * Vec::size());
 }
 
 template <int vectors>
 void attend(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out) {
-#if defined(CPU_CAPABILITY_AVX512)
-  constexpr int kValueRows = kRows;
-#else
-  constexpr int kValueRows = std::max(1, 2 * kRows / vectors);  // (12 accumulators at most)
-#endif
+  constexpr int kValueRows = std::max(1, kAccumulators / vectors);
   const int64_t n = q.size(0), heads = q.size(1), length = q.size(2), dim = q.size(3),
                 keys = k.size(2);
-  const int64_t blocks = (length + kQueries - 1) / kQueries;
+  const int64_t block = keys > kManyKeys ? kFewerQueries : kQueries;
+  const int64_t blocks = (length + block - 1) / block;
   const float base2 = scale * 1.4426950408889634f;  // scores to powers of 2: scale * log2(e)
   const float *qp = q.const_data_ptr<float>(), *kp = k.const_data_ptr<float>(),
               *vp = v.const_data_ptr<float>();
@@ -117,13 +191,13 @@ void attend(const Tensor& q, const Tensor& k, const Tensor& v, float scale, cons
   // thread copies a head's rows together when it starts on the head
   const bool pack = keys * std::max(k.stride(2), v.stride(2)) * 4 > (int64_t{4} << 20);
   at::parallel_for(0, n * heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores_t(keys * kQueries), queries_t(dim * kQueries), inverse(kQueries);
+    std::vector<float> scores_t(keys * block), queries_t(dim * block), inverse(block);
     std::vector<float> packed(pack ? 2 * keys * dim : 0);
     int64_t packed_head = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t sample = task / blocks / heads, head = task / blocks % heads;
-      const int64_t first = task % blocks * kQueries, count = std::min(kQueries, length - first);
-      const int64_t width = (count + kTile - 1) / kTile * kTile;  // the block's queries, padded
+      const int64_t first = task % blocks * block, count = std::min(block, length - first);
+      const int64_t width = (count + Vec::size() - 1) / Vec::size() * Vec::size();  // padded
       const float* qb = qp + sample * q.stride(0) + head * q.stride(1) + first * q.stride(2);
       const float* kb = kp + sample * k.stride(0) + head * k.stride(1);
       const float* vb = vp + sample * v.stride(0) + head * v.stride(1);
@@ -143,36 +217,26 @@ void attend(const Tensor& q, const Tensor& k, const Tensor& v, float scale, cons
       for (int64_t i = 0; i < width; ++i)  // (padding queries: zeros, scores zero, never written)
         for (int64_t e = 0; e < dim; ++e)
           queries_t[e * width + i] = i < count ? qb[i * q_row + e] : 0.f;
-      Vec largest[kVectors];
-      for (int64_t c = 0; c < width; c += kTile) {
-        Vec tile_largest[2] = {Vec(-std::numeric_limits<float>::infinity()),
-                               Vec(-std::numeric_limits<float>::infinity())};
-        int64_t j = 0;
-        for (; j + kRows <= keys; j += kRows)
-          scores_tile<kRows>(kb + j * k_row, k_row, queries_t.data() + c, width, dim,
-                             scores_t.data() + j * width + c, tile_largest);
-        for (; j < keys; ++j)
-          scores_tile<1>(kb + j * k_row, k_row, queries_t.data() + c, width, dim,
-                         scores_t.data() + j * width + c, tile_largest);
-        largest[c / Vec::size()] = tile_largest[0];
-        largest[c / Vec::size() + 1] = tile_largest[1];
+      // the scores in columns of whole tiles, then of two vectors and of one for what is left
+      Vec largest[kMaxVectors];
+      int64_t c = 0;
+      for (; c + kTileVectors * Vec::size() <= width; c += kTileVectors * Vec::size())
+        scores_columns<kTileVectors>(kb, k_row, keys, queries_t.data() + c, width, dim,
+                                     scores_t.data() + c, largest + c / Vec::size());
+      if (kTileVectors > 2 && c + 2 * Vec::size() <= width) {
+        scores_columns<2>(kb, k_row, keys, queries_t.data() + c, width, dim, scores_t.data() + c,
+                          largest + c / Vec::size());
+        c += 2 * Vec::size();
       }
-      Vec shift[kVectors], sums[kVectors];
-      for (int64_t u = 0; u < width / Vec::size(); ++u) {
-        shift[u] = largest[u] * Vec(-base2);
-        sums[u] = Vec(0.f);
+      for (; c < width; c += Vec::size())
+        scores_columns<1>(kb, k_row, keys, queries_t.data() + c, width, dim, scores_t.data() + c,
+                          largest + c / Vec::size());
+      switch (width / Vec::size()) {
+        case 1: softmax_columns<1>(scores_t.data(), width, keys, largest, base2, inverse.data()); break;
+        case 2: softmax_columns<2>(scores_t.data(), width, keys, largest, base2, inverse.data()); break;
+        case 3: softmax_columns<3>(scores_t.data(), width, keys, largest, base2, inverse.data()); break;
+        default: softmax_columns<4>(scores_t.data(), width, keys, largest, base2, inverse.data());
       }
-      for (int64_t j = 0; j < keys; ++j) {
-        float* row = scores_t.data() + j * width;
-        for (int64_t u = 0; u < width / Vec::size(); ++u) {
-          const Vec e = exp2_nonpositive(at::vec::fmadd(Vec::loadu(row + u * Vec::size()), Vec(base2),
-                                                        shift[u]));
-          e.store(row + u * Vec::size());
-          sums[u] = sums[u] + e;
-        }
-      }
-      for (int64_t u = 0; u < width / Vec::size(); ++u)
-        (Vec(1.f) / sums[u]).store(inverse.data() + u * Vec::size());
       float* ob = op + (sample * length + first) * out_stride + head * dim;
       int64_t r = 0;
       for (; r + kValueRows <= count; r += kValueRows)
