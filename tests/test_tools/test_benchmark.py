@@ -24,6 +24,7 @@ def benchmark():
 @pytest.mark.parametrize('family, arch, impls', [
     ('poolformer', 's12', ['ours', 'ours+cp', 'timm', 'mmpretrain']),
     ('poolformerv2', 's12', ['ours', 'ours+cp', 'timm']),  # mmpretrain has no Baselines
+    ('caformer', 's18', ['ours', 'ours+cp', 'timm']),  # (the floor with attention's products)
 ])
 def test_reports_every_implementation_the_floor_and_the_machine(benchmark, family, arch, impls,
                                                                 timed_choices, tmp_path, capsys):
@@ -53,6 +54,37 @@ def test_reports_every_implementation_the_floor_and_the_machine(benchmark, famil
     expected = min(p['forward_runs_s'][0] for p in peers) / ours['forward_runs_s'][0]
     assert ours['paired_speedup']['forward'] == pytest.approx([expected] * 3)
     assert f'{benchmark.FAMILIES[family].__name__}-{arch.upper()} backbone' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('ratio, keys', [(1, 48), (2, 12)])
+def test_the_floor_times_attention_s_products_and_its_split_projections(benchmark, ratio, keys):
+    """An ``Attention`` mixer of 2 heads on 2 maps of 8x6 tokens: the scores and the weighted values
+    forward (2x2 heads of 48 queries by ``keys``), their four gradients backward; with a spatial
+    reduction also the query and key / value projections it computes from split weights."""
+    import torch
+
+    from mmpoolformer.models.token_mixers import Attention
+    from mmpoolformer.testing import OpLog
+    attention = Attention(64, sr_ratio=ratio)
+    (_, forward), (_, backward) = benchmark.attention_times(
+        attention, (2, 64, 8, 6), torch.float32, torch.device('cpu'), repeats=1, functions=True)
+    products = {}
+    for name, fn in (('forward', forward), ('backward', backward)):
+        with OpLog() as log:
+            fn()
+        products[name] = [(op, size) for op, size in log.ops
+                          if op in ('aten.bmm', 'aten.mm', 'aten.addmm', 'mkldnn._linear_pointwise')]
+    scores, weighted = 4 * 48 * keys, 4 * 48 * 32  # (2 maps x 2 heads)
+    queries, keys_values = 2 * 48 * 64, 2 * keys * 128  # the projections' outputs (ratio 2 only)
+    assert products['forward'][:2] == [('aten.bmm', scores), ('aten.bmm', weighted)]
+    assert sorted(products['backward'][:4]) == sorted(
+        [('aten.bmm', scores), ('aten.bmm', 4 * keys * 32), ('aten.bmm', weighted),
+         ('aten.bmm', 4 * keys * 32)])
+    if ratio == 1:
+        assert len(products['forward']) == 2 and len(products['backward']) == 4
+    else:  # each projection forward, and its input's and weight's gradients
+        assert [size for _, size in products['forward'][2:]] == [queries, keys_values]
+        assert len(products['backward']) == 8
 
 
 def test_an_arch_of_another_family_is_refused_with_the_family_s(benchmark, capsys):

@@ -22,9 +22,10 @@ with the gradients allocated during the step ("peak MiB") and with them kept fro
 
 The floor is the time of the backbone's convolutions and matrix products alone (forward; forward and
 backward), each timed in isolation on the fastest way this machine offers: oneDNN's convolution, or
-the BLAS for a 1x1 convolution (the product over channels-last tokens), or the convolution with our
-weight gradient (``kernels.conv``: a product over patches, or a depthwise correlation); in fp32 and,
-under ``--amp``, in the low precision.
+the BLAS or oneDNN's linear for a 1x1 convolution (the product over channels-last tokens) and for
+attention's projections, or the convolution with our weight gradient (``kernels.conv``: a product
+over patches, or a depthwise correlation); attention's own two products (scores, weighted values)
+and their gradients as batched products; in fp32 and, under ``--amp``, in the low precision.
 What ours takes beyond it is everything that is not a product. The same products are also timed
 run one after another as the backbone runs them (``forward_in_sequence_s``, ``train_in_sequence_s``):
 there their inputs come from memory rather than a warm cache, and their outputs, maps of up to tens
@@ -54,6 +55,7 @@ import torch.nn.functional as F
 from mmpoolformer import kernels
 from mmpoolformer.kernels.conv import backward_own, own_weight_grads
 from mmpoolformer.models import CAFormer, ConvFormer, PoolFormer, PoolFormerV2
+from mmpoolformer.models.token_mixers import Attention
 from mmpoolformer.models.weights import convert_backbone_state_dict
 from mmpoolformer.testing import randomize_weights
 
@@ -426,9 +428,6 @@ def bench_backbones(args, device) -> list:
             peaks, row['train_peak_plans'] = peak_step_memory(row['impl'], args)
             row['train_peak_mib'], row['train_peak_kept_grads_mib'] = (p / 2**20 for p in peaks)
     ours = models.get('ours') or build('ours', args.family, args.arch).to(device)
-    if any(isinstance(m, nn.Linear) for m in ours.modules()):  # attention: products not timed here
-        print('floor: not measured (it times convolutions only, and attention multiplies otherwise)')
-        return rows
     floor, in_sequence = product_floor(ours, x, args, device)
     rows.append(dict(impl='floor', forward_s=floor[0], train_s=floor[1],
                      train_images_per_s=args.batch / floor[1], max_rel_err=float('nan'),
@@ -437,12 +436,15 @@ def bench_backbones(args, device) -> list:
 
 
 def product_floor(model, x, args, device) -> tuple:
-    """Seconds of the model's convolutions alone, forward and forward + backward (module docstring):
-    each timed on its own, summed; and all of them run one after another as the backbone runs them
-    (forward in order, backward in reverse), each the way that was fastest alone."""
+    """Seconds of the model's convolutions and products alone, forward and forward + backward (module
+    docstring): each timed on its own, summed; and all of them run one after another as the backbone
+    runs them (forward in order, backward in reverse), each the way that was fastest alone."""
     calls = []
-    hooks = [m.register_forward_hook(lambda m, i, o: calls.append((m, i[0].shape)))
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    record = lambda m, i, o=None: calls.append((m, i[0].shape))  # noqa: E731
+    hooks = [m.register_forward_hook(record) for m in model.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    # (attention's products entered as the mixer starts, before its projections)
+    hooks += [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, Attention)]
     with torch.no_grad(), kernels.forced(kernels.PLAIN):
         model(x)
     for hook in hooks:
@@ -453,10 +455,16 @@ def product_floor(model, x, args, device) -> tuple:
     dtypes = [torch.float32] + ([low] if native else [])
     forward_s = backward_s = 0.
     forwards, backwards = [], []
-    for i, (conv, shape) in enumerate(calls):
+    for i, (module, shape) in enumerate(calls):
+        if isinstance(module, nn.Conv2d):
+            times = functools.partial(conv_times, module, shape, input_grad=i > 0)
+        elif isinstance(module, nn.Linear):
+            times = functools.partial(linear_times, module, shape)
+        else:
+            times = functools.partial(attention_times, module, shape)
         # per pass (forward, backward) the fastest (seconds, function) over dtypes and ways
         fastest = [min(pair, key=lambda t: t[0]) for pair in zip(*(
-            conv_times(conv, shape, d, i > 0, device, functions=True) for d in dtypes))]
+            times(dtype=d, device=device, functions=True) for d in dtypes))]
         forward_s += fastest[0][0]
         backward_s += fastest[1][0]
         forwards.append(fastest[0][1])
@@ -464,6 +472,73 @@ def product_floor(model, x, args, device) -> tuple:
     forward_seq = median_time(lambda: [f() for f in forwards], device, 5)
     backward_seq = median_time(lambda: [f() for f in reversed(backwards)], device, 5)
     return (forward_s, forward_s + backward_s), (forward_seq, forward_seq + backward_seq)
+
+
+def fastest_ways(forward: dict, backward: dict, device, repeats: int, functions: bool) -> tuple:
+    """(forward, backward) seconds of the fastest of each pass's ways (``{name: function}``); with
+    ``functions``, each as ``(seconds, the function that took them)``."""
+    fastest = tuple(min(((median_time(fn, device, repeats), fn) for fn in fns.values()),
+                        key=lambda t: t[0]) for fns in (forward, backward))
+    return fastest if functions else tuple(seconds for seconds, _ in fastest)
+
+
+def product_ways(x, w, b, g, input_grad=True):
+    """The ways of ``x @ w.T + b`` over rows of tokens, forward and backward (gradient ``g``; with
+    ``input_grad``, also ``x``'s): the BLAS, and oneDNN's linear forward on a CPU."""
+    def backward():
+        if input_grad:
+            torch.mm(g, w)
+        torch.mm(g.t(), x)
+        if b is not None:
+            g.sum(0)
+
+    forward = {'blas': lambda: F.linear(x, w, b)}
+    if x.device.type == 'cpu':
+        forward['onednn'] = lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, 'none', [], '')
+    return forward, {'blas': backward}
+
+
+def linear_times(linear, shape, dtype, device, repeats=5, functions=False):
+    """(forward, backward) seconds of ``linear`` on an input of ``shape`` (attention's qkv and output
+    projections), each the faster of the BLAS and oneDNN (forward); as ``fastest_ways``."""
+    x = torch.randn(shape, device=device, dtype=dtype).reshape(-1, shape[-1])
+    w = linear.weight.detach().to(dtype)
+    b = None if linear.bias is None else linear.bias.detach().to(dtype)
+    g = torch.randn(len(x), len(w), device=device, dtype=dtype)
+    return fastest_ways(*product_ways(x, w, b, g), device, repeats, functions)
+
+
+def attention_times(attention, shape, dtype, device, repeats=5, functions=False):
+    """(forward, backward) seconds of the products of an ``Attention`` mixer whose input map is of
+    ``shape``: the scores (queries by keys) and the weighted values as batched products, forward and
+    their four gradients; with ``sr_ratio`` > 1 also its query and key / value projections, which
+    it computes from split weights, not as the ``qkv`` module (the output projection is timed as its
+    own module); as ``fastest_ways``."""
+    n, channels, h, w = shape
+    length, ratio = h * w, attention.sr_ratio
+    keys = length if ratio == 1 else -(-h // ratio) * -(-w // ratio)
+    draw = functools.partial(torch.randn, device=device, dtype=dtype)
+    heads = (n, attention.num_heads)
+    q, k, v, out_grad = (draw(*heads, rows, attention.head_dim)
+                         for rows in (length, keys, keys, length))
+    weights, scores_grad = draw(*heads, length, keys), draw(*heads, length, keys)
+    parts = [({'bmm': lambda: (torch.matmul(q, k.transpose(-1, -2)), torch.matmul(weights, v))},
+              {'bmm': lambda: (torch.matmul(out_grad, v.transpose(-1, -2)),
+                               torch.matmul(weights.transpose(-1, -2), out_grad),
+                               torch.matmul(scores_grad, k),
+                               torch.matmul(scores_grad.transpose(-1, -2), q))})]
+    if ratio > 1:
+        weight = attention.qkv.weight.detach().to(dtype)
+        bias = None if attention.qkv.bias is None else attention.qkv.bias.detach().to(dtype)
+        for rows, part in ((n * length, slice(0, channels)), (n * keys, slice(channels, None))):
+            parts.append(product_ways(draw(rows, channels), weight[part],
+                                      None if bias is None else bias[part],
+                                      draw(rows, len(weight[part]))))
+    # each part's fastest ways, run together
+    forward, backward = zip(*(fastest_ways(*ways, device, repeats, True) for ways in parts))
+    fastest = tuple((sum(t for t, _ in pass_), lambda fns=[f for _, f in pass_]: [f() for f in fns])
+                    for pass_ in (forward, backward))
+    return fastest if functions else tuple(seconds for seconds, _ in fastest)
 
 
 def conv_times(conv, shape, dtype, input_grad, device, repeats=5, functions=False):
@@ -485,23 +560,12 @@ def conv_times(conv, shape, dtype, input_grad, device, repeats=5, functions=Fals
         backward[method] = functools.partial(  # offers them too
             backward_own, g, x, w, conv.stride, conv.padding, conv.groups, method,
             [input_grad, True, b is not None])
-    if conv.kernel_size == (1, 1) and conv.groups == 1:
+    if conv.kernel_size == (1, 1) and conv.groups == 1:  # (the product over channels-last tokens)
         tokens, grads = (t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in (x, g))
-        w2 = w.flatten(1)
-
-        def blas_backward():
-            if input_grad:
-                torch.mm(grads, w2)
-            torch.mm(grads.t(), tokens)
-            if b is not None:
-                grads.sum(0)
-
-        forward['blas'] = lambda: torch.mm(tokens, w2.t()) if b is None else torch.addmm(
-            b, tokens, w2.t())
-        backward['blas'] = blas_backward
-    fastest = tuple(min(((median_time(fn, device, repeats), fn) for fn in fns.values()),
-                        key=lambda t: t[0]) for fns in (forward, backward))
-    return fastest if functions else tuple(seconds for seconds, _ in fastest)
+        ways = product_ways(tokens, w.flatten(1), b, grads, input_grad)
+        for passes, more in zip((forward, backward), ways):
+            passes.update(more)
+    return fastest_ways(forward, backward, device, repeats, functions)
 
 
 def median_time(fn, device, repeats):
