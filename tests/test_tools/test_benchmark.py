@@ -58,33 +58,43 @@ def test_reports_every_implementation_the_floor_and_the_machine(benchmark, famil
 
 @pytest.mark.parametrize('ratio, keys', [(1, 48), (2, 12)])
 def test_the_floor_times_attention_s_products_and_its_split_projections(benchmark, ratio, keys):
-    """An ``Attention`` mixer of 2 heads on 2 maps of 8x6 tokens: the scores and the weighted values
-    forward (2x2 heads of 48 queries by ``keys``), their four gradients backward; with a spatial
-    reduction also the query and key / value projections it computes from split weights."""
+    """An ``Attention`` mixer of 2 heads on 2 maps of 8x6 tokens: as products, the scores and the
+    weighted values forward (2x2 heads of 48 queries by ``keys``) and their four gradients backward;
+    or fused, attention forward and flash attention's backward; with a spatial reduction also the
+    query and key / value projections it computes from split weights. The floor takes the faster."""
     import torch
 
     from mmpoolformer.models.token_mixers import Attention
     from mmpoolformer.testing import OpLog
     attention = Attention(64, sr_ratio=ratio)
-    (_, forward), (_, backward) = benchmark.attention_times(
-        attention, (2, 64, 8, 6), torch.float32, torch.device('cpu'), repeats=1, functions=True)
-    products = {}
-    for name, fn in (('forward', forward), ('backward', backward)):
+    args = (attention, (2, 64, 8, 6), torch.float32, torch.device('cpu'))
+    parts = benchmark.attention_ways(*args)
+    assert len(parts) == (1 if ratio == 1 else 3)
+
+    def products(fn):
+        fn()  # (the first call of the fused attention times its plans)
         with OpLog() as log:
             fn()
-        products[name] = [(op, size) for op, size in log.ops
-                          if op in ('aten.bmm', 'aten.mm', 'aten.addmm', 'mkldnn._linear_pointwise')]
+        return [(op, size) for op, size in log.ops if op in (
+            'aten.bmm', 'aten.mm', 'aten.addmm', 'mkldnn._linear_pointwise', 'mmpoolformer.attention')
+            or 'flash_attention' in op]
+
     scores, weighted = 4 * 48 * keys, 4 * 48 * 32  # (2 maps x 2 heads)
-    queries, keys_values = 2 * 48 * 64, 2 * keys * 128  # the projections' outputs (ratio 2 only)
-    assert products['forward'][:2] == [('aten.bmm', scores), ('aten.bmm', weighted)]
-    assert sorted(products['backward'][:4]) == sorted(
+    (forward, backward) = parts[0]
+    assert products(forward['bmm']) == [('aten.bmm', scores), ('aten.bmm', weighted)]
+    assert sorted(products(backward['bmm'])) == sorted(
         [('aten.bmm', scores), ('aten.bmm', 4 * keys * 32), ('aten.bmm', weighted),
          ('aten.bmm', 4 * keys * 32)])
-    if ratio == 1:
-        assert len(products['forward']) == 2 and len(products['backward']) == 4
-    else:  # each projection forward, and its input's and weight's gradients
-        assert [size for _, size in products['forward'][2:]] == [queries, keys_values]
-        assert len(products['backward']) == 8
+    [(op, _)] = products(forward['fused'])  # (ours writes into a tensor it is given)
+    assert op in ('mmpoolformer.attention', 'aten._scaled_dot_product_flash_attention_for_cpu')
+    assert [op for op, _ in products(backward['fused'])] == [
+        'aten._scaled_dot_product_flash_attention_for_cpu_backward']
+    for (forward, backward), rows in zip(parts[1:], (2 * 48 * 64, 2 * keys * 128)):
+        # each projection forward, and its input's and weight's gradients
+        assert products(forward['blas']) == [('aten.mm', rows)]
+        assert len(products(backward['blas'])) == 2
+    (forward_s, _), (backward_s, _) = benchmark.attention_times(*args, repeats=1, functions=True)
+    assert 0 < forward_s and 0 < backward_s
 
 
 def test_an_arch_of_another_family_is_refused_with_the_family_s(benchmark, capsys):

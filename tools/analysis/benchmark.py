@@ -510,10 +510,23 @@ def linear_times(linear, shape, dtype, device, repeats=5, functions=False):
 
 def attention_times(attention, shape, dtype, device, repeats=5, functions=False):
     """(forward, backward) seconds of the products of an ``Attention`` mixer whose input map is of
-    ``shape``: the scores (queries by keys) and the weighted values as batched products, forward and
-    their four gradients; with ``sr_ratio`` > 1 also its query and key / value projections, which
-    it computes from split weights, not as the ``qkv`` module (the output projection is timed as its
-    own module); as ``fastest_ways``."""
+    ``shape`` (``attention_ways``), each part the fastest of its ways; as ``fastest_ways``."""
+    forward, backward = zip(*(fastest_ways(*ways, device, repeats, True)
+                              for ways in attention_ways(attention, shape, dtype, device)))
+    fastest = tuple((sum(t for t, _ in pass_), lambda fns=[f for _, f in pass_]: [f() for f in fns])
+                    for pass_ in (forward, backward))
+    return fastest if functions else tuple(seconds for seconds, _ in fastest)
+
+
+def attention_ways(attention, shape, dtype, device) -> list:
+    """The parts of an ``Attention`` mixer's products, each as its ways ``(forward, backward)``, on an
+    input map of ``shape``: the scores (queries by keys) and the weighted values, forward and their
+    four gradients, either as products alone (batched) or as the fused attention (ours or PyTorch's
+    flash attention forward, whichever ``kernels.attend`` takes; flash attention's backward), whose
+    time includes the softmax: apart, the products write and read the whole matrix of scores, which
+    took longer than the fused pass. With ``sr_ratio`` > 1 also its query and key / value
+    projections, which it computes from split weights, not as the ``qkv`` module (the output
+    projection is timed as its own module)."""
     n, channels, h, w = shape
     length, ratio = h * w, attention.sr_ratio
     keys = length if ratio == 1 else -(-h // ratio) * -(-w // ratio)
@@ -522,11 +535,15 @@ def attention_times(attention, shape, dtype, device, repeats=5, functions=False)
     q, k, v, out_grad = (draw(*heads, rows, attention.head_dim)
                          for rows in (length, keys, keys, length))
     weights, scores_grad = draw(*heads, length, keys), draw(*heads, length, keys)
-    parts = [({'bmm': lambda: (torch.matmul(q, k.transpose(-1, -2)), torch.matmul(weights, v))},
+    q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))
+    fused = F.scaled_dot_product_attention(q_, k_, v_)
+    parts = [({'bmm': lambda: (torch.matmul(q, k.transpose(-1, -2)), torch.matmul(weights, v)),
+               'fused': lambda: kernels.attend(q, k, v)},
               {'bmm': lambda: (torch.matmul(out_grad, v.transpose(-1, -2)),
                                torch.matmul(weights.transpose(-1, -2), out_grad),
                                torch.matmul(scores_grad, k),
-                               torch.matmul(scores_grad.transpose(-1, -2), q))})]
+                               torch.matmul(scores_grad.transpose(-1, -2), q)),
+               'fused': lambda: torch.autograd.grad(fused, (q_, k_, v_), out_grad, retain_graph=True)})]
     if ratio > 1:
         weight = attention.qkv.weight.detach().to(dtype)
         bias = None if attention.qkv.bias is None else attention.qkv.bias.detach().to(dtype)
@@ -534,11 +551,7 @@ def attention_times(attention, shape, dtype, device, repeats=5, functions=False)
             parts.append(product_ways(draw(rows, channels), weight[part],
                                       None if bias is None else bias[part],
                                       draw(rows, len(weight[part]))))
-    # each part's fastest ways, run together
-    forward, backward = zip(*(fastest_ways(*ways, device, repeats, True) for ways in parts))
-    fastest = tuple((sum(t for t, _ in pass_), lambda fns=[f for _, f in pass_]: [f() for f in fns])
-                    for pass_ in (forward, backward))
-    return fastest if functions else tuple(seconds for seconds, _ in fastest)
+    return parts
 
 
 def conv_times(conv, shape, dtype, input_grad, device, repeats=5, functions=False):
