@@ -25,7 +25,8 @@ backward), each timed in isolation on the fastest way this machine offers: oneDN
 the BLAS or oneDNN's linear for a 1x1 convolution (the product over channels-last tokens) and for
 attention's projections, or the convolution with our weight gradient (``kernels.conv``: a product
 over patches, or a depthwise correlation); attention's own two products (scores, weighted values)
-and their gradients as batched products; in fp32 and, under ``--amp``, in the low precision.
+and their gradients as batched products, or the fused attention where that is faster (its time then
+includes the softmax); in fp32 and, under ``--amp``, in the low precision.
 What ours takes beyond it is everything that is not a product. The same products are also timed
 run one after another as the backbone runs them (``forward_in_sequence_s``, ``train_in_sequence_s``):
 there their inputs come from memory rather than a warm cache, and their outputs, maps of up to tens
