@@ -59,7 +59,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 CSRC = osp.join(osp.dirname(__file__), 'csrc')
 SOURCES = tuple(osp.join(CSRC, name)
                 for name in ('activations.cpp', 'pooling.cpp', 'group_norm.cpp', 'layer_norm.cpp',
-                             'mlp.cpp', 'attention.cpp', 'depthwise.cpp'))
+                             'mlp.cpp', 'attention.cpp', 'attention_backward.cpp',
+                             'depthwise.cpp'))
 HEADERS = tuple(osp.join(CSRC, name) for name in ('common.h', 'layer_norm.h'))
 # at::vec selects its instructions by these defines; the compiler needs the matching flags
 CAPABILITY_FLAGS = {

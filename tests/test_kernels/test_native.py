@@ -1173,6 +1173,109 @@ def test_attention_in_inference_takes_the_compiled_kernel(compiled, sr_ratio):
     assert 'mmpoolformer.attention' not in [name for name, _ in log.ops] and y.requires_grad
 
 
+@pytest.fixture
+def bf16_backward(compiled):
+    from mmpoolformer.kernels import attention
+    if not attention.bf16_backward_available():
+        pytest.skip('no compiled bf16 attention backward here (it needs AVX-512 with avx512_bf16)')
+    return compiled
+
+
+def attention_grads(q, k, v, grad):
+    """float64 attention's gradients of bf16 inputs, and flash attention's in bf16."""
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    torch.autograd.backward(F.scaled_dot_product_attention(*exact), grad.double())
+    flash = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    torch.autograd.backward(F.scaled_dot_product_attention(*flash), grad)
+    return [t.grad for t in exact], [t.grad for t in flash]
+
+
+@pytest.mark.parametrize('n, heads, length, keys, dim', [
+    (2, 3, 37, 45, 16), (1, 2, 128, 128, 32), (2, 2, 70, 7, 64), (1, 2, 9, 1, 32),
+    (1, 1, 33, 2100, 32)],
+    ids=['tails', 'blocks', 'fewer_keys', 'one_key', 'smaller_blocks'])
+@pytest.mark.parametrize('spread', [1., 8.], ids=['even', 'peaked'])
+def test_compiled_attention_backward_matches_float64(bf16_backward, n, heads, length, keys, dim,
+                                                     spread, threads):
+    """bf16 gradients of queries, keys and values (strided views of one projection): odd numbers of
+    queries (a padding row in the last pair) and of keys (a padding column in the pairs), tails after
+    the vectors, blocks of 64 queries and of 32 (more than 2048 keys), one key, every supported head
+    dimension, scores far apart: each gradient as close to float64 as flash attention's, or within
+    two units of bf16's rounding (2^-8 relative) of its largest value: the weights and their
+    gradient enter the last products rounded to bf16."""
+    draw = torch.Generator().manual_seed(length + keys)
+    q, k, v = (t.bfloat16() for t in projected_heads(n, heads, length, keys, dim, spread, draw))
+    grad = torch.randn(n, length, heads, dim, generator=draw).bfloat16().transpose(1, 2)
+    exact, flash = attention_grads(q, k, v, grad)
+    grads = [torch.full(t.shape, float('nan'), dtype=torch.bfloat16) for t in (q, k, v)]
+    bf16_backward.attention_backward(q, k, v, grad, dim ** -0.5, *grads)
+    for ours, want, pytorchs in zip(grads, exact, flash):
+        err = (ours.double() - want).abs().max().item()
+        assert err <= max(1.5 * (pytorchs.double() - want).abs().max().item(),
+                          2 ** -7 * want.abs().max().item(), 1e-6)
+
+
+def test_compiled_attention_backward_refuses_what_it_does_not_compute(bf16_backward):
+    q = torch.randn(1, 2, 8, 32).bfloat16()
+    grads = [torch.empty_like(q) for _ in 'qkv']
+    with pytest.raises(RuntimeError, match='bfloat16 CPU tensors'):
+        bf16_backward.attention_backward(q.float(), q, q, q, 1., *grads)
+    with pytest.raises(RuntimeError, match='last dimension is contiguous'):
+        bf16_backward.attention_backward(q.transpose(2, 3), q, q, q, 1., *grads)
+    with pytest.raises(RuntimeError, match="the queries' batch, heads and \\(even\\) head_dim"):
+        bf16_backward.attention_backward(q, q[:, :1], q[:, :1], q, 1., *grads)
+    odd = torch.randn(1, 2, 8, 15).bfloat16()
+    with pytest.raises(RuntimeError, match='even'):
+        bf16_backward.attention_backward(odd, odd, odd, odd, 1., *[torch.empty_like(odd)] * 3)
+
+
+@pytest.mark.parametrize('sr_ratio', [1, 2])
+def test_attention_under_bf16_autocast_trains_with_the_compiled_backward(bf16_backward, sr_ratio):
+    """The ``Attention`` mixer in a bf16 training step: with the kernel's plan its backward is the
+    compiled one (once), and the gradients of the input and of both projections agree with flash
+    attention's to bf16's rounding."""
+    from mmpoolformer.models.token_mixers import Attention
+    torch.manual_seed(0)
+    mixer = Attention(64, sr_ratio=sr_ratio)
+    x = torch.randn(2, 64, 11, 7)
+    grads = {}
+    for plan in (kernels.Plan(), kernels.PLAIN):
+        xt = x.clone().requires_grad_()
+        with kernels.forced(plan), torch.autocast('cpu', dtype=torch.bfloat16), OpLog() as log:
+            y = mixer(xt)
+            y.float().square().sum().backward()
+        names = [name for name, _ in log.ops]
+        assert names.count('mmpoolformer.attention_backward') == (1 if plan.fused else 0)
+        grads[plan.fused] = [xt.grad] + [p.grad for p in mixer.parameters()]
+        mixer.zero_grad(set_to_none=True)
+    for ours, flash in zip(grads[True], grads[False]):
+        assert max_rel_err(ours, flash) <= 2e-2
+
+
+def test_a_wrong_compiled_attention_backward_is_refused(bf16_backward, monkeypatch):
+    """The bf16 backward is checked against float64 attention once a process: one whose gradient is
+    off by 5% is refused with a warning, and training keeps flash attention's."""
+    from mmpoolformer.kernels import attention
+
+    class Off:
+        def __getattr__(self, name):
+            return getattr(bf16_backward, name)
+
+        def attention_backward(self, *args):
+            bf16_backward.attention_backward(*args)
+            args[5].mul_(1.05)
+
+    monkeypatch.setattr(native, 'ops', lambda: Off())
+    attention.bf16_backward_available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match='disagrees'):
+            assert not attention.bf16_backward_available()
+    finally:
+        monkeypatch.undo()
+        attention.bf16_backward_available.cache_clear()
+    assert attention.bf16_backward_available()
+
+
 # (samples, channels, height, width, filter side): ConvFormer's 7x7 over vectors of channels, a tail
 # of channels, a map narrower and one smaller than the filter, 3x3 / 5x5, a 9x9 (any side)
 DEPTHWISE_GEOMETRIES = dict(vectors=(2, 32, 9, 11, 7), tail=(2, 35, 9, 4, 7), small=(1, 19, 3, 3, 7),

@@ -89,12 +89,31 @@ def test_the_floor_times_attention_s_products_and_its_split_projections(benchmar
     assert op in ('mmpoolformer.attention', 'aten._scaled_dot_product_flash_attention_for_cpu')
     assert [op for op, _ in products(backward['fused'])] == [
         'aten._scaled_dot_product_flash_attention_for_cpu_backward']
+    assert 'compiled' not in backward  # (fp32: flash attention's backward only)
     for (forward, backward), rows in zip(parts[1:], (2 * 48 * 64, 2 * keys * 128)):
         # each projection forward, and its input's and weight's gradients
         assert products(forward['blas']) == [('aten.mm', rows)]
         assert len(products(backward['blas'])) == 2
     (forward_s, _), (backward_s, _) = benchmark.attention_times(*args, repeats=1, functions=True)
     assert 0 < forward_s and 0 < backward_s
+
+
+def test_attention_in_bf16_may_also_be_timed_with_the_compiled_backward(benchmark):
+    """In bf16, where the CPU has the compiled backward (``kernels.attention``), the floor may take
+    it for attention's backward: one call of it."""
+    import torch
+
+    from mmpoolformer.kernels import attention as attention_kernels
+    from mmpoolformer.models.token_mixers import Attention
+    from mmpoolformer.testing import OpLog
+    args = (Attention(64), (2, 64, 8, 6), torch.bfloat16, torch.device('cpu'))
+    [(_, backward)] = benchmark.attention_ways(*args)
+    if not attention_kernels.bf16_backward_available():
+        assert 'compiled' not in backward
+        pytest.skip('no compiled bf16 attention backward here (it needs AVX-512 with avx512_bf16)')
+    with OpLog() as log:
+        backward['compiled']()
+    assert [op for op, _ in log.ops] == ['mmpoolformer.attention_backward']
 
 
 def test_an_arch_of_another_family_is_refused_with_the_family_s(benchmark, capsys):

@@ -523,7 +523,8 @@ def attention_ways(attention, shape, dtype, device) -> list:
     """The parts of an ``Attention`` mixer's products, each as its ways ``(forward, backward)``, on an
     input map of ``shape``: the scores (queries by keys) and the weighted values, forward and their
     four gradients, either as products alone (batched) or as the fused attention (ours or PyTorch's
-    flash attention forward, whichever ``kernels.attend`` takes; flash attention's backward), whose
+    flash attention forward, whichever ``kernels.attend`` takes; flash attention's backward, or in
+    bf16 where the CPU has bf16 products our compiled one), whose
     time includes the softmax: apart, the products write and read the whole matrix of scores, which
     took longer than the fused pass. With ``sr_ratio`` > 1 also its query and key / value
     projections, which it computes from split weights, not as the ``qkv`` module (the output
@@ -545,6 +546,10 @@ def attention_ways(attention, shape, dtype, device) -> list:
                                torch.matmul(scores_grad, k),
                                torch.matmul(scores_grad.transpose(-1, -2), q)),
                'fused': lambda: torch.autograd.grad(fused, (q_, k_, v_), out_grad, retain_graph=True)})]
+    if kernels.attention.compiled_backward_takes(q, k, v):  # (ours: bf16 where the CPU has its products)
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        parts[0][1]['compiled'] = lambda: kernels.native.ops().attention_backward(
+            q, k, v, out_grad, attention.head_dim ** -0.5, *grads)
     if ratio > 1:
         weight = attention.qkv.weight.detach().to(dtype)
         bias = None if attention.qkv.bias is None else attention.qkv.bias.detach().to(dtype)

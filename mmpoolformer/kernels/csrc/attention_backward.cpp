@@ -1,0 +1,283 @@
+// Multi-head attention's backward pass in bf16, for one head at a time, its queries in blocks: the
+// five products on oneDNN's batch-reduce GEMM micro-kernel (PyTorch's `cpublas::brgemm`: AMX tiles
+// where the CPU has them, avx512_bf16 dot products elsewhere), and everything between them in one
+// pass per pair of query rows. Per block, the scores s = q k^T and dp = do v^T, each a block of rows
+// over all keys (fp32); then per query row the softmax p = exp(scale s - max) / sum (recomputed from
+// whole rows, so no log-sum-exp is kept from the forward pass) and ds = scale p (dp - sum_j p dp),
+// rounded to bf16 as the next products take them. Then dv^T += do^T p and dk^T += q^T ds (summed
+// over the blocks in fp32), and dq = ds k for the block.
+//
+// The micro-kernel takes its right-hand factor in VNNI order, pairs of rows interleaved ([K/2][N][2]),
+// so the pass writes p and ds straight in that order, two query rows at a time (ds also in rows, for
+// dq); k^T and v^T (the scores' right-hand factors) and k (dq's) are laid out so once per head.
+//
+// PyTorch's flash attention for CPUs computes its backward in fp32 tiles; under bf16 autocast it took
+// as long as in fp32 (31 ms at CAFormer-S18's stage 2: 2x10 heads of 1024 tokens of 32).
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using at::Tensor;
+using bf16 = at::BFloat16;
+
+#if defined(CPU_CAPABILITY_AVX512)
+using mmpoolformer::exp2_nonpositive;
+using mmpoolformer::Vec;
+namespace cpublas = at::native::cpublas;
+
+// query rows per block: the block's scores and their gradient (2 x rows x keys floats) stay in a 2 MiB
+// L2 with the rest up to 2048 keys
+constexpr int64_t kQueries = 64, kFewerQueries = 32, kManyKeys = 2048;
+
+// the lanes of `mask`: the first `count` (at most 16)
+inline __mmask16 first(int64_t count) { return static_cast<__mmask16>((1u << count) - 1); }
+
+// the order that turns 32 bf16 [a 0..15, b 0..15] into pairs (a j, b j): VNNI order
+inline __m512i pair_order() {
+  return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                          5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+}
+
+// Rows i and i + 1 of a block (`second`: whether row i + 1 is a query, not padding to an even count):
+// the softmax of the scores (in place, as exponentials, then scaled into p) and ds. Written as bf16:
+// p and ds in VNNI pairs of the two rows ([i/2][key][2]), ds also as two rows. Compiled for
+// avx512_bf16 (its instruction rounds two vectors to bf16 at once); called only where the CPU has it.
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+void softmax_backward_rows(float* scores, const float* grad, int64_t keys, bool second, float scale,
+                           bf16* p_pairs, bf16* ds_pairs, bf16* ds_rows, int64_t ds_stride) {
+  const float base2 = scale * 1.4426950408889634f;  // to powers of 2: scale * log2(e)
+  const float inf = std::numeric_limits<float>::infinity();
+  float inverse[2] = {0.f, 0.f}, centre[2] = {0.f, 0.f};
+  for (int r = 0; r < (second ? 2 : 1); ++r) {
+    float* s = scores + r * keys;
+    const float* g = grad + r * keys;
+    __m512 largest = _mm512_set1_ps(-inf);
+    for (int64_t j = 0; j < keys; j += 16)
+      largest = _mm512_max_ps(
+          largest, _mm512_mask_loadu_ps(_mm512_set1_ps(-inf), first(std::min<int64_t>(16, keys - j)), s + j));
+    const Vec shift(-_mm512_reduce_max_ps(largest) * base2);
+    __m512 sum = _mm512_setzero_ps(), dot = _mm512_setzero_ps();
+    for (int64_t j = 0; j < keys; j += 16) {
+      const __mmask16 m = first(std::min<int64_t>(16, keys - j));
+      const __m512 e = exp2_nonpositive(at::vec::fmadd(
+          Vec(_mm512_mask_loadu_ps(_mm512_set1_ps(-inf), m, s + j)), Vec(base2), shift));
+      _mm512_mask_storeu_ps(s + j, m, e);
+      sum = _mm512_add_ps(sum, e);
+      dot = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(m, g + j), dot);
+    }
+    inverse[r] = 1.f / _mm512_reduce_add_ps(sum);
+    centre[r] = _mm512_reduce_add_ps(dot) * inverse[r];  // sum_j p dp
+  }
+  const __m512i pairs = pair_order();
+  const __m512 inverse0 = _mm512_set1_ps(inverse[0]), inverse1 = _mm512_set1_ps(inverse[1]);
+  const __m512 centre0 = _mm512_set1_ps(centre[0]), centre1 = _mm512_set1_ps(centre[1]);
+  const __m512 scale_ = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < keys; j += 16) {
+    const int64_t count = std::min<int64_t>(16, keys - j);
+    const __mmask16 m = first(count);
+    const __mmask16 m1 = second ? m : 0;  // (row i + 1 padding: zeros)
+    const __m512 p0 = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, scores + j), inverse0);
+    const __m512 p1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(m1, scores + keys + j), inverse1);
+    const __m512 dp0 = _mm512_maskz_loadu_ps(m, grad + j), dp1 = _mm512_maskz_loadu_ps(m1, grad + keys + j);
+    const __m512 ds0 = _mm512_mul_ps(_mm512_mul_ps(p0, _mm512_sub_ps(dp0, centre0)), scale_);
+    const __m512 ds1 = _mm512_mul_ps(_mm512_mul_ps(p1, _mm512_sub_ps(dp1, centre1)), scale_);
+    const __m512i p = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p1, p0));  // [p0 row, p1 row]
+    const __m512i ds = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ds1, ds0));
+    const __mmask32 both = static_cast<__mmask32>((uint64_t{1} << (2 * count)) - 1);
+    _mm512_mask_storeu_epi16(p_pairs + 2 * j, both, _mm512_permutexvar_epi16(pairs, p));
+    _mm512_mask_storeu_epi16(ds_pairs + 2 * j, both, _mm512_permutexvar_epi16(pairs, ds));
+    _mm256_mask_storeu_epi16(ds_rows + j, m, _mm512_castsi512_si256(ds));
+    if (second) _mm256_mask_storeu_epi16(ds_rows + ds_stride + j, m, _mm512_extracti64x4_epi64(ds, 1));
+  }
+}
+#pragma GCC pop_options
+
+// A head's rows (count x dim bf16, `stride` apart) laid out for the micro-kernel, 16 rows at a time
+// (32-bit words of pairs of columns gathered from 16 rows)
+inline __m512i row_offsets(int64_t stride) {
+  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(static_cast<int>(stride)));
+}
+
+// k^T in VNNI order: out[e/2][j][2] = rows[j][e], rows[j][e + 1]
+void transposed_pairs(const bf16* rows, int64_t stride, int64_t count, int64_t dim, bf16* out) {
+  const __m512i offsets = row_offsets(stride);
+  for (int64_t j = 0; j < count; j += 16) {
+    const __mmask16 m = first(std::min<int64_t>(16, count - j));
+    for (int64_t e = 0; e < dim; e += 2)
+      _mm512_mask_storeu_epi32(out + e * count + 2 * j, m, _mm512_mask_i32gather_epi32(
+          _mm512_setzero_si512(), m, offsets, rows + j * stride + e, 2));
+  }
+}
+
+// k in VNNI order: out[j/2][e][2] = rows[j][e], rows[j + 1][e] (a zero row after an odd count)
+void paired_rows(const bf16* rows, int64_t stride, int64_t count, int64_t dim, bf16* out) {
+  for (int64_t j = 0; j < count; j += 2)
+    for (int64_t e = 0; e < dim; e += 16) {
+      const __mmask16 m = first(std::min<int64_t>(16, dim - e));
+      const __m512i a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, rows + j * stride + e));
+      const __m512i b = j + 1 < count
+          ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, rows + (j + 1) * stride + e))
+          : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(out + (j / 2 * dim + e) * 2, m, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+    }
+}
+
+// q^T: out[e][i] = rows[i][e], `width` columns (zeros after `count`)
+void transposed(const bf16* rows, int64_t stride, int64_t count, int64_t dim, int64_t width, bf16* out) {
+  const __m512i offsets = row_offsets(stride);
+  for (int64_t i = 0; i < width; i += 16) {
+    const __mmask16 m = first(std::max<int64_t>(0, std::min<int64_t>(16, count - i)));
+    const __mmask16 w = first(std::min<int64_t>(16, width - i));
+    for (int64_t e = 0; e < dim; e += 2) {
+      const __m512i pairs = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, offsets,
+                                                        rows + i * stride + e, 2);
+      _mm256_mask_storeu_epi16(out + e * width + i, w, _mm512_cvtepi32_epi16(pairs));
+      _mm256_mask_storeu_epi16(out + (e + 1) * width + i, w,
+                               _mm512_cvtepi32_epi16(_mm512_srli_epi32(pairs, 16)));
+    }
+  }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+// rows of floats (count x dim, dense) rounded into bf16 rows `stride` apart
+void rounded_rows(const float* in, int64_t count, int64_t dim, bf16* out, int64_t stride) {
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t e = 0; e < dim; e += 16) {
+      const __mmask16 m = first(std::min<int64_t>(16, dim - e));
+      _mm256_mask_storeu_epi16(out + i * stride + e, m, reinterpret_cast<__m256i>(
+          _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, in + i * dim + e))));
+    }
+}
+
+// the transpose of dim x count floats (dense) rounded into bf16 rows `stride` apart: out[j][e] = in[e][j]
+// (pairs of columns scattered as 32-bit words to 16 rows at a time)
+void rounded_transpose(const float* in, int64_t count, int64_t dim, bf16* out, int64_t stride) {
+  const __m512i offsets = row_offsets(stride);
+  const __m512i pairs = pair_order();
+  for (int64_t j = 0; j < count; j += 16) {
+    const __mmask16 m = first(std::min<int64_t>(16, count - j));
+    for (int64_t e = 0; e < dim; e += 2) {
+      const __m512i both = reinterpret_cast<__m512i>(
+          _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m, in + (e + 1) * count + j),
+                              _mm512_maskz_loadu_ps(m, in + e * count + j)));
+      _mm512_mask_i32scatter_epi32(out + j * stride + e, m, offsets,
+                                   _mm512_permutexvar_epi16(pairs, both), 2);
+    }
+  }
+}
+#pragma GCC pop_options
+
+void attention_backward_heads(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& grad_out,
+                              float scale, const Tensor& grad_q, const Tensor& grad_k,
+                              const Tensor& grad_v) {
+  const int64_t n = q.size(0), heads = q.size(1), length = q.size(2), dim = q.size(3),
+                keys = k.size(2);
+  const int64_t block = keys > kManyKeys ? kFewerQueries : kQueries;
+  const int64_t even_keys = (keys + 1) / 2 * 2, even_length = (length + 1) / 2 * 2;
+  const auto at = [](const Tensor& t, int64_t sample, int64_t head) {
+    return t.const_data_ptr<bf16>() + sample * t.stride(0) + head * t.stride(1);
+  };
+  at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t end) {
+    // a head's factors laid out: k^T and v^T in pairs, k in pairs, q^T and do^T
+    std::vector<bf16> k_t(dim * keys), v_t(dim * keys), k_pairs(even_keys * dim), q_t(dim * even_length),
+        do_t(dim * even_length);
+    // a block's: scores and dp (fp32), p and ds in pairs, ds in rows (a zero column after odd keys)
+    std::vector<float> scores(block * keys), grad_scores(block * keys), grad_q_block(block * dim);
+    std::vector<bf16> p_pairs(block * keys), ds_pairs(block * keys), ds_rows(block * even_keys, bf16(0.f));
+    std::vector<float> grad_k_t(dim * keys), grad_v_t(dim * keys);  // dk^T, dv^T summed over blocks
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t sample = task / heads, head = task % heads;
+      const bf16 *qh = at(q, sample, head), *kh = at(k, sample, head), *vh = at(v, sample, head),
+                 *doh = at(grad_out, sample, head);
+      const int64_t q_row = q.stride(2), do_row = grad_out.stride(2);
+      transposed_pairs(kh, k.stride(2), keys, dim, k_t.data());
+      transposed_pairs(vh, v.stride(2), keys, dim, v_t.data());
+      paired_rows(kh, k.stride(2), keys, dim, k_pairs.data());
+      transposed(qh, q_row, length, dim, even_length, q_t.data());
+      transposed(doh, do_row, length, dim, even_length, do_t.data());
+      for (int64_t first = 0; first < length; first += block) {
+        const int64_t count = std::min(block, length - first), even_count = (count + 1) / 2 * 2;
+        // s = q k^T, dp = do v^T for the block's rows
+        cpublas::brgemm(count, keys, dim, q_row, keys, keys, false, qh + first * q_row, k_t.data(),
+                        scores.data(), true);
+        cpublas::brgemm(count, keys, dim, do_row, keys, keys, false, doh + first * do_row, v_t.data(),
+                        grad_scores.data(), true);
+        for (int64_t i = 0; i < count; i += 2)
+          softmax_backward_rows(scores.data() + i * keys, grad_scores.data() + i * keys, keys,
+                                i + 1 < count, scale, p_pairs.data() + i * keys,
+                                ds_pairs.data() + i * keys, ds_rows.data() + i * even_keys, even_keys);
+        // dv^T += do^T p, dk^T += q^T ds (the block's rows: the products' inner dimension)
+        cpublas::brgemm(dim, keys, even_count, even_length, keys, keys, first > 0, do_t.data() + first,
+                        p_pairs.data(), grad_v_t.data(), true);
+        cpublas::brgemm(dim, keys, even_count, even_length, keys, keys, first > 0, q_t.data() + first,
+                        ds_pairs.data(), grad_k_t.data(), true);
+        // dq = ds k
+        cpublas::brgemm(count, dim, even_keys, even_keys, dim, dim, false, ds_rows.data(),
+                        k_pairs.data(), grad_q_block.data(), true);
+        bf16* dq = grad_q.data_ptr<bf16>() + sample * grad_q.stride(0) + head * grad_q.stride(1);
+        rounded_rows(grad_q_block.data(), count, dim, dq + first * grad_q.stride(2), grad_q.stride(2));
+      }
+      bf16* dk = grad_k.data_ptr<bf16>() + sample * grad_k.stride(0) + head * grad_k.stride(1);
+      bf16* dv = grad_v.data_ptr<bf16>() + sample * grad_v.stride(0) + head * grad_v.stride(1);
+      rounded_transpose(grad_k_t.data(), keys, dim, dk, grad_k.stride(2));
+      rounded_transpose(grad_v_t.data(), keys, dim, dv, grad_v.stride(2));
+    }
+    cpublas::brgemm_release(true);  // (the AMX tiles' configuration, where it set one)
+  });
+}
+#endif
+
+// whether this build and CPU run the kernel: AVX-512 with avx512_bf16, and oneDNN enabled (the
+// micro-kernel is oneDNN's; the caller checks the results once, since oneDNN may be limited to less)
+bool attention_backward_available() {
+#if defined(CPU_CAPABILITY_AVX512)
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has && at::globalContext().userEnabledMkldnn();
+#else
+  return false;
+#endif
+}
+
+// q, grad_out (N, heads, L, D), k, v (N, heads, keys, D): bf16 CPU views whose last dimension is
+// contiguous; grad_q, grad_k, grad_v of their shapes, written (last dimension contiguous); D even
+void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& grad_out,
+                        double scale, const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v) {
+  for (const Tensor* t : {&q, &k, &v, &grad_out, &grad_q, &grad_k, &grad_v})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu() && t->dim() == 4 &&
+                    t->stride(3) == 1,
+                "attention_backward takes bfloat16 CPU tensors (N, heads, L, head_dim) whose last "
+                "dimension is contiguous");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) &&
+                  v.sizes() == k.sizes() && k.size(2) > 0 && q.size(3) % 2 == 0 &&
+                  grad_out.sizes() == q.sizes() && grad_q.sizes() == q.sizes() &&
+                  grad_k.sizes() == k.sizes() && grad_v.sizes() == k.sizes(),
+              "attention_backward takes keys and values of the queries' batch, heads and (even) "
+              "head_dim, at least one key, gradients of the tensors' shapes; got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(attention_backward_available(),
+              "attention_backward needs AVX-512 with avx512_bf16 and oneDNN enabled");
+#if defined(CPU_CAPABILITY_AVX512)
+  attention_backward_heads(q, k, v, grad_out, static_cast<float>(scale), grad_q, grad_k, grad_v);
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mmpoolformer, m) {
+  m.def("attention_backward_available() -> bool", &attention_backward_available);
+  m.def("attention_backward(Tensor q, Tensor k, Tensor v, Tensor grad_out, float scale, "
+        "Tensor(a!) grad_q, Tensor(b!) grad_k, Tensor(c!) grad_v) -> ()");
+  m.impl("attention_backward", c10::DispatchKey::CPU, TORCH_FN(attention_backward));
+}
