@@ -105,6 +105,11 @@ def bf16_backward_available() -> bool:
     ops = native.ops()
     if ops is None or not ops.attention_backward_available():
         return False
+    with native.apart():
+        return _bf16_backward_agrees(ops)
+
+
+def _bf16_backward_agrees(ops) -> bool:
     draw = torch.Generator().manual_seed(0)
     # queries and keys of odd counts and a tail after the vectors, strided views of one projection
     q, k, v = torch.randn(2, 37, 3, 2, 16, generator=draw).bfloat16().permute(2, 0, 3, 1, 4)
@@ -117,9 +122,8 @@ def bf16_backward_available() -> bool:
         warnings.warn(f"mmpoolformer's bf16 attention backward is unavailable ({error}); PyTorch's "
                       'does its work instead')
         return False
-    with torch.enable_grad(), torch.autocast('cpu', enabled=False):
-        tensors = [t.double().requires_grad_() for t in (q, k, v)]
-        torch.autograd.backward(F.scaled_dot_product_attention(*tensors, scale=0.25), grad.double())
+    tensors = [t.double().requires_grad_() for t in (q, k, v)]
+    torch.autograd.backward(F.scaled_dot_product_attention(*tensors, scale=0.25), grad.double())
     if not all(torch.allclose(got.double(), t.grad, rtol=2e-2, atol=2e-2 * t.grad.abs().max())
                for got, t in zip(grads, tensors)):
         warnings.warn("mmpoolformer's bf16 attention backward disagrees with PyTorch's attention; "

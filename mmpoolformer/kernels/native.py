@@ -46,12 +46,13 @@ built from, and loaded from there afterwards. Each build is checked against PyTo
 loaded. Where they cannot be built or fail the check, one warning says why and PyTorch's operators
 do the work, as they do on other devices.
 """
+import contextlib
 import functools
 import hashlib
 import os
 import os.path as osp
 import warnings
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
@@ -115,17 +116,24 @@ def ops():
             pass
         _unavailable(reason)
         return None
-    # (first used inside a dispatch mode, as a FLOP counter's, the check is no work of the caller's)
-    # (nor is it the caller's autograd, inference mode or autocast, nor what an enclosing activation
-    # checkpoint counts: identity saved-tensor hooks keep the check's own autograd out of its hooks)
-    keep = lambda t: t  # noqa: E731
-    with _disable_current_modes(), torch.inference_mode(False), torch.enable_grad(), \
-            torch.autocast('cpu', enabled=False), torch.autograd.graph.saved_tensors_hooks(keep, keep):
+    with apart():
         problem = _check(torch.ops.mmpoolformer)
     if problem:
         _unavailable(problem)
         return None
     return torch.ops.mmpoolformer
+
+
+@contextlib.contextmanager
+def apart() -> Iterator[None]:
+    """Where a kernel's check against PyTorch's operators runs, first used inside whatever the caller
+    runs: no work of a dispatch mode's (a FLOP counter's), nor of the caller's autograd, inference
+    mode or autocast, nor saved for an enclosing activation checkpoint (identity saved-tensor hooks
+    keep the check's own autograd out of its hooks, so its recomputation saves as many tensors)."""
+    keep = lambda t: t  # noqa: E731
+    with _disable_current_modes(), torch.inference_mode(False), torch.enable_grad(), \
+            torch.autocast('cpu', enabled=False), torch.autograd.graph.saved_tensors_hooks(keep, keep):
+        yield
 
 
 def _build(folder: str, capability: str) -> None:

@@ -1252,6 +1252,23 @@ def test_attention_under_bf16_autocast_trains_with_the_compiled_backward(bf16_ba
         assert max_rel_err(ours, flash) <= 2e-2
 
 
+def test_the_bf16_attention_backward_is_first_checked_inside_an_activation_checkpoint(bf16_backward):
+    """The once-a-process check of the bf16 backward runs on the first training step that needs it,
+    which may be inside an activation checkpoint (``with_cp``): it saves nothing there, so the
+    recomputation saves as many tensors as the forward pass did."""
+    from torch.utils.checkpoint import checkpoint
+
+    from mmpoolformer.kernels import attention
+    from mmpoolformer.models.token_mixers import Attention
+    torch.manual_seed(0)
+    mixer, x = Attention(64), torch.randn(2, 64, 11, 7, requires_grad=True)
+    attention.bf16_backward_available.cache_clear()
+    with kernels.forced(kernels.Plan()), torch.autocast('cpu', dtype=torch.bfloat16), OpLog() as log:
+        checkpoint(mixer, x, use_reentrant=False).float().square().sum().backward()
+    assert [name for name, _ in log.ops].count('mmpoolformer.attention_backward') == 1
+    assert x.grad is not None
+
+
 def test_a_wrong_compiled_attention_backward_is_refused(bf16_backward, monkeypatch):
     """The bf16 backward is checked against float64 attention once a process: one whose gradient is
     off by 5% is refused with a warning, and training keeps flash attention's."""
