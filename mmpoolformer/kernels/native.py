@@ -22,6 +22,11 @@ Multi-head attention's forward pass (``csrc/attention.cpp``): scores, softmax an
 block of queries at a time, with the products' tiles in registers (PyTorch's flash attention for CPUs:
 BLAS calls on blocks and an online softmax).
 
+Its backward pass in bf16 (``csrc/attention_backward.cpp``), on CPUs with avx512_bf16: the products on
+oneDNN's bf16 micro-kernel, which PyTorch exports (``cpublas::brgemm``; AMX tiles where there are), the
+softmax recomputed between them from whole rows of scores (PyTorch's flash attention for CPUs computes
+its backward in fp32 tiles, as slowly in bf16 as in fp32).
+
 GroupNorm's statistics (``csrc/group_norm.cpp``) where each group is one block of memory: one pass
 that only reads, each block's deviations from its own mean summed from L1 (PyTorch's operators: four
 passes, two of them writing). The backbone's emitted maps
