@@ -36,8 +36,11 @@ def _compiled_takes(*tensors: torch.Tensor, dtype: torch.dtype = torch.float32) 
 
 
 def compiled_backward_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the compiled backward pass (bf16, with the CPU's bf16 products) takes these."""
-    return _compiled_takes(q, k, v, dtype=torch.bfloat16) and bf16_backward_available()
+    """Whether the compiled backward pass (bf16, with the CPU's bf16 products) takes these: asked on
+    every call, since oneDNN, whose micro-kernel it calls, may be switched off at any time
+    (``torch.backends.mkldnn.flags(enabled=False)``)."""
+    return (_compiled_takes(q, k, v, dtype=torch.bfloat16) and torch.backends.mkldnn.enabled
+            and bf16_backward_available())
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.) -> torch.Tensor:

@@ -1252,6 +1252,20 @@ def test_attention_under_bf16_autocast_trains_with_the_compiled_backward(bf16_ba
         assert max_rel_err(ours, flash) <= 2e-2
 
 
+@pytest.mark.filterwarnings('ignore:TF32 acceleration on top of oneDNN')  # (mkldnn.flags' own)
+def test_bf16_attention_trains_with_pytorchs_backward_where_onednn_is_switched_off(bf16_backward):
+    """The compiled backward multiplies on oneDNN's micro-kernel: with oneDNN switched off (after the
+    plan was chosen, too) a training step takes PyTorch's attention, and the kernel is not called."""
+    from mmpoolformer.models.token_mixers import Attention
+    torch.manual_seed(0)
+    mixer, x = Attention(64), torch.randn(2, 64, 11, 7, requires_grad=True)
+    with kernels.forced(kernels.Plan()), torch.autocast('cpu', dtype=torch.bfloat16), \
+            torch.backends.mkldnn.flags(enabled=False), OpLog() as log:
+        mixer(x).float().square().sum().backward()
+    assert 'mmpoolformer.attention_backward' not in [name for name, _ in log.ops]
+    assert x.grad is not None
+
+
 def test_the_bf16_attention_backward_is_first_checked_inside_an_activation_checkpoint(bf16_backward):
     """The once-a-process check of the bf16 backward runs on the first training step that needs it,
     which may be inside an activation checkpoint (``with_cp``): it saves nothing there, so the
