@@ -14,8 +14,8 @@
 // PyTorch's flash attention for CPUs computes its backward in fp32 tiles; under bf16 autocast it took
 // as long as in fp32 (26-31 ms at CAFormer-S18's stage 2: 2x10 heads of 1024 tokens of 32; this
 // kernel 15-18 ms on the Xeon of 2026-12-05, with AMX). The heads are shared out among the threads,
-// each head's blocks in order (dk and dv are summed over them): with fewer heads than threads some
-// threads wait, and the caller's timed choice keeps flash attention's where that is faster.
+// and where there are fewer heads than threads, runs of each head's blocks, whose sums of dk and dv
+// are then added up.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -40,6 +40,7 @@ namespace cpublas = at::native::cpublas;
 // query rows per block: the block's scores and their gradient (2 x rows x keys floats) stay in a 2 MiB
 // L2 with the rest up to 2048 keys
 constexpr int64_t kQueries = 64, kFewerQueries = 32, kManyKeys = 2048;
+constexpr int64_t kTasksPerThread = 4;
 
 // a mask of the first `count` lanes (at most 16)
 inline __mmask16 first(int64_t count) { return static_cast<__mmask16>((1u << count) - 1); }
@@ -188,30 +189,47 @@ void attention_backward_heads(const Tensor& q, const Tensor& k, const Tensor& v,
   const int64_t n = q.size(0), heads = q.size(1), length = q.size(2), dim = q.size(3),
                 keys = k.size(2);
   const int64_t block = keys > kManyKeys ? kFewerQueries : kQueries;
-  const int64_t even_keys = (keys + 1) / 2 * 2, even_length = (length + 1) / 2 * 2;
+  const int64_t blocks = (length + block - 1) / block, even_keys = (keys + 1) / 2 * 2;
+  // Each head's blocks in `splits` runs of consecutive blocks, so that there are about 4 tasks or more
+  // per thread (with fewer, threads wait at the end: one head on 2 threads took 1.6 ms as one task,
+  // 0.83-1.03 as runs); a run sums its own dk^T and dv^T, added up per head afterwards in the runs'
+  // order
+  const int64_t splits =
+      std::min(blocks, (kTasksPerThread * at::get_num_threads() + n * heads - 1) / (n * heads));
+  std::vector<float> partial(splits > 1 ? n * heads * splits * 2 * dim * keys : 0);
   const auto at = [](const Tensor& t, int64_t sample, int64_t head) {
     return t.const_data_ptr<bf16>() + sample * t.stride(0) + head * t.stride(1);
   };
-  at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t end) {
-    // a head's factors laid out: k^T and v^T in pairs, k in pairs, q^T and do^T
-    std::vector<bf16> k_t(dim * keys), v_t(dim * keys), k_pairs(even_keys * dim), q_t(dim * even_length),
-        do_t(dim * even_length);
+  const auto written = [](const Tensor& t, int64_t head_task, int64_t heads) {
+    return t.data_ptr<bf16>() + head_task / heads * t.stride(0) + head_task % heads * t.stride(1);
+  };
+  at::parallel_for(0, n * heads * splits, 1, [&](int64_t begin, int64_t end) {
+    const int64_t most_rows = (blocks + splits - 1) / splits * block + 1;
+    // a head's factors laid out: k^T and v^T in pairs, k in pairs, q^T and do^T (the run's rows)
+    std::vector<bf16> k_t(dim * keys), v_t(dim * keys), k_pairs(even_keys * dim), q_t(dim * most_rows),
+        do_t(dim * most_rows);
     // a block's: scores and dp (fp32), p and ds in pairs, ds in rows (a zero column after odd keys)
     std::vector<float> scores(block * keys), grad_scores(block * keys), grad_q_block(block * dim);
     std::vector<bf16> p_pairs(block * keys), ds_pairs(block * keys), ds_rows(block * even_keys, bf16(0.f));
-    std::vector<float> grad_k_t(dim * keys), grad_v_t(dim * keys);  // dk^T, dv^T summed over blocks
+    std::vector<float> sums(splits > 1 ? 0 : 2 * dim * keys);  // dk^T, dv^T summed over blocks
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t sample = task / heads, head = task % heads;
+      const int64_t head_task = task / splits, split = task % splits;
+      const int64_t sample = head_task / heads, head = head_task % heads;
+      const int64_t row0 = split * blocks / splits * block,
+                    row1 = std::min(length, (split + 1) * blocks / splits * block);
+      const int64_t width = (row1 - row0 + 1) / 2 * 2;  // (even: the pairs' inner dimension)
+      float* grad_k_t = splits > 1 ? partial.data() + task * 2 * dim * keys : sums.data();
+      float* grad_v_t = grad_k_t + dim * keys;
       const bf16 *qh = at(q, sample, head), *kh = at(k, sample, head), *vh = at(v, sample, head),
                  *doh = at(grad_out, sample, head);
       const int64_t q_row = q.stride(2), do_row = grad_out.stride(2);
       transposed_pairs(kh, k.stride(2), keys, dim, k_t.data());
       transposed_pairs(vh, v.stride(2), keys, dim, v_t.data());
       paired_rows(kh, k.stride(2), keys, dim, k_pairs.data());
-      transposed(qh, q_row, length, dim, even_length, q_t.data());
-      transposed(doh, do_row, length, dim, even_length, do_t.data());
-      for (int64_t first = 0; first < length; first += block) {
-        const int64_t count = std::min(block, length - first), even_count = (count + 1) / 2 * 2;
+      transposed(qh + row0 * q_row, q_row, row1 - row0, dim, width, q_t.data());
+      transposed(doh + row0 * do_row, do_row, row1 - row0, dim, width, do_t.data());
+      for (int64_t first = row0; first < row1; first += block) {
+        const int64_t count = std::min(block, row1 - first), even_count = (count + 1) / 2 * 2;
         // s = q k^T, dp = do v^T for the block's rows
         cpublas::brgemm(count, keys, dim, q_row, keys, keys, false, qh + first * q_row, k_t.data(),
                         scores.data(), true);
@@ -222,22 +240,34 @@ void attention_backward_heads(const Tensor& q, const Tensor& k, const Tensor& v,
                                 i + 1 < count, scale, p_pairs.data() + i * keys,
                                 ds_pairs.data() + i * keys, ds_rows.data() + i * even_keys, even_keys);
         // dv^T += do^T p, dk^T += q^T ds (the block's rows: the products' inner dimension)
-        cpublas::brgemm(dim, keys, even_count, even_length, keys, keys, first > 0, do_t.data() + first,
-                        p_pairs.data(), grad_v_t.data(), true);
-        cpublas::brgemm(dim, keys, even_count, even_length, keys, keys, first > 0, q_t.data() + first,
-                        ds_pairs.data(), grad_k_t.data(), true);
+        cpublas::brgemm(dim, keys, even_count, width, keys, keys, first > row0, do_t.data() + first - row0,
+                        p_pairs.data(), grad_v_t, true);
+        cpublas::brgemm(dim, keys, even_count, width, keys, keys, first > row0, q_t.data() + first - row0,
+                        ds_pairs.data(), grad_k_t, true);
         // dq = ds k
         cpublas::brgemm(count, dim, even_keys, even_keys, dim, dim, false, ds_rows.data(),
                         k_pairs.data(), grad_q_block.data(), true);
-        bf16* dq = grad_q.data_ptr<bf16>() + sample * grad_q.stride(0) + head * grad_q.stride(1);
-        rounded_rows(grad_q_block.data(), count, dim, dq + first * grad_q.stride(2), grad_q.stride(2));
+        rounded_rows(grad_q_block.data(), count, dim,
+                     written(grad_q, head_task, heads) + first * grad_q.stride(2), grad_q.stride(2));
       }
-      bf16* dk = grad_k.data_ptr<bf16>() + sample * grad_k.stride(0) + head * grad_k.stride(1);
-      bf16* dv = grad_v.data_ptr<bf16>() + sample * grad_v.stride(0) + head * grad_v.stride(1);
-      rounded_transpose(grad_k_t.data(), keys, dim, dk, grad_k.stride(2));
-      rounded_transpose(grad_v_t.data(), keys, dim, dv, grad_v.stride(2));
+      if (splits == 1) {
+        rounded_transpose(grad_k_t, keys, dim, written(grad_k, head_task, heads), grad_k.stride(2));
+        rounded_transpose(grad_v_t, keys, dim, written(grad_v, head_task, heads), grad_v.stride(2));
+      }
     }
     cpublas::brgemm_release(true);  // (the AMX tiles' configuration, where it set one)
+  });
+  if (splits == 1) return;
+  at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t head_task = begin; head_task < end; ++head_task) {
+      float* total = partial.data() + head_task * splits * 2 * dim * keys;
+      for (int64_t split = 1; split < splits; ++split) {
+        const float* part = total + split * 2 * dim * keys;
+        for (int64_t i = 0; i < 2 * dim * keys; ++i) total[i] += part[i];
+      }
+      rounded_transpose(total, keys, dim, written(grad_k, head_task, heads), grad_k.stride(2));
+      rounded_transpose(total + dim * keys, keys, dim, written(grad_v, head_task, heads), grad_v.stride(2));
+    }
   });
 }
 #endif
@@ -271,6 +301,11 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
               k.sizes(), ", ", v.sizes());
   TORCH_CHECK(attention_backward_available(),
               "attention_backward needs AVX-512 with avx512_bf16 and oneDNN enabled");
+  if (q.size(2) == 0) {  // (no queries: nothing flows to the keys and values)
+    grad_k.zero_();
+    grad_v.zero_();
+    return;
+  }
 #if defined(CPU_CAPABILITY_AVX512)
   attention_backward_heads(q, k, v, grad_out, static_cast<float>(scale), grad_q, grad_k, grad_v);
 #endif
