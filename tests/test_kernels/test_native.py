@@ -1200,15 +1200,19 @@ def test_compiled_attention_backward_matches_float64(bf16_backward, n, heads, le
     """bf16 gradients of queries, keys and values (strided views of one projection): odd numbers of
     queries (a padding row in the last pair) and of keys (a padding column in the pairs), tails after
     the vectors, blocks of 64 queries and of 32 (more than 2048 keys), one key, every supported head
-    dimension, scores far apart: each gradient as close to float64 as flash attention's, or within
-    two units of bf16's rounding (2^-8 relative) of its largest value: the weights and their
-    gradient enter the last products rounded to bf16."""
+    dimension, heads split into runs of blocks (fewer than 4 heads a thread), scores far apart: each
+    gradient as close to float64 as flash attention's, or within two units of bf16's rounding (2^-8
+    relative) of its largest value: the weights and their gradient enter the last products rounded
+    to bf16. A second call gives the same bits."""
     draw = torch.Generator().manual_seed(length + keys)
     q, k, v = (t.bfloat16() for t in projected_heads(n, heads, length, keys, dim, spread, draw))
     grad = torch.randn(n, length, heads, dim, generator=draw).bfloat16().transpose(1, 2)
     exact, flash = attention_grads(q, k, v, grad)
     grads = [torch.full(t.shape, float('nan'), dtype=torch.bfloat16) for t in (q, k, v)]
     bf16_backward.attention_backward(q, k, v, grad, dim ** -0.5, *grads)
+    again = [torch.empty_like(t) for t in grads]
+    bf16_backward.attention_backward(q, k, v, grad, dim ** -0.5, *again)
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))
     for ours, want, pytorchs in zip(grads, exact, flash):
         err = (ours.double() - want).abs().max().item()
         assert err <= max(1.5 * (pytorchs.double() - want).abs().max().item(),
