@@ -5,9 +5,10 @@ On a channels-last fp32 CPU map each token is a row of channels: the compiled ro
 ``csrc/layer_norm.h`` normalise them forward and backward (two reads of a row from L1 for its
 statistics, one write). On the Xeon of 2026-12-04 (2 threads), the 32768 rows of 64 channels of a
 2x64x128x128 map: backward 0.57 against PyTorch's 1.42 ms, forward 0.38-0.45 against 0.73-0.77 ms;
-CAFormer-S18's training step 0.987 of the time (paired steps; its forward pass 0.998). In inference
-also a bf16 map's rows (under bf16 autocast, the MetaFormer Baselines' stages 0-1), from their bf16
-values into a bf16 map. Elsewhere, and where it is faster, PyTorch's.
+CAFormer-S18's training step 0.987 of the time (paired steps; its forward pass 0.998). Also a bf16
+map's rows (under bf16 autocast, the MetaFormer Baselines' stages 0-1), from their bf16 values into a
+bf16 map, and back (computed in fp32, rounded once, as PyTorch's bf16 LayerNorm). Elsewhere, and where
+it is faster, PyTorch's.
 """
 import torch
 import torch.nn as nn
@@ -33,8 +34,8 @@ def _normalized(x, weight, bias, eps):
 
 
 class _LayerNorm(torch.autograd.Function):
-    """LayerNorm over the channels of a channels-last fp32 map by the compiled rows, keeping ``x``
-    and each row's mean and ``1 / std``."""
+    """LayerNorm over the channels of a channels-last fp32 or bf16 map by the compiled rows, keeping
+    ``x`` and each row's mean and ``1 / std`` (fp32)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
@@ -49,7 +50,7 @@ class _LayerNorm(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad_x = torch.empty_like(x, memory_format=torch.channels_last)
         grad_weight = torch.zeros_like(weight) if weight is not None and needs[1] else None
-        grad_bias = x.new_zeros(x.shape[1]) if ctx.with_bias and needs[2] else None
+        grad_bias = x.new_zeros(x.shape[1], dtype=torch.float32) if ctx.with_bias and needs[2] else None
         native.ops().layer_norm_rows_backward(_rows(channels_last(grad)), _rows(x), mean, rstd, weight,
                                               _rows(grad_x), grad_weight, grad_bias)
         return grad_x if needs[0] else None, grad_weight, grad_bias, None
@@ -57,10 +58,10 @@ class _LayerNorm(torch.autograd.Function):
 
 def layer_normalize(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """A channel LayerNorm of an ``(N, C, H, W)`` map: by the faster of PyTorch's and the compiled
-    rows (module docstring) for a channels-last fp32 map on a CPU with the kernels, and in inference
-    for a bf16 one (under bf16 autocast, the residual stream where no fp32 factor has met it: the
-    MetaFormer Baselines' stages 0-1, ahead of their downsamplings and output norms); PyTorch's
-    elsewhere and in tracing."""
+    rows (module docstring) for a channels-last fp32 map on a CPU with the kernels, or a bf16 one
+    (under bf16 autocast, the residual stream where no fp32 factor has met it: the MetaFormer
+    Baselines' stages 0-1, ahead of their downsamplings and output norms); PyTorch's elsewhere and in
+    tracing."""
     def plain(x):
         y = F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         return y.permute(0, 3, 1, 2)
@@ -68,16 +69,13 @@ def layer_normalize(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     params = [p for p in (norm.weight, norm.bias) if p is not None]
     if dispatch.tracing() or x.dim() != 4 or not native.takes(*params):
         return plain(x)
-    # (a bf16 map's backward is PyTorch's: the compiled rows' backward takes fp32 rows)
-    bf16_inference = (x.dtype == torch.bfloat16 and not dispatch.records(x, params)
-                      and native.takes(x, memory_format=torch.channels_last, dtypes=(torch.bfloat16, )))
-    if not (native.takes(x, memory_format=torch.channels_last) or bf16_inference):
+    if not native.takes(x, memory_format=torch.channels_last, dtypes=(torch.float32, torch.bfloat16)):
         return plain(x)
 
     def compute(plan, x):
         if not plan.fused:
             return plain(x)
-        if x.dtype == torch.bfloat16:
+        if not dispatch.records(x, params):  # (nothing to keep for backward)
             return _normalized(x, norm.weight, norm.bias, norm.eps)[0]
         return _LayerNorm.apply(x, norm.weight, norm.bias, norm.eps)
 

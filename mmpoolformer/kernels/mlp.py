@@ -287,8 +287,8 @@ class LayerNormRows:
     def backward_rows(self, grad_normed, rows, row_stats, weight, bias, out, grad_weight, grad_bias):
         """A chunk's rows' gradient into ``out``, its share of the weight's and bias's added into
         ``grad_weight`` and ``grad_bias`` (None: not needed)."""
-        if _compiled_rows(rows, weight, bias, grad_weight, grad_bias):
-            # (a bf16 product's gradient widened first, as the threads plan widens it)
+        if _compiled_backward_rows(rows, out, weight, bias, grad_weight, grad_bias):
+            # (a bf16 product's gradient widened first for fp32 rows, as the threads plan widens it)
             native.ops().layer_norm_rows_backward(grad_normed.to(rows.dtype), rows, *row_stats,
                                                   weight, out, grad_weight, grad_bias)
             return
@@ -304,6 +304,16 @@ class LayerNormRows:
 def _compiled_rows(rows: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
     """Whether the compiled rows (``csrc/layer_norm.h``) take these: fp32 CPU tensors."""
     return native.takes(rows, *(t for t in others if t is not None))
+
+
+def _compiled_backward_rows(rows: torch.Tensor, out: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    """Whether the compiled rows' backward takes these: fp32 rows, or bf16 rows (a bf16 map's under
+    bf16 autocast) with their gradient written in bf16; fp32 parameters and sums."""
+    params = [t for t in params if t is not None]
+    if rows.dtype == torch.bfloat16:
+        return (out.dtype == torch.bfloat16 and native.takes(rows, out, dtypes=(torch.bfloat16, ))
+                and (not params or native.takes(*params)))
+    return _compiled_rows(rows, *params)
 
 
 def _compiled_rows_into(out: torch.Tensor, rows: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:

@@ -287,6 +287,14 @@ def _check_layer_norm(namespace) -> Optional[str]:
     namespace.layer_norm_rows(rows16.float(), None, bias45, 1e-6, widened, torch.empty(5), torch.empty(5))
     if not torch.equal(from16, widened):
         return "their LayerNorm of bf16 rows disagrees with their LayerNorm"
+    # and back: the float32 backward of the bf16 values, the rows' gradient rounded once
+    grad16, stats = torch.cos(rows16.float()).bfloat16(), (torch.empty(5), torch.empty(5))
+    namespace.layer_norm_rows(rows16, None, bias45, 1e-6, from16, *stats)
+    back16, back, sums16, sums = torch.empty_like(rows16), torch.empty(5, 45), *torch.zeros(2, 45)
+    namespace.layer_norm_rows_backward(grad16, rows16, *stats, None, back16, None, sums16)
+    namespace.layer_norm_rows_backward(grad16.float(), rows16.float(), *stats, None, back, None, sums)
+    if not (torch.equal(back16, back.bfloat16()) and torch.equal(sums16, sums)):
+        return "their LayerNorm's backward of bf16 rows disagrees with their LayerNorm's backward"
     if not (torch.allclose(out.double(), reference, rtol=1e-5, atol=1e-5)
             and torch.equal(out16, out.bfloat16())
             and torch.allclose(grad_x.double(), xd.grad, rtol=1e-4, atol=1e-4)

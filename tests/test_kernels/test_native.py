@@ -760,29 +760,41 @@ def test_channel_layer_norm_alone_takes_the_compiled_rows(compiled, bias, thread
         assert max_rel_err(ours, reference) <= max(2 * max_rel_err(pytorchs, reference), 1e-6)
 
 
-def test_channel_layer_norm_alone_on_a_bf16_map_in_inference(compiled, threads):
+def test_channel_layer_norm_alone_on_a_bf16_map(compiled, threads):
     """``LayerNorm2d`` on a channels-last bf16 map under bf16 autocast (the Baselines' stages 0-1,
-    ahead of a downsampling or an output): in inference by the compiled rows from its bf16 values, a
-    bf16 channels-last output as close to float64 as PyTorch's; where autograd records, PyTorch's."""
+    ahead of a downsampling or an output), by the compiled rows from its bf16 values: in inference a
+    bf16 channels-last output as close to float64 as PyTorch's; in training also its backward, each
+    gradient (the map's in bf16, the parameters' in fp32) as close to float64 as PyTorch's."""
     torch.manual_seed(0)
     norm = LayerNorm2d(40, eps=1e-6)
     nn.init.normal_(norm.weight)
     nn.init.normal_(norm.bias)
     x = (torch.randn(2, 40, 7, 5) * 3 + 10).bfloat16().contiguous(memory_format=torch.channels_last)
-    results = {}
+    weights = torch.randn(2, 40, 7, 5)  # (of the output in the loss)
+    results, grads = {}, {}
     for plan in (kernels.Plan(), kernels.PLAIN):
         with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), kernels.forced(plan), \
                 OpLog() as log:
             results[plan.fused] = norm(x)
         assert [name for name, _ in log.ops].count('mmpoolformer.layer_norm_rows') == int(plan.fused)
-    with torch.no_grad():
-        exact = copy.deepcopy(norm).double()(x.double())
+        xt = x.clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16), kernels.forced(plan), OpLog() as log:
+            y = norm(xt)
+            (y.float() * weights).sum().backward()
+        names = [name for name, _ in log.ops]
+        assert names.count('mmpoolformer.layer_norm_rows_backward') == int(plan.fused)
+        assert xt.grad.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+        grads[plan.fused] = [xt.grad, norm.weight.grad, norm.bias.grad]
+        norm.zero_grad(set_to_none=True)
+    exact_norm, xd = copy.deepcopy(norm).double(), x.double().requires_grad_()
+    exact = exact_norm(xd)
+    (exact * weights.double()).sum().backward()
     assert results[True].dtype == results[False].dtype == torch.bfloat16
     assert results[True].is_contiguous(memory_format=torch.channels_last)
     assert max_rel_err(results[True], exact) <= 1.5 * max_rel_err(results[False], exact)
-    with torch.autocast('cpu', dtype=torch.bfloat16), kernels.forced(kernels.Plan()), OpLog() as log:
-        norm(x)  # (parameters that require grad: training)
-    assert 'mmpoolformer.layer_norm_rows' not in [name for name, _ in log.ops]
+    for ours, pytorchs, want in zip(grads[True], grads[False],
+                                    [xd.grad, exact_norm.weight.grad, exact_norm.bias.grad]):
+        assert max_rel_err(ours, want) <= max(1.5 * max_rel_err(pytorchs, want), 1e-5)
 
 
 def test_compiled_layer_norm_rows_refuse_what_they_do_not_compute(compiled):
@@ -847,6 +859,51 @@ def test_a_bf16_maps_chunks_are_normalised_by_the_compiled_rows(compiled):
     assert not any('native_layer_norm' in name for name in names)
     assert ours.dtype == as_written.dtype == torch.bfloat16
     assert max_rel_err(ours, exact) <= 1.5 * max_rel_err(as_written, exact)
+
+
+@pytest.mark.skipif(not kernels.dispatch.native_low_precision(torch.device('cpu'), torch.bfloat16),
+                    reason='bf16 products are emulated on this CPU')
+@pytest.mark.parametrize('first_half', [False, True], ids=['mlp', 'expansion'])
+def test_a_bf16_maps_chunks_are_normalised_back_by_the_compiled_rows(compiled, first_half):
+    """The same in training: the chunks' norm's backward from their bf16 rows by the compiled rows
+    (not PyTorch's bf16 LayerNorm backward and a copy): the norm's weight and bias gradients as close
+    to float64 as the branch as written or within two units of bf16's rounding, every gradient within
+    bf16 products' tracking of it."""
+    norm, fc1, act, fc2, _, _ = threads_branch(layer_norm=True, act=StarReLU(0.8, -0.1))
+    x = (torch.randn(2, 12, 9, 7) * 2 + 1).bfloat16().contiguous(memory_format=torch.channels_last)
+    modules = (norm, fc1, act) if first_half else (norm, fc1, act, fc2)
+    params = [p for m in modules for p in m.parameters()]
+
+    def written(m, x):
+        y = m[2](m[1](m[0](x)))
+        return y if first_half else x + m[3](y)
+
+    def loss(y):
+        return (y.float() * torch.linspace(-1, 1, y.shape[1]).view(1, -1, 1, 1)).square().sum()
+
+    grads = {}
+    for fused in (True, False):
+        xt = x.clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16), OpLog() as log:
+            if fused:
+                with kernels.forced(kernels.Plan(backend='blas', dtype=torch.bfloat16)):
+                    y = (kernels.norm_linear_act(xt, norm, fc1, act, plain=lambda x: pytest.fail('plain'))
+                         if first_half else kernels.norm_mlp_residual(
+                             xt, norm, fc1, act, fc2, None, None, None, plain=lambda x: pytest.fail('plain')))
+            else:
+                y = written(modules, xt)
+            grads[fused] = torch.autograd.grad(loss(y), [xt] + params)
+        if fused:
+            names = [name for name, _ in log.ops]
+    exact_modules = [copy.deepcopy(m).double() for m in modules]
+    xd = x.double().requires_grad_()
+    exact = torch.autograd.grad(loss(written(exact_modules, xd)).double(),
+                                [xd] + [p for m in exact_modules for p in m.parameters()])
+    assert 'mmpoolformer.layer_norm_rows_backward' in names
+    assert not any('native_layer_norm' in name for name in names)
+    assert all(max_rel_err(ours, want) <= 2e-2 for ours, want in zip(grads[True], exact))
+    for ours, as_written, want in list(zip(grads[True], grads[False], exact))[1:3]:  # (the norm's)
+        assert max_rel_err(ours, want) <= max(1.5 * max_rel_err(as_written, want), 2 ** -7)
 
 
 @pytest.mark.parametrize('shape', [(2, 64, 32, 32), (2, 19, 5, 7), (1, 3, 1, 2)],

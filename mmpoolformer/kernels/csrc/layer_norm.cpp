@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -68,20 +69,19 @@ void affine_rows(const Tensor& x, const Tensor& a, const Tensor& b, const Tensor
 }
 
 // its backward: the rows' gradient into `grad_x`; the weight's and bias's gradients added into
-// `grad_weight` and `grad_bias` where given
+// `grad_weight` and `grad_bias` where given. The rows, their gradient and `grad_x` float32, or all
+// bfloat16; statistics, weight and its gradients float32
 void layer_norm_rows_backward(const Tensor& grad, const Tensor& x, const Tensor& mean,
                               const Tensor& rstd, const std::optional<Tensor>& weight,
                               const Tensor& grad_x, const std::optional<Tensor>& grad_weight,
                               const std::optional<Tensor>& grad_bias) {
-  check(x, x, "layer_norm_rows_backward");
+  mmpoolformer::check_float_or_bf16({&x, &grad, &grad_x}, "layer_norm_rows_backward");
   TORCH_CHECK(x.dim() == 2, "layer_norm_rows_backward takes (rows, C) tensors, got ", x.sizes());
-  check(grad, x, "layer_norm_rows_backward");
-  check(grad_x, x, "layer_norm_rows_backward");
   const int64_t rows = x.size(0), width = x.size(1);
   for (const Tensor* stat : {&mean, &rstd})
     TORCH_CHECK(stat->scalar_type() == at::kFloat && stat->is_contiguous() && stat->numel() == rows,
                 "layer_norm_rows_backward takes float32 statistics, one per row");
-  const Tensor row_like = at::empty({width}, x.options());
+  const Tensor row_like = at::empty({width}, x.options().dtype(at::kFloat));
   const float* w = pointer(weight, row_like, "layer_norm_rows_backward");
   pointer(grad_weight, row_like, "layer_norm_rows_backward");
   pointer(grad_bias, row_like, "layer_norm_rows_backward");
@@ -91,14 +91,18 @@ void layer_norm_rows_backward(const Tensor& grad, const Tensor& x, const Tensor&
   constexpr int64_t kLine = 64 / sizeof(float);
   const int64_t slot = (2 * width + kLine - 1) / kLine * kLine + kLine;
   std::vector<float> sums(static_cast<size_t>(threads) * slot, 0.f);
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    float* mine = sums.data() + at::get_thread_num() * slot;
-    const int64_t offset = begin * width;
-    mmpoolformer::layer_norm_rows_backward(
-        grad.const_data_ptr<float>() + offset, x.const_data_ptr<float>() + offset,
-        mean.const_data_ptr<float>() + begin, rstd.const_data_ptr<float>() + begin, w, end - begin,
-        width, grad_x.data_ptr<float>() + offset, grad_weight.has_value() ? mine : nullptr,
-        grad_bias.has_value() ? mine + width : nullptr);
+  mmpoolformer::with_values(x, [&](const auto* xp) {
+    using In = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    const In* gp = grad.const_data_ptr<In>();
+    In* gxp = grad_x.data_ptr<In>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      float* mine = sums.data() + at::get_thread_num() * slot;
+      const int64_t offset = begin * width;
+      mmpoolformer::layer_norm_rows_backward(
+          gp + offset, xp + offset, mean.const_data_ptr<float>() + begin,
+          rstd.const_data_ptr<float>() + begin, w, end - begin, width, gxp + offset,
+          grad_weight.has_value() ? mine : nullptr, grad_bias.has_value() ? mine + width : nullptr);
+    });
   });
   const std::optional<Tensor> totals[] = {grad_weight, grad_bias};
   for (int64_t i = 0; i < 2; ++i) {

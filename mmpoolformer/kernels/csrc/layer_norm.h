@@ -165,15 +165,18 @@ inline void affine_rows_into(const float* x, int64_t rows, int64_t width, const 
 // into `grad_x`; the weight's and bias's gradients added into `grad_weight`, `grad_bias` (null: not
 // needed). With y = (x - mean) * rstd and g = grad * weight, per row:
 // grad_x = rstd * (g - mean(g) - y * mean(g * y)). (As in the forward, products meet sums only in
-// explicit fused operations: the MLP kernel's two loops, compiled apart, compute alike.)
-inline void layer_norm_rows_backward(const float* grad, const float* x, const float* mean,
-                                     const float* rstd, const float* weight, int64_t rows,
-                                     int64_t width, float* grad_x, float* grad_weight,
-                                     float* grad_bias) {
+// explicit fused operations: the MLP kernel's two loops, compiled apart, compute alike.) The rows and
+// their gradients float32, or bfloat16 (a bf16 map under bf16 autocast): widened a row at a time,
+// computed in float32, the rows' gradient rounded once.
+template <typename In, typename Out>
+void layer_norm_rows_backward(const In* grad, const In* x, const float* mean, const float* rstd,
+                              const float* weight, int64_t rows, int64_t width, Out* grad_x,
+                              float* grad_weight, float* grad_bias) {
   constexpr int64_t V = Vec::size();
+  std::vector<float> widened(std::is_same_v<In, float> ? 0 : 2 * width);
   for (int64_t r = 0; r < rows; ++r) {
-    const float* row = x + r * width;
-    const float* g_row = grad + r * width;
+    const float* row = float_row(x, r, width, widened.data());
+    const float* g_row = float_row(grad, r, width, widened.data() + width);
     const Vec vm(mean[r]), vr(rstd[r]);
     Vec sum_g(0.f), sum_gy(0.f);
     for (int64_t i = 0; i < width; i += V) {
@@ -188,13 +191,11 @@ inline void layer_norm_rows_backward(const float* grad, const float* x, const fl
     }
     const Vec a(vec_sum(sum_g) / static_cast<float>(width));
     const Vec b(vec_sum(sum_gy) / static_cast<float>(width));
-    float* to = grad_x + r * width;
-    for (int64_t i = 0; i < width; i += V) {
-      const int64_t n = std::min(V, width - i);
+    store_row(grad_x + r * width, width, [&](int64_t i, int64_t n) {
       const Vec y = (Vec::loadu(row + i, n) - vm) * vr, gv = Vec::loadu(g_row + i, n);
       const Vec w = weight ? Vec::loadu(weight + i, n) : Vec(1.f);
-      store_values(to + i, vr * at::vec::fnmadd(y, b, at::vec::fmsub(gv, w, a)), n);
-    }
+      return vr * at::vec::fnmadd(y, b, at::vec::fmsub(gv, w, a));
+    });
   }
 }
 
