@@ -524,11 +524,10 @@ def attention_ways(attention, shape, dtype, device) -> list:
     input map of ``shape``: the scores (queries by keys) and the weighted values, forward and their
     four gradients, either as products alone (batched) or as the fused attention (ours or PyTorch's
     flash attention forward, whichever ``kernels.attend`` takes; flash attention's backward, or in
-    bf16 where the CPU has bf16 products our compiled one), whose
-    time includes the softmax: apart, the products write and read the whole matrix of scores, which
-    took longer than the fused pass. With ``sr_ratio`` > 1 also its query and key / value
-    projections, which it computes from split weights, not as the ``qkv`` module (the output
-    projection is timed as its own module)."""
+    bf16 on a CPU with bf16 products our compiled one), whose time includes the softmax: apart, the
+    products write and read the whole matrix of scores, which took longer than the fused pass. With
+    ``sr_ratio`` > 1 also its query and key / value projections, which it computes from split
+    weights, not as the ``qkv`` module (the output projection is timed as its own module)."""
     n, channels, h, w = shape
     length, ratio = h * w, attention.sr_ratio
     keys = length if ratio == 1 else -(-h // ratio) * -(-w // ratio)
