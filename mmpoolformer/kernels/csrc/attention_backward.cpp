@@ -9,13 +9,13 @@
 //
 // The micro-kernel takes its right-hand factor in VNNI order, pairs of rows interleaved ([K/2][N][2]),
 // so the pass writes p and ds straight in that order, two query rows at a time (ds also in rows, for
-// dq); k^T and v^T (the scores' right-hand factors) and k (dq's) are laid out so once per head.
+// dq); k^T and v^T (the scores' right-hand factors) and k (dq's) are laid out so once per task.
 //
 // PyTorch's flash attention for CPUs computes its backward in fp32 tiles; under bf16 autocast it took
 // as long as in fp32 (26-31 ms at CAFormer-S18's stage 2: 2x10 heads of 1024 tokens of 32; this
-// kernel 15-18 ms on the Xeon of 2026-12-05, with AMX). The heads are shared out among the threads,
-// and where there are fewer heads than threads, runs of each head's blocks, whose sums of dk and dv
-// are then added up.
+// kernel 15-18 ms on the Xeon of 2026-12-05, with AMX). The tasks shared out among the threads are
+// the heads, or where there are fewer than 4 heads a thread runs of each head's blocks, whose sums of
+// dk and dv are then added up.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -197,11 +197,16 @@ void attention_backward_heads(const Tensor& q, const Tensor& k, const Tensor& v,
   const int64_t splits =
       std::min(blocks, (kTasksPerThread * at::get_num_threads() + n * heads - 1) / (n * heads));
   std::vector<float> partial(splits > 1 ? n * heads * splits * 2 * dim * keys : 0);
-  const auto at = [](const Tensor& t, int64_t sample, int64_t head) {
-    return t.const_data_ptr<bf16>() + sample * t.stride(0) + head * t.stride(1);
+  // where a head's rows start in `t`: head_task = sample * heads + head
+  const auto head_of = [heads](const Tensor& t, int64_t head_task) {
+    return head_task / heads * t.stride(0) + head_task % heads * t.stride(1);
   };
-  const auto written = [](const Tensor& t, int64_t head_task, int64_t heads) {
-    return t.data_ptr<bf16>() + head_task / heads * t.stride(0) + head_task % heads * t.stride(1);
+  // dk^T and dv^T of a head (dim x keys floats each, one after the other) rounded into dk and dv
+  const auto write_key_grads = [&](const float* sums, int64_t head_task) {
+    rounded_transpose(sums, keys, dim, grad_k.data_ptr<bf16>() + head_of(grad_k, head_task),
+                      grad_k.stride(2));
+    rounded_transpose(sums + dim * keys, keys, dim, grad_v.data_ptr<bf16>() + head_of(grad_v, head_task),
+                      grad_v.stride(2));
   };
   at::parallel_for(0, n * heads * splits, 1, [&](int64_t begin, int64_t end) {
     const int64_t most_rows = (blocks + splits - 1) / splits * block + 1;
@@ -214,15 +219,17 @@ void attention_backward_heads(const Tensor& q, const Tensor& k, const Tensor& v,
     std::vector<float> sums(splits > 1 ? 0 : 2 * dim * keys);  // dk^T, dv^T summed over blocks
     for (int64_t task = begin; task < end; ++task) {
       const int64_t head_task = task / splits, split = task % splits;
-      const int64_t sample = head_task / heads, head = head_task % heads;
       const int64_t row0 = split * blocks / splits * block,
                     row1 = std::min(length, (split + 1) * blocks / splits * block);
       const int64_t width = (row1 - row0 + 1) / 2 * 2;  // (even: the pairs' inner dimension)
       float* grad_k_t = splits > 1 ? partial.data() + task * 2 * dim * keys : sums.data();
       float* grad_v_t = grad_k_t + dim * keys;
-      const bf16 *qh = at(q, sample, head), *kh = at(k, sample, head), *vh = at(v, sample, head),
-                 *doh = at(grad_out, sample, head);
+      const bf16 *qh = q.const_data_ptr<bf16>() + head_of(q, head_task),
+                 *kh = k.const_data_ptr<bf16>() + head_of(k, head_task),
+                 *vh = v.const_data_ptr<bf16>() + head_of(v, head_task),
+                 *doh = grad_out.const_data_ptr<bf16>() + head_of(grad_out, head_task);
       const int64_t q_row = q.stride(2), do_row = grad_out.stride(2);
+      // (each run lays out its head's keys and values itself: runs of one head are separate tasks)
       transposed_pairs(kh, k.stride(2), keys, dim, k_t.data());
       transposed_pairs(vh, v.stride(2), keys, dim, v_t.data());
       paired_rows(kh, k.stride(2), keys, dim, k_pairs.data());
@@ -248,12 +255,10 @@ void attention_backward_heads(const Tensor& q, const Tensor& k, const Tensor& v,
         cpublas::brgemm(count, dim, even_keys, even_keys, dim, dim, false, ds_rows.data(),
                         k_pairs.data(), grad_q_block.data(), true);
         rounded_rows(grad_q_block.data(), count, dim,
-                     written(grad_q, head_task, heads) + first * grad_q.stride(2), grad_q.stride(2));
+                     grad_q.data_ptr<bf16>() + head_of(grad_q, head_task) + first * grad_q.stride(2),
+                     grad_q.stride(2));
       }
-      if (splits == 1) {
-        rounded_transpose(grad_k_t, keys, dim, written(grad_k, head_task, heads), grad_k.stride(2));
-        rounded_transpose(grad_v_t, keys, dim, written(grad_v, head_task, heads), grad_v.stride(2));
-      }
+      if (splits == 1) write_key_grads(grad_k_t, head_task);
     }
     cpublas::brgemm_release(true);  // (the AMX tiles' configuration, where it set one)
   });
@@ -265,8 +270,7 @@ void attention_backward_heads(const Tensor& q, const Tensor& k, const Tensor& v,
         const float* part = total + split * 2 * dim * keys;
         for (int64_t i = 0; i < 2 * dim * keys; ++i) total[i] += part[i];
       }
-      rounded_transpose(total, keys, dim, written(grad_k, head_task, heads), grad_k.stride(2));
-      rounded_transpose(total + dim * keys, keys, dim, written(grad_v, head_task, heads), grad_v.stride(2));
+      write_key_grads(total, head_task);
     }
   });
 }
