@@ -1276,6 +1276,17 @@ def test_compiled_attention_backward_matches_float64(bf16_backward, n, heads, le
                           2 ** -7 * want.abs().max().item(), 1e-6)
 
 
+@pytest.mark.parametrize('n, length', [(0, 8), (2, 0)], ids=['no_samples', 'no_queries'])
+def test_compiled_attention_backward_of_nothing_is_zero(bf16_backward, n, length):
+    """An empty batch, or no queries: the keys' and values' gradients are zero (written), not a
+    fault."""
+    q, grad = (torch.randn(n, 2, length, 32).bfloat16() for _ in '12')
+    k, v = (torch.randn(n, 2, 8, 32).bfloat16() for _ in '12')
+    grads = [torch.empty_like(q)] + [torch.full_like(t, float('nan')) for t in (k, v)]
+    bf16_backward.attention_backward(q, k, v, grad, 0.2, *grads)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads[1:])
+
+
 def test_compiled_attention_backward_refuses_what_it_does_not_compute(bf16_backward):
     q = torch.randn(1, 2, 8, 32).bfloat16()
     grads = [torch.empty_like(q) for _ in 'qkv']

@@ -305,7 +305,7 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
               k.sizes(), ", ", v.sizes());
   TORCH_CHECK(attention_backward_available(),
               "attention_backward needs AVX-512 with avx512_bf16 and oneDNN enabled");
-  if (q.size(2) == 0) {  // (no queries: nothing flows to the keys and values)
+  if (q.numel() == 0) {  // (no samples, heads or queries: nothing flows to the keys and values)
     grad_k.zero_();
     grad_v.zero_();
     return;
