@@ -668,6 +668,10 @@ def synthetic_batch(cfg, batch: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------- report
+# what holds PyTorch's, oneDNN's and MKL's code below the CPU's own instruction sets
+ISA_LIMITS = ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'DNNL_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS')
+
+
 def machine(device) -> dict:
     info = dict(torch=torch.__version__, python=platform.python_version(), device=str(device),
                 threads=torch.get_num_threads())
@@ -677,6 +681,10 @@ def machine(device) -> dict:
         cpu = kernels.cpu_info()
         info.update(cpu=cpu['model'], cpu_family_model=cpu['family_model'], cpu_flags=cpu['flags'],
                     cpu_caches=cpu['caches'], cpu_capability=torch.backends.cpu.get_cpu_capability())
+        # a run with the libraries held below what the CPU has (another CPU's instructions emulated)
+        limits = {name: os.environ[name] for name in ISA_LIMITS if os.environ.get(name)}
+        if limits:
+            info['isa_limits'] = limits
     return info
 
 
