@@ -13,7 +13,8 @@ channel LayerNorm (ConvFormer, CAFormer): :class:`GroupNormRows` and :class:`Lay
 each normalises a chunk of token rows and carries its gradient back.
 
 Backward goes through the same chunks. Only ``x`` and (in blocks wider than
-:data:`RECOMPUTE_HIDDEN_UP_TO` channels) the hidden map ``h`` are kept; the normalised map, the
+:data:`RECOMPUTE_HIDDEN_UP_TO` channels) the hidden map ``h`` are kept (under bf16 autocast in bf16,
+whatever the products' dtype: :func:`kept_hidden_dtype`); the normalised map, the
 activation and any ``h`` not kept are recomputed per chunk, and the weight gradients accumulate chunk by
 chunk. A LayerNorm's backward is per token and runs in the chunks too; GroupNorm's needs the whole
 map's gradient, which the chunks gather for its backward (``group_norm.group_norm_backward``). On a
@@ -352,8 +353,9 @@ class _NormMlpResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, w1, b1, w2, b2, res_scale, norm, act, scales, plan,
                 records, overwrite, *act_params):
+        dtype = plan.dtype or x.dtype
+        keep = kept_hidden_dtype(dtype, dispatch.autocast_dtype(x.device))
         with torch.autocast(x.device.type, enabled=False):
-            dtype = plan.dtype or x.dtype
             n, c = x.shape[:2]
             first_half = w2 is None
             assert not (overwrite and (first_half or records)), 'only an inference residual overwrites'
@@ -377,7 +379,7 @@ class _NormMlpResidual(torch.autograd.Function):
             dropped = lambda i: _residual(tx[i], res_scale, out=tout[i])  # noqa: E731
             if plan.backend == THREADS:  # the whole chunk loop compiled, chunks shared by the threads
                 kept_h = None if kept_h is None else [rows_x.new_empty(len(rows_x), w1.shape[0],
-                                                                       dtype=dtype)]
+                                                                       dtype=keep)]
                 native.ops().mlp_forward(rows_x, *coefficients, norm.per_row, norm.eps, w1, b1, w2, b2,
                                          res_scale,
                                          *(act_params or (None, None)), scales[0], tx.shape[1],
@@ -395,7 +397,9 @@ class _NormMlpResidual(torch.autograd.Function):
                         ac = torch.ops.mkldnn._linear_pointwise(nc, w1, b1, *fused_act)
                     else:
                         b1_product = None if bias_later else b1
-                        if kept_h is None:
+                        # (kept as the product returns it, or rounded into the kept dtype after)
+                        keep_apart = kept_h is not None and keep != dtype
+                        if kept_h is None or keep_apart:
                             hc = _linear(plan.backend, nc, w1, b1_product,
                                          scratch=bufs.hidden(end - start))
                         else:
@@ -405,6 +409,8 @@ class _NormMlpResidual(torch.autograd.Function):
                             act_out = hc if kept_h is None else bufs.act(end - start)
                         ac = act.forward_with_bias(hc, b1, act_out) if bias_later else act.forward(
                             hc, act_out, act_params)
+                        if keep_apart:  # (with fc1's bias, where the activation's pass added it)
+                            kept_h.append(hc.to(keep))
                     if first_half:
                         if fused_act or act_out is not oc:
                             oc.copy_(ac)
@@ -486,8 +492,9 @@ class _NormMlpResidual(torch.autograd.Function):
                                                                                   out=bufs.grad(k))
                     nc, row_stats = norm.normalize(rows_x, start, end, samples, coefficients,
                                                    bufs.normed(k))
-                    if kept_h:
-                        hc = kept_h[index]
+                    if kept_h:  # (widened where it was kept in a lower precision)
+                        hc = kept_h[index] if kept_h[index].dtype == dtype else bufs.hidden(k).copy_(
+                            kept_h[index])
                     else:  # (rounded as forward's bias_gelu rounded it, where it took the bias)
                         hc = _linear(plan.backend, nc, w1, None if bias_later else b1,
                                      scratch=bufs.hidden(k))
@@ -539,6 +546,16 @@ class _NormMlpResidual(torch.autograd.Function):
         return (grad_x if needs[0] else None, cast(grad_norm_weight), cast(grad_norm_bias), cast(gw1),
                 cast(gb1), cast(gw2), cast(gb2), cast(grad_res_scale), None, None, None, None, None,
                 None, *map(cast, grad_act))
+
+
+def kept_hidden_dtype(dtype: torch.dtype, autocast: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype in which training keeps the hidden map of products in ``dtype`` under autocast's
+    ``autocast`` dtype (None: outside autocast): bf16 under bf16 autocast even where the products run
+    in fp32 (a CPU whose bf16 products are slower than its fp32 ones), as the modules under autocast
+    keep fc1's bf16 output; the products' otherwise. Without it such a CPU trained under bf16
+    autocast in fp32's memory, against the peers' bf16 maps (0.61-0.66x of their memory, past the
+    goal of 0.6x, on the Xeon of 2026-12-05 with oneDNN held to avx512_bf16)."""
+    return torch.bfloat16 if dtype == torch.float32 and autocast == torch.bfloat16 else dtype
 
 
 def _residual(xc: torch.Tensor, res_scale: Optional[torch.Tensor], bias=None, scale: float = 1.,

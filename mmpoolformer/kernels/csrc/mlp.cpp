@@ -177,11 +177,20 @@ void check_rows(const Tensor& t, const Tensor& rows, int64_t width, at::ScalarTy
 }
 
 // An op's arguments: `maps`, rows of x's shape and dtype, and the kept hidden map
-// where given, rows of fc1's width in the products' (w1's) dtype
+// where given, rows of fc1's width in the products' (w1's) dtype, or bfloat16 with float32 products
+// (under bf16 autocast: mlp.py's kept_hidden_dtype)
 void check_arguments(const Tensor& x, std::initializer_list<const Tensor*> maps,
                      const std::optional<Tensor>& hidden, const Tensor& w1, const char* name) {
   for (const Tensor* map : maps) check_rows(*map, x, x.size(1), x.scalar_type(), name);
-  if (hidden.has_value()) check_rows(*hidden, x, w1.size(0), w1.scalar_type(), name);
+  if (!hidden.has_value()) return;
+  const bool rounded = hidden->scalar_type() == at::kBFloat16 && w1.scalar_type() == at::kFloat;
+  check_rows(*hidden, x, w1.size(0), rounded ? at::kBFloat16 : w1.scalar_type(), name);
+}
+
+// whether the kept hidden map is in another dtype than the products (check_arguments): each chunk's
+// is then computed in a buffer and rounded into it (forward), widened into the buffer (backward)
+bool kept_apart(const std::optional<Tensor>& hidden, const Tensor& w1) {
+  return hidden.has_value() && hidden->scalar_type() != w1.scalar_type();
 }
 
 // out = input @ weight_t (+ bias)
@@ -367,6 +376,7 @@ void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::opt
   check_rows(out, x, first_half ? hidden_size : channels, x.scalar_type(), "mlp_forward");
   TORCH_CHECK(!first_half || (!b2.has_value() && !res_scale.has_value() && scale == 1.),
               "mlp_forward's first half (no w2) takes no b2, res_scale or scale");
+  const bool apart = kept_apart(hidden, w1);
   const Chunks chunks(x.size(0), rows);
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
     // (the other threads do not inherit the caller's thread-local state: autograd stays out here)
@@ -376,7 +386,8 @@ void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::opt
       const int64_t first = chunks.first(c), k = chunks.size(c);
       Tensor normed = buf.normed.narrow(0, 0, k);
       norm.apply(x, first, k, normed);
-      Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
+      Tensor h = hidden.has_value() && !apart ? hidden->narrow(0, first, k)
+                                              : buf.hidden.narrow(0, 0, k);
       const bool bias_later = Activation::takes_bias(act_scale, h, b1);
       product_out(h, normed, w1.t(), bias_later ? std::nullopt : b1);
       Tensor oc = out.narrow(0, first, k);
@@ -384,6 +395,7 @@ void mlp_forward(const Tensor& x, const std::optional<Tensor>& a, const std::opt
       // dtypes agree; else over fc1's output where that is not kept (one buffer fewer in cache)
       Tensor act = first_half && !low ? oc : hidden.has_value() ? buf.act.narrow(0, 0, k) : h;
       activation.forward(h, bias_later ? b1 : std::nullopt, act);
+      if (apart) hidden->narrow(0, first, k).copy_(h);  // (with the bias the activation's pass added)
       if (first_half) {
         if (low) oc.copy_(act);
         continue;
@@ -437,6 +449,7 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
   const std::vector<std::optional<Tensor>> totals = {grad_w1, grad_b1, grad_w2, grad_b2,
                                                      grad_norm_weight, grad_norm_bias};
   const Tensor w1_t = w1.t();
+  const bool apart = kept_apart(hidden, w1);
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
     // (the other threads do not inherit the caller's thread-local state: autograd stays out here)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -462,8 +475,11 @@ void mlp_backward(const Tensor& grad, const Tensor& x, const std::optional<Tenso
       }
       Tensor normed = buf.normed.narrow(0, 0, k);
       const auto stats = norm.apply(x, first, k, normed);
-      Tensor h = hidden.has_value() ? hidden->narrow(0, first, k) : buf.hidden.narrow(0, 0, k);
-      if (!hidden.has_value()) {
+      Tensor h = hidden.has_value() && !apart ? hidden->narrow(0, first, k)
+                                              : buf.hidden.narrow(0, 0, k);
+      if (apart) {
+        h.copy_(hidden->narrow(0, first, k));
+      } else if (!hidden.has_value()) {
         const bool bias_later = Activation::takes_bias(act_scale, h, b1);
         product_out(h, normed, w1_t, bias_later ? std::nullopt : b1);
         if (bias_later) h.add_(*b1);  // (rounded as forward's bias_gelu rounded it)
