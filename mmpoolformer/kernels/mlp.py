@@ -372,6 +372,7 @@ class _NormMlpResidual(torch.autograd.Function):
             # the hidden map for backward, chunk by chunk as the products return it (oneDNN's own
             # results, kept as they are instead of copied into one map)
             kept_h = [] if for_backward and c > RECOMPUTE_HIDDEN_UP_TO else None
+            keep_apart = kept_h is not None and keep != dtype  # (each chunk's rounded into it)
             fused_act = act.onednn_post_op if plan.backend == 'onednn' and not for_backward else None
             bias_later = act.takes_bias(plan.backend, b1, dtype)
             bufs = _Buffers(tx, w1.shape[0], dtype)
@@ -397,8 +398,6 @@ class _NormMlpResidual(torch.autograd.Function):
                         ac = torch.ops.mkldnn._linear_pointwise(nc, w1, b1, *fused_act)
                     else:
                         b1_product = None if bias_later else b1
-                        # (kept as the product returns it, or rounded into the kept dtype after)
-                        keep_apart = kept_h is not None and keep != dtype
                         if kept_h is None or keep_apart:
                             hc = _linear(plan.backend, nc, w1, b1_product,
                                          scratch=bufs.hidden(end - start))

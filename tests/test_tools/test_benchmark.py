@@ -56,6 +56,19 @@ def test_reports_every_implementation_the_floor_and_the_machine(benchmark, famil
     assert f'{benchmark.FAMILIES[family].__name__}-{arch.upper()} backbone' in capsys.readouterr().out
 
 
+def test_the_machine_names_the_limits_a_run_held_the_libraries_to(benchmark, monkeypatch):
+    """A run that emulates another CPU (oneDNN held below AMX, PyTorch's code to AVX2) says so in its
+    record; a run without limits records none."""
+    import torch
+    for name in benchmark.ISA_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    assert 'isa_limits' not in benchmark.machine(torch.device('cpu'))
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX512_CORE_BF16')
+    monkeypatch.setenv('ATEN_CPU_CAPABILITY', 'avx2')
+    assert benchmark.machine(torch.device('cpu'))['isa_limits'] == {
+        'ONEDNN_MAX_CPU_ISA': 'AVX512_CORE_BF16', 'ATEN_CPU_CAPABILITY': 'avx2'}
+
+
 @pytest.mark.parametrize('ratio, keys', [(1, 48), (2, 12)])
 def test_the_floor_times_attention_s_products_and_its_split_projections(benchmark, ratio, keys):
     """An ``Attention`` mixer of 2 heads on 2 maps of 8x6 tokens: as products, the scores and the
