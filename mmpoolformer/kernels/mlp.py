@@ -53,7 +53,7 @@ import torch.nn as nn
 from . import dispatch, native
 from .dispatch import Plan
 from .group_norm import affine, group_norm_backward, group_stats
-from .layout import tokens
+from .layout import tokens, transposed
 
 CHUNK_BYTES = 1 << 22  # hidden activations per chunk: stays in cache with room for the rest
 # Training keeps the hidden map ``h`` (four times as wide as the block) for backward, except in blocks
@@ -459,10 +459,16 @@ class _NormMlpResidual(torch.autograd.Function):
             grad_norm_weight, grad_norm_bias = (
                 sums(t.shape, **acc) if norm.per_row and need else None
                 for t, need in zip((norm_weight, norm_bias), needs[1:3]))
-            # the products that carry the gradient back, as (out, in) weights for oneDNN
+            # the products that carry the gradient back, by the transposed weights: oneDNN's linear
+            # takes (out, in) matrices, fp32 ones turned by the compiled transposition (PyTorch's copy
+            # goes element by element); bf16 ones go as they lie through torch.mm, which gives them to
+            # oneDNN's matmul (a block's forward and backward with oneDNN's bf16 products, S12's
+            # stages 2 / 3 on the Xeon of 2026-12-05: 0.87 / 0.77 of the time of the copies and linear)
             first_half = w2 is None
-            w2_t = None if first_half else w2.t().contiguous() if plan.backend == 'onednn' else w2.t()
-            w1_t = w1.t().contiguous() if plan.backend == 'onednn' else w1.t()
+            back = 'blas' if plan.backend == 'onednn' and dtype != torch.float32 else plan.backend
+            turn = transposed if back == 'onednn' else torch.t
+            w2_t = None if first_half else turn(w2)
+            w1_t = turn(w1)
             bufs = _Buffers(tx, hidden, dtype)
             rows_x, rows_g = tx.flatten(0, 1), tg.flatten(0, 1)
             joint = act.value_and_backward(x.device, dtype) if (
@@ -502,7 +508,7 @@ class _NormMlpResidual(torch.autograd.Function):
                     if needs[6]:
                         gb2 += gc.sum(0)
                     if joint is not None:  # the activation's value and gradient in one pass
-                        gh, value = _linear(plan.backend, gc, w2_t, scratch=bufs.scratch(k)), bufs.act(k)
+                        gh, value = _linear(back, gc, w2_t, scratch=bufs.scratch(k)), bufs.act(k)
                         joint(hc, value, gh, act_params, grad_act)
                         _accumulate(gw2, gc.t(), value)
                     else:
@@ -513,7 +519,7 @@ class _NormMlpResidual(torch.autograd.Function):
                         # the activation's gradient: given (the first half), or back through fc2;
                         # computed on in place, in a chunk buffer
                         grad_act_out = bufs.act(k).copy_(gc) if first_half else _linear(
-                            plan.backend, gc, w2_t, scratch=bufs.act(k))
+                            back, gc, w2_t, scratch=bufs.act(k))
                         gh = act.backward(grad_act_out, hc, act_params, grad_act, bufs.scratch(k))
                     if needs[3]:
                         _accumulate(gw1, gh.t(), nc)
@@ -522,9 +528,9 @@ class _NormMlpResidual(torch.autograd.Function):
                     if not into_norm:
                         continue
                     if not norm.per_row:
-                        _linear(plan.backend, gh, w1_t, out=rows_gr[start:end])
+                        _linear(back, gh, w1_t, out=rows_gr[start:end])
                         continue
-                    grad_normed = _linear(plan.backend, gh, w1_t, scratch=bufs.grad_normed(k))
+                    grad_normed = _linear(back, gh, w1_t, scratch=bufs.grad_normed(k))
                     norm.backward_rows(grad_normed, rows_x[start:end], row_stats, norm_weight, norm_bias,
                                        rows_gr[start:end], grad_norm_weight, grad_norm_bias)
             grad_x = grad_rows

@@ -512,6 +512,28 @@ def test_the_threads_plan_under_bf16_autocast(compiled, layer_norm, chunk_rows, 
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_the_onednn_plans_backward_copies_no_weight_element_by_element(compiled, dtype):
+    """oneDNN's linear takes (out, in) weights: backward's products by the transposed weights take fp32
+    ones turned by the compiled transposition (PyTorch's copy of a transposed matrix reads it element
+    by element: as long as the product, for a stage-3 weight) and bf16 ones as they lie, through
+    torch.mm (oneDNN's matmul); every gradient as the BLAS plan's."""
+    if 'onednn' not in kernels.dispatch.backends(torch.device('cpu'), dtype) or not (
+            kernels.dispatch.native_low_precision(torch.device('cpu'), dtype)):
+        pytest.skip(f'no oneDNN products in {dtype} here')
+    modules = threads_branch()
+    x = (torch.randn(2, 12, 5, 9) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with OpLog() as log:  # (with the sizes of what each operator made)
+            ours, names = threads_step(x, modules, 'onednn', dtype=dtype)
+        blas, _ = threads_step(x, modules, 'blas', dtype=dtype)
+    assert 'mkldnn._linear_pointwise' in names
+    assert names.count('mmpoolformer.transpose_affine') == (2 if dtype == torch.float32 else 0)
+    assert ('aten.clone', 12 * 48) not in log.ops  # (no weight copied by PyTorch's .contiguous())
+    for a, b in zip(ours, blas):
+        assert max_rel_err(a, b) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def kept_for_backward(step):
     """``step()``'s result, and the (dtype, shape) of every tensor autograd saved for backward."""
     saved = []
