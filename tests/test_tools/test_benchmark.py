@@ -27,9 +27,13 @@ def benchmark():
     ('caformer', 's18', ['ours', 'ours+cp', 'timm']),  # (the floor with attention's products)
 ])
 def test_reports_every_implementation_the_floor_and_the_machine(benchmark, family, arch, impls,
-                                                                timed_choices, tmp_path, capsys):
+                                                                timed_choices, tmp_path, capsys,
+                                                                monkeypatch):
+    import torch
     for peer in ('timm', 'mmpretrain')[:len(impls) - 2]:  # (test extras)
         pytest.importorskip(peer)
+    monkeypatch.setattr(benchmark, 'RATE_PRODUCT_SIZE', 64)
+    monkeypatch.setattr(benchmark, 'RATE_COPY_MIB', 1)
     out = tmp_path / 'bench.json'
     benchmark.main(['--family', family, *QUICK, '--json', str(out)])
     result = json.loads(out.read_text())
@@ -48,6 +52,10 @@ def test_reports_every_implementation_the_floor_and_the_machine(benchmark, famil
     assert set(result['machine']['cpu_flags']) <= {'avx2', 'avx512f', 'avx512_bf16', 'avx512_fp16',
                                                    'amx_bf16', 'amx_fp16'}
     assert {'cpu', 'cpu_family_model', 'cpu_caches', 'threads'} <= set(result['machine'])
+    rates = result['machine']['rates']  # (products and a copy, at the test's small sizes)
+    assert rates['product_gflops_float32'] > 0 < rates['copy_gb_s']
+    native_bf16 = kernels.dispatch.native_low_precision(torch.device('cpu'), torch.bfloat16)
+    assert ('product_gflops_bfloat16' in rates) == native_bf16
     ours, peers = rows['ours'], [rows[p] for p in impls if p in benchmark.PEERS]
     assert all(len(rows[impl]['train_runs_s']) == 1 for impl in impls)  # --repeats 1
     # round by round: the faster peer's time of the round over ours'
@@ -60,6 +68,8 @@ def test_the_machine_names_the_limits_a_run_held_the_libraries_to(benchmark, mon
     """A run that emulates another CPU (oneDNN held below AMX, PyTorch's code to AVX2) says so in its
     record; a run without limits records none."""
     import torch
+    monkeypatch.setattr(benchmark, 'RATE_PRODUCT_SIZE', 64)
+    monkeypatch.setattr(benchmark, 'RATE_COPY_MIB', 1)
     for name in benchmark.ISA_LIMITS:
         monkeypatch.delenv(name, raising=False)
     assert 'isa_limits' not in benchmark.machine(torch.device('cpu'))

@@ -30,7 +30,9 @@ includes the softmax); in fp32 and, under ``--amp``, in the low precision.
 What ours takes beyond it is everything that is not a product. The same products are also timed
 run one after another as the backbone runs them (``forward_in_sequence_s``, ``train_in_sequence_s``):
 there their inputs come from memory rather than a warm cache, and their outputs, maps of up to tens
-of megabytes, are allocated afresh, as they are in the backbone.
+of megabytes, are allocated afresh, as they are in the backbone. The machine's record gives the two
+rates that place the floor (``machine.rates``): a square product's GFLOP/s (fp32, and bf16 where the
+device has it) and a large copy's GB/s; the passes between the products run at the second.
 
 Configs: one training iteration (``train_step``: preprocessing, forward, backward, optimizer step) and
 one inference (``test_step``) of the whole model on synthetic inputs of the config's training size.
@@ -672,6 +674,31 @@ def synthetic_batch(cfg, batch: int) -> dict:
 ISA_LIMITS = ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'DNNL_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS')
 
 
+# what the machine's rates are measured on: square products of this size, a copy of this many MiB
+RATE_PRODUCT_SIZE = 2048
+RATE_COPY_MIB = 512
+
+
+def machine_rates(device) -> dict:
+    """The two rates between which the floor and everything beyond it fall: the products' (GFLOP/s of
+    a square matrix product, fp32 and, where the device computes it natively, bf16) and memory's (GB/s
+    read and written by a copy far larger than the caches): the passes between the products are bound
+    by the second, so the share they take of the floor grows with the ratio of the two."""
+    n = RATE_PRODUCT_SIZE
+    dtypes = [torch.float32] + ([torch.bfloat16] if kernels.dispatch.native_low_precision(
+        device, torch.bfloat16) else [])
+    rates = {}
+    for dtype in dtypes:
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        rates[f'product_gflops_{str(dtype).replace("torch.", "")}'] = round(
+            2 * n ** 3 / median_time(lambda: torch.mm(a, b), device, 5) / 1e9, 1)
+    source = torch.ones(RATE_COPY_MIB << 18, device=device)  # (4-byte floats)
+    target = torch.empty_like(source)
+    seconds = median_time(lambda: target.copy_(source), device, 5)
+    rates['copy_gb_s'] = round(2 * source.numel() * source.element_size() / seconds / 1e9, 1)
+    return rates
+
+
 def machine(device) -> dict:
     info = dict(torch=torch.__version__, python=platform.python_version(), device=str(device),
                 threads=torch.get_num_threads())
@@ -685,6 +712,7 @@ def machine(device) -> dict:
         limits = {name: os.environ[name] for name in ISA_LIMITS if os.environ.get(name)}
         if limits:
             info['isa_limits'] = limits
+    info['rates'] = machine_rates(device)
     return info
 
 
