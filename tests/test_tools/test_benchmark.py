@@ -21,6 +21,13 @@ def benchmark():
     return module
 
 
+@pytest.fixture
+def quick_rates(benchmark, monkeypatch):
+    """The machine's rates measured on a small product and copy (seconds, not minutes, in a test)."""
+    monkeypatch.setattr(benchmark, 'RATE_PRODUCT_SIZE', 64)
+    monkeypatch.setattr(benchmark, 'RATE_COPY_MIB', 1)
+
+
 @pytest.mark.parametrize('family, arch, impls', [
     ('poolformer', 's12', ['ours', 'ours+cp', 'timm', 'mmpretrain']),
     ('poolformerv2', 's12', ['ours', 'ours+cp', 'timm']),  # mmpretrain has no Baselines
@@ -28,12 +35,10 @@ def benchmark():
 ])
 def test_reports_every_implementation_the_floor_and_the_machine(benchmark, family, arch, impls,
                                                                 timed_choices, tmp_path, capsys,
-                                                                monkeypatch):
+                                                                quick_rates):
     import torch
     for peer in ('timm', 'mmpretrain')[:len(impls) - 2]:  # (test extras)
         pytest.importorskip(peer)
-    monkeypatch.setattr(benchmark, 'RATE_PRODUCT_SIZE', 64)
-    monkeypatch.setattr(benchmark, 'RATE_COPY_MIB', 1)
     out = tmp_path / 'bench.json'
     benchmark.main(['--family', family, *QUICK, '--json', str(out)])
     result = json.loads(out.read_text())
@@ -64,12 +69,10 @@ def test_reports_every_implementation_the_floor_and_the_machine(benchmark, famil
     assert f'{benchmark.FAMILIES[family].__name__}-{arch.upper()} backbone' in capsys.readouterr().out
 
 
-def test_the_machine_names_the_limits_a_run_held_the_libraries_to(benchmark, monkeypatch):
+def test_the_machine_names_the_limits_a_run_held_the_libraries_to(benchmark, monkeypatch, quick_rates):
     """A run that emulates another CPU (oneDNN held below AMX, PyTorch's code to AVX2) says so in its
     record; a run without limits records none."""
     import torch
-    monkeypatch.setattr(benchmark, 'RATE_PRODUCT_SIZE', 64)
-    monkeypatch.setattr(benchmark, 'RATE_COPY_MIB', 1)
     for name in benchmark.ISA_LIMITS:
         monkeypatch.delenv(name, raising=False)
     assert 'isa_limits' not in benchmark.machine(torch.device('cpu'))
