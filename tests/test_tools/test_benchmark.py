@@ -1,6 +1,5 @@
 """tools/analysis/benchmark.py, at a size that runs in seconds: it checks that the implementations
 agree before it times them, and reports every row, the floor and the machine."""
-import importlib.util
 import json
 import os.path as osp
 
@@ -13,12 +12,8 @@ QUICK = ['--size', '64', '64', '--repeats', '1', '--warmup', '0', '--no-memory']
 
 
 @pytest.fixture(scope='module')
-def benchmark():
-    spec = importlib.util.spec_from_file_location(
-        'benchmark', osp.join(REPO, 'tools', 'analysis', 'benchmark.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def benchmark(analysis_tool):
+    return analysis_tool('benchmark')
 
 
 @pytest.fixture

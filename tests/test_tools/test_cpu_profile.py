@@ -1,21 +1,13 @@
 """tools/analysis/cpu_profile.py: a training step's time by kind of operator, beside the floor."""
-import importlib.util
 import json
-import os.path as osp
 
 import pytest
 import torch
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-
 
 @pytest.fixture(scope='module')
-def cpu_profile():
-    spec = importlib.util.spec_from_file_location(
-        'cpu_profile', osp.join(REPO, 'tools', 'analysis', 'cpu_profile.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def cpu_profile(analysis_tool):
+    return analysis_tool('cpu_profile')
 
 
 @pytest.mark.parametrize('name, kind', [
