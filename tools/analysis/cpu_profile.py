@@ -112,8 +112,9 @@ def main(argv=None):
     if args.batch < 1 or min(args.size) < 32:
         parser.error('--batch must be >= 1 and --size at least 32 x 32')
     for impl in args.impls:
-        if benchmark.unavailable(impl, args.family):
-            parser.error(f'{impl}: {benchmark.unavailable(impl, args.family)}')
+        reason = benchmark.unavailable(impl, args.family)
+        if reason:
+            parser.error(f'{impl}: {reason}')
     device = torch.device('cpu')
     official = benchmark.shared_weights(args.family, args.arch)
     x = benchmark.bench_input(args, device)
@@ -124,7 +125,8 @@ def main(argv=None):
     for impl in args.impls:
         model = benchmark.build(impl, args.family, args.arch)
         benchmark.load_weights(model, impl, official)
-        prof = results['profiles'][impl] = profile_step(model.train(), x, args.amp)
+        model.train()  # (not chained: mmpretrain's train() returns None)
+        prof = results['profiles'][impl] = profile_step(model, x, args.amp)
         print(f'\n{impl}: a training step {prof["step_ms"]:.1f} ms; its thread\'s operators '
               f'{prof["thread_ms"]:.1f} ms (profiled), by kind:')
         for kind, ms in sorted(prof['kinds'].items(), key=lambda kv: -kv[1]):
