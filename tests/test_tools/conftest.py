@@ -17,3 +17,11 @@ def analysis_tool():
         spec.loader.exec_module(module)
         return module
     return load
+
+
+@pytest.fixture
+def quick_rates(benchmark, monkeypatch):
+    """The machine's rates measured on a small product and copy (seconds, not minutes, in a test),
+    by the ``benchmark`` module of the test's own fixture."""
+    monkeypatch.setattr(benchmark, 'RATE_PRODUCT_SIZE', 64)
+    monkeypatch.setattr(benchmark, 'RATE_COPY_MIB', 1)

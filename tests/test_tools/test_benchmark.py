@@ -16,13 +16,6 @@ def benchmark(analysis_tool):
     return analysis_tool('benchmark')
 
 
-@pytest.fixture
-def quick_rates(benchmark, monkeypatch):
-    """The machine's rates measured on a small product and copy (seconds, not minutes, in a test)."""
-    monkeypatch.setattr(benchmark, 'RATE_PRODUCT_SIZE', 64)
-    monkeypatch.setattr(benchmark, 'RATE_COPY_MIB', 1)
-
-
 @pytest.mark.parametrize('family, arch, impls', [
     ('poolformer', 's12', ['ours', 'ours+cp', 'timm', 'mmpretrain']),
     ('poolformerv2', 's12', ['ours', 'ours+cp', 'timm']),  # mmpretrain has no Baselines

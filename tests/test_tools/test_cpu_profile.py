@@ -10,6 +10,11 @@ def cpu_profile(analysis_tool):
     return analysis_tool('cpu_profile')
 
 
+@pytest.fixture
+def benchmark(cpu_profile):  # (the module cpu_profile imported: the one quick_rates shrinks)
+    return cpu_profile.benchmark
+
+
 @pytest.mark.parametrize('name, kind', [
     ('aten::mm', 'products'), ('aten::addmm_', 'products'), ('aten::convolution_backward', 'products'),
     ('mkldnn::_linear_pointwise', 'products'), ('aten::mkldnn_convolution', 'products'),
@@ -36,10 +41,8 @@ def test_every_compiled_kernel_has_a_kind_of_its_own(cpu_profile):
     assert [name for name in ours if cpu_profile.kind_of(name) == 'element-wise'] == []
 
 
-def test_reports_the_step_by_kind_and_the_rest_against_the_floor(cpu_profile, monkeypatch, tmp_path,
+def test_reports_the_step_by_kind_and_the_rest_against_the_floor(cpu_profile, quick_rates, tmp_path,
                                                                   capsys):
-    monkeypatch.setattr(cpu_profile.benchmark, 'RATE_PRODUCT_SIZE', 64)  # (seconds, not minutes)
-    monkeypatch.setattr(cpu_profile.benchmark, 'RATE_COPY_MIB', 1)
     out = tmp_path / 'profile.json'
     cpu_profile.main(['--size', '64', '64', '--batch', '1', '--json', str(out)])
     result = json.loads(out.read_text())

@@ -98,15 +98,20 @@ def parse_args(argv=None):
     parser.add_argument('--memory-worker', help=argparse.SUPPRESS)  # internal: one impl, one step
     parser.add_argument('--timing-worker', help=argparse.SUPPRESS)  # internal: one impl, --own-processes
     args = parser.parse_args(argv)
-    zoo = FAMILIES[args.family].arch_zoo
-    args.arch = args.arch or next(iter(zoo))
-    if args.arch not in zoo:
-        parser.error(f'--arch {args.arch}: {args.family} has {", ".join(zoo)}')
+    resolve_arch(parser, args)
     if args.amp == 'auto':
         args.amp = 'fp16' if args.device.startswith('cuda') else 'bf16'
     if args.batch < 1 or args.repeats < 1 or min(args.size) < 32:
         parser.error('--batch and --repeats must be >= 1 and --size at least 32 x 32')
     return args
+
+
+def resolve_arch(parser: argparse.ArgumentParser, args) -> None:
+    """``args.arch``: the family's smallest where none was given; one of another family refused."""
+    zoo = FAMILIES[args.family].arch_zoo
+    args.arch = args.arch or next(iter(zoo))
+    if args.arch not in zoo:
+        parser.error(f'--arch {args.arch}: {args.family} has {", ".join(zoo)}')
 
 
 # ---------------------------------------------------------------------------------- implementations

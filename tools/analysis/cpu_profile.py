@@ -86,7 +86,8 @@ def profile_step(model, x, amp, steps=2, timed_steps=7) -> dict:
     ops = max(by_thread.values(), key=lambda o: sum(ms for ms, _ in o.values()))
     kinds: Dict[str, float] = {}
     for name, (ms, _) in ops.items():
-        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
+        kind = kind_of(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
     top = sorted(((name, ms, calls // steps) for name, (ms, calls) in ops.items()),
                  key=lambda t: -t[1])[:25]
     products = kinds.get('products', 0.0)
@@ -105,10 +106,7 @@ def main(argv=None):
     parser.add_argument('--no-floor', action='store_true', help='skip timing the floor')
     parser.add_argument('--json', help='also write the results here')
     args = parser.parse_args(argv)
-    zoo = benchmark.FAMILIES[args.family].arch_zoo
-    args.arch = args.arch or next(iter(zoo))
-    if args.arch not in zoo:
-        parser.error(f'--arch {args.arch}: {args.family} has {", ".join(zoo)}')
+    benchmark.resolve_arch(parser, args)
     if args.batch < 1 or min(args.size) < 32:
         parser.error('--batch must be >= 1 and --size at least 32 x 32')
     for impl in args.impls:
